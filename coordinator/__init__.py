@@ -1,0 +1,1 @@
+"""quotagate coordinator: the quota engine, its policies and the HTTP service."""
