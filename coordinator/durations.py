@@ -1,0 +1,36 @@
+"""Durations as written in policy files: `500ms`, `1.5s`, `1m`, `4h`, `1d` or plain seconds."""
+
+from __future__ import annotations
+
+import math
+import re
+
+_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+
+
+def parse_duration_ms(value: object) -> int:
+    """Milliseconds in `value`; a bare number is seconds. Fractions of a millisecond round up."""
+    if isinstance(value, bool):
+        raise ValueError(f"bad duration {value!r}: use ms, s, m, h, d or plain seconds")
+    if isinstance(value, int | float):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"bad duration {value!r}: must be a finite number of seconds >= 0")
+        return math.ceil(value * 1000)
+    if isinstance(value, str):
+        match = _PATTERN.match(value)
+        if match:
+            number, unit = match.groups()
+            return math.ceil(float(number) * _UNITS_MS[unit or "s"])
+    raise ValueError(
+        f"bad duration {value!r}: use ms, s, m, h, d or plain seconds (e.g. 1m, 500ms)"
+    )
+
+
+def format_duration(ms: int) -> str:
+    """The shortest exact spelling of `ms` in the units above (`60000` -> `1m`)."""
+    for unit in ("d", "h", "m", "s"):
+        size = _UNITS_MS[unit]
+        if ms and ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"

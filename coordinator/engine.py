@@ -1,0 +1,277 @@
+"""The quota engine: one Lua script, one Redis round trip, per decision.
+
+Times are integer milliseconds here, as in Redis; the HTTP layer converts to seconds.
+Every method takes an optional `now` (ms) that only tests pass, to drive virtual time
+through the scripts; without it the scripts read Redis `TIME`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .errors import BackendUnavailable, InvalidRequest, UnknownApi, UnknownLease
+from .leases import LeaseRef, limit_args, redis_keys
+from .policy import KEY_PATTERN, TENANT_PATTERN, Kind, Limit, Policy, PolicySet
+
+LUA_DIR = Path(__file__).parent.parent / "lua"
+
+
+def _script(name: str) -> str:
+    return (LUA_DIR / "lib.lua").read_text() + "\n" + (LUA_DIR / f"{name}.lua").read_text()
+
+
+SCRIPT_ACQUIRE = _script("acquire")
+SCRIPT_RELEASE = _script("release")
+SCRIPT_RENEW = _script("renew")
+SCRIPT_USAGE = _script("usage")
+
+
+class Outcome(StrEnum):
+    OK = "ok"
+    FAILED = "failed"
+    THROTTLED = "throttled"
+    NOT_CALLED = "not_called"
+
+
+@dataclass(frozen=True)
+class Grant:
+    lease_id: str
+    tenant: str
+    api: str
+    key: str
+    cost: int
+    granted_at_ms: int  # Redis time of the grant
+    expires_at_ms: int
+
+    @property
+    def expires_in_ms(self) -> int:
+        return self.expires_at_ms - self.granted_at_ms
+
+
+@dataclass(frozen=True)
+class Denial:
+    reason: Literal["quota_exhausted", "cooling_down"]
+    retry_after_ms: int  # exact: the earliest time the same request passes, if nothing changes
+    limit: Limit | None  # the limit that bound the wait; None for the cooldown
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class LimitUsage:
+    limit: Limit
+    used: int  # call units, runtime ms, or leases in flight
+    resets_in_ms: int  # until `used` next drops; 0 when nothing is used
+
+    @property
+    def remaining(self) -> int:
+        return max(self.limit.amount - self.used, 0)
+
+
+@dataclass(frozen=True)
+class Usage:
+    tenant: str
+    api: str
+    key: str
+    limits: tuple[LimitUsage, ...]
+    in_flight: int
+    cooldown_ms: int
+    now_ms: int
+
+
+def validate_scope(tenant: str, key: str) -> None:
+    if not TENANT_PATTERN.match(tenant):
+        raise InvalidRequest("tenant", f"must match {TENANT_PATTERN.pattern}")
+    if key and not KEY_PATTERN.match(key):
+        raise InvalidRequest("key", f"must match {KEY_PATTERN.pattern}")
+
+
+@functools.cache
+def _limit_args(limits: tuple[Limit, ...]) -> list[str | int]:
+    return limit_args(limits)
+
+
+class Engine:
+    """Acquire, release, renew and read usage of leases against one Redis deployment."""
+
+    def __init__(self, redis: Redis, policies: PolicySet) -> None:
+        self.redis = redis
+        self.policies = policies
+        self.lua_acquire = redis.register_script(SCRIPT_ACQUIRE)
+        self.lua_release = redis.register_script(SCRIPT_RELEASE)
+        self.lua_renew = redis.register_script(SCRIPT_RENEW)
+        self.lua_usage = redis.register_script(SCRIPT_USAGE)
+
+    def policy(self, tenant: str, api: str) -> Policy:
+        policy = self.policies.resolve(tenant, api)
+        if policy is None:
+            raise UnknownApi(api)
+        return policy
+
+    async def load_scripts(self) -> None:
+        """Load every script into the server's cache (readiness); EVALSHA reloads on demand."""
+        for script in (self.lua_acquire, self.lua_release, self.lua_renew, self.lua_usage):
+            script.sha = await self._call(self.redis.script_load(script.script))
+
+    async def acquire(
+        self,
+        tenant: str,
+        api: str,
+        key: str = "",
+        cost: int = 1,
+        runtime_estimate_ms: int | None = None,
+        *,
+        now: int | None = None,
+    ) -> Grant | Denial:
+        validate_scope(tenant, key)
+        policy = self.policy(tenant, api)
+        if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
+            raise InvalidRequest("cost", "must be a whole number >= 1")
+        too_big = policy.impossible_cost(cost)
+        if too_big is not None:
+            raise InvalidRequest(
+                "cost", f"{cost} can never be granted: the limit is {too_big.amount} calls"
+            )
+        estimate = (
+            policy.runtime_estimate_ms if runtime_estimate_ms is None else runtime_estimate_ms
+        )
+        if estimate < 0:
+            raise InvalidRequest("runtime_estimate", "must be >= 0")
+        too_long = policy.impossible_runtime(estimate)
+        if too_long is not None:
+            raise InvalidRequest(
+                "runtime_estimate",
+                f"{estimate / 1000:g} s can never be granted: the limit is "
+                f"{too_long.amount / 1000:g} s",
+            )
+        ref = LeaseRef.new(tenant, api, key)
+        reply = await self._call(
+            self.lua_acquire(
+                keys=redis_keys(tenant, api, key, policy),
+                args=[
+                    "" if now is None else now,
+                    ref.token,
+                    cost,
+                    estimate,
+                    policy.lease_ttl_ms,
+                    1 if policy.tracks_keys else 0,
+                    *_limit_args(policy.limits),
+                ],
+            )
+        )
+        if reply[0] == 1:
+            return Grant(ref.lease_id, tenant, api, key, cost, int(reply[1]), int(reply[2]))
+        bound = int(reply[3])
+        return Denial(
+            "cooling_down" if bound == 0 else "quota_exhausted",
+            int(reply[2]),
+            policy.limits[bound - 1] if bound else None,
+            int(reply[1]),
+        )
+
+    async def release(
+        self,
+        lease_id: str,
+        outcome: Outcome | str,
+        *,
+        retry_after_ms: int | None = None,
+        runtime_ms: int | None = None,
+        now: int | None = None,
+    ) -> LeaseRef:
+        """End a lease; raises UnknownLease when it is unknown, expired or released."""
+        ref, policy = self._lease(lease_id)
+        outcome = Outcome(outcome)
+        if outcome is Outcome.THROTTLED and retry_after_ms is None:
+            # Upstream said 429 without a time: pause for its shortest window, the
+            # span after which Defender's own counters have certainly moved on.
+            retry_after_ms = policy.shortest_calls_window_ms
+        reply = await self._call(
+            self.lua_release(
+                keys=redis_keys(ref.tenant, ref.api, ref.key, policy),
+                args=[
+                    "" if now is None else now,
+                    ref.token,
+                    outcome.value,
+                    "" if retry_after_ms is None else retry_after_ms,
+                    "" if runtime_ms is None else runtime_ms,
+                    *_limit_args(policy.limits),
+                ],
+            )
+        )
+        if reply[0] != 1:
+            raise UnknownLease(_text(reply[2]))
+        return ref
+
+    async def renew(
+        self, lease_id: str, ttl_ms: int | None = None, *, now: int | None = None
+    ) -> int:
+        """Extend a live lease; returns ms until its new expiry."""
+        ref, policy = self._lease(lease_id)
+        ttl = policy.lease_ttl_ms if ttl_ms is None else ttl_ms
+        reply = await self._call(
+            self.lua_renew(
+                keys=redis_keys(ref.tenant, ref.api, ref.key, policy)[:4],
+                args=["" if now is None else now, ref.token, ttl],
+            )
+        )
+        if reply[0] != 1:
+            raise UnknownLease(_text(reply[2]))
+        return int(reply[2]) - int(reply[1])
+
+    async def usage(self, tenant: str, api: str, key: str = "", *, now: int | None = None) -> Usage:
+        validate_scope(tenant, key)
+        policy = self.policy(tenant, api)
+        reply = await self._call(
+            self.lua_usage(
+                keys=redis_keys(tenant, api, key, policy),
+                args=["" if now is None else now, *_limit_args(policy.limits)],
+            )
+        )
+        limits = tuple(
+            LimitUsage(lim, int(reply[3 + 2 * i]), int(reply[4 + 2 * i]))
+            for i, lim in enumerate(policy.limits)
+        )
+        return Usage(tenant, api, key, limits, int(reply[2]), int(reply[1]), int(reply[0]))
+
+    def _lease(self, lease_id: str) -> tuple[LeaseRef, Policy]:
+        ref = LeaseRef.parse(lease_id)
+        if ref is None:
+            raise UnknownLease("unknown")
+        policy = self.policies.resolve(ref.tenant, ref.api)
+        if policy is None:
+            raise UnknownLease("unknown")
+        return ref, policy
+
+    @staticmethod
+    async def _call(awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise BackendUnavailable(str(exc) or type(exc).__name__) from exc
+        except RedisError as exc:
+            if "NOSCRIPT" in str(exc) or "LOADING" in str(exc) or "READONLY" in str(exc):
+                raise BackendUnavailable(str(exc)) from exc
+            raise
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+__all__ = [
+    "Denial",
+    "Engine",
+    "Grant",
+    "Kind",
+    "LimitUsage",
+    "Outcome",
+    "Usage",
+]

@@ -1,0 +1,85 @@
+"""Lease ids and the Redis keys of one (tenant, api, key).
+
+A lease id is `<base64url of "tenant|api|key">.<128 random bits in hex>`: a release needs
+no look-up to find its keys, and the random part, the only thing Redis stores, cannot be
+guessed. `|` cannot occur in a tenant, api or key, so the split is unambiguous.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import secrets
+from dataclasses import dataclass
+
+from .policy import API_PATTERN, KEY_PATTERN, TENANT_PATTERN, Kind, Limit, Policy, Scope
+
+_TOKEN = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True)
+class LeaseRef:
+    tenant: str
+    api: str
+    key: str
+    token: str
+
+    @property
+    def lease_id(self) -> str:
+        scope = f"{self.tenant}|{self.api}|{self.key}".encode()
+        return f"{base64.urlsafe_b64encode(scope).decode().rstrip('=')}.{self.token}"
+
+    @classmethod
+    def new(cls, tenant: str, api: str, key: str) -> LeaseRef:
+        return cls(tenant, api, key, secrets.token_hex(16))
+
+    @classmethod
+    def parse(cls, lease_id: str) -> LeaseRef | None:
+        """The lease a well-formed id names, or None for anything else."""
+        scope_b64, _, token = lease_id.partition(".")
+        if not _TOKEN.match(token) or len(scope_b64) > 600:
+            return None
+        try:
+            scope = base64.urlsafe_b64decode(scope_b64 + "=" * (-len(scope_b64) % 4)).decode()
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            return None
+        parts = scope.split("|")
+        if len(parts) != 3:
+            return None
+        tenant, api, key = parts
+        if not TENANT_PATTERN.match(tenant) or not API_PATTERN.match(api):
+            return None
+        if key and not KEY_PATTERN.match(key):
+            return None
+        return cls(tenant, api, key, token)
+
+
+def redis_keys(tenant: str, api: str, key: str, policy: Policy) -> list[str]:
+    """KEYS for every script, in the layout documented in `lua/lib.lua`."""
+    base = f"qg:{{{tenant}|{api}}}"
+    inflight_api, inflight_key = f"{base}:fa", f"{base}:fk:{key}"
+    keys = [f"{base}:cd", f"{base}:ls", inflight_api, inflight_key]
+    for lim in policy.limits:
+        if lim.kind is Kind.CONCURRENT:
+            keys.append(inflight_key if lim.scope is Scope.KEY else inflight_api)
+        else:
+            # Named by what it counts, so a changed amount keeps its history.
+            name = f"{base}:{lim.kind.value[0]}{lim.window_ms}/{lim.granularity_ms}"
+            keys.append(f"{name}:k:{key}" if lim.scope is Scope.KEY else name)
+    return keys
+
+
+def limit_args(limits: tuple[Limit, ...]) -> list[str | int]:
+    """The limits as ARGV, six values each (see `lua/lib.lua`)."""
+    args: list[str | int] = [len(limits)]
+    for lim in limits:
+        args += [
+            lim.kind.value,
+            lim.amount,
+            lim.window_ms,
+            lim.granularity_ms,
+            lim.margin_ms,
+            lim.scope.value,
+        ]
+    return args

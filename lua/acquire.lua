@@ -1,0 +1,80 @@
+-- acquire.lua: grant one lease if the cooldown is over and every limit has room.
+--
+-- Checks everything first and writes only when all pass: a denial changes no count, lease
+-- or cooldown (it may prune state that has already expired).
+-- KEYS: the layout in lib.lua.
+-- ARGV: now_ms ("" = Redis TIME), token, cost (call units), estimate_ms (runtime
+--       reserved), ttl_ms, track_key (1 = register in KEYS[4] too), then the limits.
+-- Reply: {1, now_ms, expiry_ms} granted, or {0, now_ms, retry_ms, bound} denied, where
+--        bound is the 1-based limit that bound the wait, 0 for the cooldown, and
+--        retry_ms -1 when no wait can ever grant it.
+
+local now = clock(ARGV[1])
+local token = ARGV[2]
+local cost = tonumber(ARGV[3])
+local estimate = tonumber(ARGV[4])
+local ttl = tonumber(ARGV[5])
+local track_key = ARGV[6] == '1'
+local limits = read_limits(ARGV, 7)
+
+-- Leases past their expiry free their slot; their charges stay.
+local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+for _, token_gone in ipairs(expired) do
+  redis.call('HDEL', KEYS[2], token_gone)
+end
+if #expired > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+
+local retry, bound = 0, 0
+local cooldown = tonumber(redis.call('GET', KEYS[1]) or '0')
+if cooldown > now then
+  retry = cooldown - now
+end
+
+local counted = {}
+for i, lim in ipairs(limits) do
+  local wait
+  if lim.kind == 'concurrent' then
+    wait = wait_for_slot(lim, now)
+  else
+    local live, used, dead = live_buckets(lim, now)
+    if #dead > 0 then
+      redis.call('HDEL', lim.key, unpack(dead))
+    end
+    local need = cost
+    if lim.kind == 'runtime' then
+      need = estimate
+    end
+    counted[i] = need
+    wait = wait_for_units(lim, live, used, need, now)
+  end
+  if wait < 0 then
+    return {0, now, -1, i}
+  end
+  if wait > retry then
+    retry, bound = wait, i
+  end
+end
+
+if retry > 0 then
+  return {0, now, retry, bound}
+end
+
+for i, lim in ipairs(limits) do
+  if counted[i] then
+    charge(lim, now, counted[i])
+  end
+end
+
+local expiry = now + ttl
+redis.call('HSET', KEYS[2], token, string.format('%d:%d:%d:%d', now, cost, estimate, expiry))
+redis.call('ZADD', KEYS[3], expiry, token)
+extend_ttl(KEYS[2], ttl)
+extend_ttl(KEYS[3], ttl)
+if track_key then
+  redis.call('ZADD', KEYS[4], expiry, token)
+  extend_ttl(KEYS[4], ttl)
+end
+return {1, now, expiry}

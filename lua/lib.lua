@@ -1,0 +1,125 @@
+-- lib.lua: helpers shared by every quotagate script; the loader puts this file in front
+-- of each script, so one EVALSHA carries both.
+--
+-- Units: every time and duration is integer milliseconds; runtime amounts are
+-- milliseconds; calls amounts are call units.
+--
+-- Key layout, shared by all scripts (all keys carry one hash tag {<tenant>|<api>}):
+--   KEYS[1]      cooldown: string, the end of the fleet-wide pause (ms since epoch)
+--   KEYS[2]      leases: hash, lease token -> "grant_ms:cost:estimate_ms:expiry_ms"
+--   KEYS[3]      in flight (api): zset, lease token scored by expiry
+--   KEYS[4]      in flight (key): zset, the same for the lease's key
+--   KEYS[4 + i]  limit i: for calls/runtime a hash, bucket index -> units charged in it;
+--                for concurrent the in-flight zset of its scope (KEYS[3] or KEYS[4])
+-- A limit is six ARGV values: kind ("calls" | "runtime" | "concurrent"), amount,
+-- window_ms, granularity_ms, margin_ms, scope ("api" | "key").
+
+local function clock(arg)
+  if arg ~= nil and arg ~= '' then
+    return tonumber(arg)
+  end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function read_limits(argv, at)
+  local limits = {}
+  for i = 1, tonumber(argv[at]) do
+    local b = at + (i - 1) * 6
+    limits[i] = {
+      kind = argv[b + 1], amount = tonumber(argv[b + 2]), window = tonumber(argv[b + 3]),
+      gran = tonumber(argv[b + 4]), margin = tonumber(argv[b + 5]), scope = argv[b + 6],
+      key = KEYS[4 + i],
+    }
+  end
+  return limits
+end
+
+-- Buckets that still count at `now`: every bucket overlapping (now - window - margin, now].
+-- Returns them sorted oldest first as {index, units}, their sum, and the dead field names.
+local function live_buckets(lim, now)
+  local flat = redis.call('HGETALL', lim.key)
+  local horizon = now - lim.window - lim.margin
+  local live, used, dead = {}, 0, {}
+  for i = 1, #flat, 2 do
+    local index = tonumber(flat[i])
+    if (index + 1) * lim.gran > horizon then
+      live[#live + 1] = {index, tonumber(flat[i + 1])}
+      used = used + tonumber(flat[i + 1])
+    else
+      dead[#dead + 1] = flat[i]
+    end
+  end
+  table.sort(live, function(x, y) return x[1] < y[1] end)
+  return live, used, dead
+end
+
+-- When a bucket stops counting: once (index + 1) * gran <= now - window - margin.
+local function bucket_end(lim, index)
+  return (index + 1) * lim.gran + lim.window + lim.margin
+end
+
+-- Milliseconds until `need` more units fit under the limit, if nothing else is granted.
+local function wait_for_units(lim, live, used, need, now)
+  local over = used + need - lim.amount
+  if over <= 0 then
+    return 0
+  end
+  for _, bucket in ipairs(live) do
+    over = over - bucket[2]
+    if over <= 0 then
+      return bucket_end(lim, bucket[1]) - now
+    end
+  end
+  return -1
+end
+
+-- Milliseconds until one more lease fits under a concurrent limit.
+local function wait_for_slot(lim, now)
+  local live = redis.call('ZCOUNT', lim.key, '(' .. now, '+inf')
+  if live < lim.amount then
+    return 0, live
+  end
+  local kth = redis.call('ZRANGEBYSCORE', lim.key, '(' .. now, '+inf', 'WITHSCORES',
+    'LIMIT', live - lim.amount, 1)
+  return tonumber(kth[2]) - now, live
+end
+
+local function extend_ttl(key, ms)
+  if redis.call('PTTL', key) < ms then
+    redis.call('PEXPIRE', key, ms)
+  end
+end
+
+local function parse_lease(record)
+  local grant, cost, estimate, expiry = string.match(record, '^(%d+):(%d+):(%d+):(%d+)$')
+  return {grant = tonumber(grant), cost = tonumber(cost), estimate = tonumber(estimate),
+          expiry = tonumber(expiry)}
+end
+
+local function forget_lease(token)
+  redis.call('HDEL', KEYS[2], token)
+  redis.call('ZREM', KEYS[3], token)
+  redis.call('ZREM', KEYS[4], token)
+end
+
+-- Take back `units` from the bucket they were charged to, if it is still there.
+local function uncharge(lim, at_ms, units)
+  if units <= 0 then
+    return
+  end
+  local field = tostring(math.floor(at_ms / lim.gran))
+  if redis.call('HEXISTS', lim.key, field) == 1 then
+    if redis.call('HINCRBY', lim.key, field, -units) <= 0 then
+      redis.call('HDEL', lim.key, field)
+    end
+  end
+end
+
+local function charge(lim, now, units)
+  if units <= 0 then
+    return
+  end
+  redis.call('HINCRBY', lim.key, tostring(math.floor(now / lim.gran)), units)
+  extend_ttl(lim.key, lim.gran + lim.window + lim.margin)
+end

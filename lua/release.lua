@@ -1,0 +1,48 @@
+-- release.lua: end a lease with the outcome of its call.
+--
+-- ok | failed: the charge stays. throttled: the charge stays and the fleet-wide cooldown
+-- moves to now + retry_ms (never earlier than it already is). not_called: the calls and
+-- the runtime reservation are refunded from the buckets they went into, if still there.
+-- A reported runtime replaces the estimate: the estimate is refunded and the runtime is
+-- charged in the release-time bucket (the conservative side).
+-- Unknown, expired or released leases change nothing (an expired record is pruned).
+-- KEYS: the layout in lib.lua.
+-- ARGV: now_ms ("" = Redis TIME), token, outcome, retry_ms ("" = none),
+--       runtime_ms ("" = keep the estimate), then the limits.
+-- Reply: {1, now_ms} released, or {0, now_ms, "unknown" | "expired"}.
+
+local now = clock(ARGV[1])
+local token = ARGV[2]
+local outcome = ARGV[3]
+local retry = tonumber(ARGV[4])
+local runtime = tonumber(ARGV[5])
+local limits = read_limits(ARGV, 6)
+
+local record = redis.call('HGET', KEYS[2], token)
+if not record then
+  return {0, now, 'unknown'}
+end
+local lease = parse_lease(record)
+forget_lease(token)
+if lease.expiry <= now then
+  return {0, now, 'expired'}
+end
+
+for _, lim in ipairs(limits) do
+  if lim.kind == 'calls' and outcome == 'not_called' then
+    uncharge(lim, lease.grant, lease.cost)
+  elseif lim.kind == 'runtime' and (outcome == 'not_called' or runtime) then
+    uncharge(lim, lease.grant, lease.estimate)
+    if runtime and outcome ~= 'not_called' then
+      charge(lim, now, runtime)
+    end
+  end
+end
+
+if outcome == 'throttled' and retry and retry > 0 then
+  local until_ms = now + retry
+  if tonumber(redis.call('GET', KEYS[1]) or '0') < until_ms then
+    redis.call('SET', KEYS[1], string.format('%d', until_ms), 'PX', retry)
+  end
+end
+return {1, now}

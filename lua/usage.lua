@@ -1,0 +1,34 @@
+-- usage.lua: a read-only snapshot of one (tenant, api, key).
+--
+-- KEYS: the layout in lib.lua.
+-- ARGV: now_ms ("" = Redis TIME), then the limits.
+-- Reply: {now_ms, cooldown_ms, in_flight, used_1, resets_1, used_2, resets_2, ...}:
+--        used is call units, runtime ms or leases in flight; resets is the ms until used
+--        next drops (the oldest counted bucket leaves the window, or the earliest lease
+--        expires), 0 when nothing is used.
+
+local now = clock(ARGV[1])
+local limits = read_limits(ARGV, 2)
+
+local cooldown = tonumber(redis.call('GET', KEYS[1]) or '0') - now
+local reply = {now, math.max(cooldown, 0), redis.call('ZCOUNT', KEYS[3], '(' .. now, '+inf')}
+for _, lim in ipairs(limits) do
+  local used, resets = 0, 0
+  if lim.kind == 'concurrent' then
+    used = redis.call('ZCOUNT', lim.key, '(' .. now, '+inf')
+    if used > 0 then
+      local first = redis.call('ZRANGEBYSCORE', lim.key, '(' .. now, '+inf', 'WITHSCORES',
+        'LIMIT', 0, 1)
+      resets = tonumber(first[2]) - now
+    end
+  else
+    local live
+    live, used = live_buckets(lim, now)
+    if #live > 0 then
+      resets = bucket_end(lim, live[1][1]) - now
+    end
+  end
+  reply[#reply + 1] = used
+  reply[#reply + 1] = resets
+end
+return reply

@@ -1,0 +1,177 @@
+"""Property tests: the Lua engine on a real server against the reference model, and the
+core promise checked directly on grant times."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, given, settings, target
+from redis.asyncio import Redis
+
+from quotagate.coordinator.embedded import EmbeddedServer
+from quotagate.coordinator.engine import Denial, Engine, Grant
+from quotagate.coordinator.errors import InvalidRequest, UnknownLease
+from quotagate.coordinator.leases import LeaseRef
+from quotagate.coordinator.policy import Kind, Policy, PolicySet, Scope
+
+from .model import Model
+from .strategies import (
+    EPOCH_MS,
+    KEYS,
+    Acquire,
+    Advance,
+    Look,
+    Op,
+    Release,
+    Renew,
+    operations,
+    policies,
+)
+
+pytestmark = pytest.mark.server
+
+PROPERTY = settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@dataclass
+class Run:
+    """What a schedule did: grants (time, cost, key, lease id) and the refunded lease ids."""
+
+    grants: list[tuple[int, int, str, str]] = field(default_factory=list)
+    refunded: set[str] = field(default_factory=set)
+    denials: int = 0
+
+
+async def _snapshot(engine: Engine, tenant: str, now: int) -> object:
+    """Everything a denial must leave alone: usage of every key, and the live leases."""
+    views = [await engine.usage(tenant, "p", key, now=now) for key in KEYS]
+    ref = LeaseRef(tenant, "p", "", "0" * 32)
+    records = await engine.redis.hgetall(f"qg:{{{ref.tenant}|p}}:ls")
+    live = {token: record for token, record in records.items() if int(record.split(b":")[3]) > now}
+    return [(v.limits, v.in_flight, v.cooldown_ms) for v in views], live
+
+
+async def _run(url: str, policy: Policy, ops: list[Op], *, check_model: bool) -> Run:
+    client = Redis.from_url(url)
+    engine = Engine(client, PolicySet(apis={"p": policy}))
+    tenant = f"t-{uuid.uuid4().hex}"
+    model = Model(policy)
+    now = EPOCH_MS
+    leases: list[str] = []
+    run = Run()
+    try:
+        for op in ops:
+            if isinstance(op, Advance):
+                now += op.ms
+            elif isinstance(op, Acquire):
+                estimate = policy.runtime_estimate_ms if op.estimate is None else op.estimate
+                if policy.impossible_cost(op.cost) or policy.impossible_runtime(estimate):
+                    with pytest.raises(InvalidRequest):
+                        await engine.acquire(tenant, "p", op.key, op.cost, op.estimate, now=now)
+                    continue
+                before = None if check_model else await _snapshot(engine, tenant, now)
+                result = await engine.acquire(tenant, "p", op.key, op.cost, op.estimate, now=now)
+                if isinstance(result, Grant):
+                    assert result.granted_at_ms == now
+                    leases.append(result.lease_id)
+                    run.grants.append((now, op.cost, op.key, result.lease_id))
+                else:
+                    assert isinstance(result, Denial)
+                    run.denials += 1
+                    if before is not None:
+                        assert await _snapshot(engine, tenant, now) == before
+                if check_model:
+                    token = result.lease_id if isinstance(result, Grant) else "denied"
+                    expected = model.acquire(
+                        token, op.key, op.cost, estimate, policy.lease_ttl_ms, now
+                    )
+                    assert isinstance(result, Grant) == expected.granted, (op, expected, result)
+                    if isinstance(result, Grant):
+                        assert result.expires_at_ms == expected.expiry
+                    else:
+                        assert result.retry_after_ms == expected.retry_ms, (op, expected, result)
+                        assert result.reason == (
+                            "cooling_down" if expected.bound == 0 else "quota_exhausted"
+                        )
+                        bound = policy.limits[expected.bound - 1] if expected.bound else None
+                        assert result.limit == bound
+            elif isinstance(op, Release) and leases:
+                lease_id = leases[op.lease % len(leases)]
+                retry = op.retry_ms
+                if op.outcome == "throttled" and retry is None:
+                    retry = policy.shortest_calls_window_ms
+                try:
+                    await engine.release(
+                        lease_id,
+                        op.outcome,
+                        retry_after_ms=op.retry_ms,
+                        runtime_ms=op.runtime_ms,
+                        now=now,
+                    )
+                    released = True
+                except UnknownLease:
+                    released = False
+                if released and op.outcome == "not_called":
+                    run.refunded.add(lease_id)
+                if check_model:
+                    expected = model.release(lease_id, op.outcome, retry, op.runtime_ms, now)
+                    assert released == (expected == "released"), (op, expected)
+            elif isinstance(op, Renew) and leases:
+                lease_id = leases[op.lease % len(leases)]
+                try:
+                    renewed: int | str = await engine.renew(lease_id, op.ttl_ms, now=now)
+                except UnknownLease:
+                    renewed = "gone"
+                if check_model:
+                    expected_renew = model.renew(lease_id, op.ttl_ms, now)
+                    assert renewed == (
+                        expected_renew if isinstance(expected_renew, int) else "gone"
+                    )
+            elif isinstance(op, Look) and check_model:
+                view = await engine.usage(tenant, "p", op.key, now=now)
+                cooldown, in_flight, per_limit = model.usage(op.key, now)
+                assert view.cooldown_ms == cooldown
+                assert view.in_flight == in_flight
+                assert [(u.used, u.resets_in_ms) for u in view.limits] == per_limit
+    finally:
+        await client.aclose()
+    return run
+
+
+@given(policy=policies(), ops=operations)
+@PROPERTY
+def test_engine_agrees_with_reference_model(
+    redis_server: EmbeddedServer, policy: Policy, ops: list[Op]
+) -> None:
+    asyncio.run(_run(redis_server.url, policy, ops, check_model=True))
+
+
+@given(policy=policies(), ops=operations)
+@PROPERTY
+def test_no_window_ever_holds_more_than_its_limit(
+    redis_server: EmbeddedServer, policy: Policy, ops: list[Op]
+) -> None:
+    """Exact sliding check on grant times; denials change nothing (checked inside the run)."""
+    run = asyncio.run(_run(redis_server.url, policy, ops, check_model=False))
+    fullest = 0.0
+    for lim in policy.limits:
+        if lim.kind is not Kind.CALLS:
+            continue
+        groups: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        for at, cost, key, lease_id in run.grants:
+            if lease_id not in run.refunded:
+                groups[key if lim.scope is Scope.KEY else ""].append((at, cost))
+        for grants in groups.values():
+            for start, _ in grants:
+                in_window = sum(c for at, c in grants if start <= at < start + lim.window_ms)
+                fullest = max(fullest, in_window / lim.amount)
+                assert in_window <= lim.amount, (lim, start, grants)
+    target(fullest, label="fullest exact window")
