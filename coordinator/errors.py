@@ -4,6 +4,8 @@
     ├── InvalidRequest     a field a client sent is wrong (HTTP 422); names the field
     ├── UnknownApi         no policy for the api (HTTP 404)
     ├── UnknownLease       unknown, expired or already released lease (HTTP 404)
+    ├── Unauthorized       no or unknown bearer token (HTTP 401)
+    ├── Forbidden          the token may not use this tenant (HTTP 403)
     └── BackendUnavailable Redis cannot be reached in time (HTTP 503)
 
 `PolicyError` (a bad policy file, refused at start) lives in `policy.py`.
@@ -39,6 +41,14 @@ class UnknownLease(QuotagateError):
     def __init__(self, reason: str = "unknown") -> None:
         super().__init__(f"lease is {reason}: it may have expired or been released already")
         self.reason = reason
+
+
+class Unauthorized(QuotagateError):
+    code = "unauthorized"
+
+
+class Forbidden(QuotagateError):
+    code = "forbidden"
 
 
 class BackendUnavailable(QuotagateError):

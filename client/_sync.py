@@ -1,0 +1,201 @@
+"""`QuotaClient`: leases from the coordinator, over a blocking httpx client."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from ._base import LOCAL_POLL, BaseQuotaClient, Call, OnUnavailable, reply, translate_error
+from ._renewal import RenewalThread
+from .exceptions import CoordinatorUnavailable, QuotaError, QuotaExhausted
+from .lease import Lease, Outcome
+
+logger = logging.getLogger("quotagate.client")
+
+
+class QuotaClient(BaseQuotaClient):
+    """Leases for `tenant` from the coordinator at `url`.
+
+    `transport` replaces httpx's network transport (tests pass a `MockTransport` or an
+    in-process app); `timeout` is seconds per request, plus the `wait` of an acquire.
+    `on_unavailable="local"` falls back to a process-local limiter built from
+    `policies` (the shape of `GET /v1/policies`) or from the policies fetched once the
+    coordinator answered, and asks the coordinator again every `probe_interval` seconds.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        tenant: str,
+        token: str | None = None,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        timeout: float = 5.0,
+        on_unavailable: OnUnavailable = "fail",
+        policies: Mapping[str, Any] | None = None,
+        probe_interval: float = 1.0,
+    ) -> None:
+        super().__init__(
+            url,
+            tenant,
+            token,
+            timeout=timeout,
+            on_unavailable=on_unavailable,
+            policies=policies,
+            probe_interval=probe_interval,
+        )
+        self._http = httpx.Client(
+            base_url=url, headers=self.headers, transport=transport, timeout=timeout
+        )
+        self._renewal = RenewalThread(self.renew)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._renewal.close()
+        self._http.close()
+
+    def _send(self, call: Call) -> dict[str, Any]:
+        try:
+            response = self._http.request(
+                call.method,
+                call.path,
+                json=call.json,
+                params=call.params,
+                timeout=self.timeout_for(call),
+            )
+        except httpx.HTTPError as exc:
+            raise translate_error(self.url, exc) from exc
+        return reply(response)
+
+    # -- leases -----------------------------------------------------------------------
+
+    @contextmanager
+    def lease(
+        self,
+        api: str,
+        key: str | None = None,
+        cost: int = 1,
+        wait: float = 0.0,
+        runtime_estimate: float | None = None,
+    ) -> Iterator[Lease]:
+        """Hold a lease for the block; renew it while the block runs; release it after."""
+        lease = self.acquire(api, key, cost, wait, runtime_estimate)
+        self._renewal.watch(lease)
+        raised = False
+        try:
+            yield lease
+        except BaseException:
+            raised = True
+            raise
+        finally:
+            self._renewal.unwatch(lease)
+            try:
+                self._release(lease, lease.release_body(raised))
+            except QuotaError as exc:
+                # The block's own result matters more; an unreleased lease expires.
+                logger.warning("releasing lease %s failed: %s", lease.lease_id, exc)
+
+    def acquire(
+        self,
+        api: str,
+        key: str | None = None,
+        cost: int = 1,
+        wait: float = 0.0,
+        runtime_estimate: float | None = None,
+    ) -> Lease:
+        """A lease, waiting up to `wait` seconds (server-side) for one."""
+        key = key or ""
+        start = time.monotonic()
+        cause: CoordinatorUnavailable | None = None
+        if self.coordinator_due(start):
+            try:
+                data = self._send(self.lease_call(api, key, cost, wait, runtime_estimate))
+            except CoordinatorUnavailable as exc:
+                if self.on_unavailable == "fail":
+                    raise
+                self.went_down(time.monotonic(), exc)
+                cause = exc
+            else:
+                self.came_back()
+                if self.wants_policies:
+                    self._cache_policies()
+                return self.lease_from(data, api, key, cost)
+        return self._acquire_local(api, key, cost, wait, runtime_estimate, start, cause)
+
+    def _acquire_local(
+        self,
+        api: str,
+        key: str,
+        cost: int,
+        wait: float,
+        runtime_estimate: float | None,
+        start: float,
+        cause: CoordinatorUnavailable | None,
+    ) -> Lease:
+        while True:
+            now = time.monotonic()
+            try:
+                return self.local_lease(api, key, cost, runtime_estimate, now, now - start, cause)
+            except QuotaExhausted as denial:
+                if denial.retry_after > start + wait - now:
+                    raise
+                time.sleep(min(denial.retry_after, LOCAL_POLL))
+
+    def _cache_policies(self) -> None:
+        try:
+            self.cache_policies(self._send(self.policies_call(None)))
+        except QuotaError as exc:
+            logger.info("policies not cached for the local fallback: %s", exc)
+
+    def release(
+        self,
+        lease: Lease | str,
+        outcome: Outcome | None = None,
+        *,
+        status_code: int | None = None,
+        retry_after: float | None = None,
+        runtime: float | None = None,
+    ) -> None:
+        """End a lease with its outcome (default: what the lease recorded, else `ok`)."""
+        self._release(lease, self.release_body(lease, outcome, status_code, retry_after, runtime))
+
+    def _release(self, lease: Lease | str, body: dict[str, Any]) -> None:
+        if isinstance(lease, Lease) and lease.local:
+            return self.release_locally(lease, body)
+        lease_id = lease.lease_id if isinstance(lease, Lease) else lease
+        self._send(self.release_call(lease_id, body))
+
+    def renew(self, lease: Lease | str, ttl: float | None = None) -> float:
+        """Extend a live lease; returns its new time to live in seconds."""
+        if isinstance(lease, Lease) and lease.local:
+            return self.renew_locally(lease)
+        lease_id = lease.lease_id if isinstance(lease, Lease) else lease
+        return self.expires_in_from(self._send(self.renew_call(lease_id, ttl)))
+
+    # -- reading ----------------------------------------------------------------------
+
+    def usage(self, api: str, key: str | None = None) -> dict[str, Any]:
+        """Per limit used/remaining/resets_in, in flight and cooldown of `api` (and `key`)."""
+        return self._send(self.usage_call(api, key))
+
+    def policies(self, api: str | None = None) -> dict[str, Any]:
+        """The effective policies (of one `api`); also kept for the local fallback."""
+        data = self._send(self.policies_call(api))
+        self.cache_policies(data, complete=api is None)
+        return data

@@ -1,0 +1,112 @@
+"""A lease: permission for one upstream call, and the outcome to report when it ends.
+
+The identity of a lease is frozen; only its outcome record changes while the caller
+makes the call. When a lease ends, the record becomes the body of the release:
+
+- an outcome set explicitly (`set_outcome`, `report`) is sent as is;
+- otherwise a block that ended normally sends `ok`;
+- a block that raised sends `failed` once the call may have happened (`mark_called`),
+  and `not_called` before that, which refunds the charge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+import httpx
+
+from .parsing import execution_time, throttle_from_response
+
+Outcome = Literal["ok", "failed", "throttled", "not_called"]
+OUTCOMES: frozenset[str] = frozenset(get_args(Outcome))
+
+
+@dataclass(slots=True)
+class _Record:
+    outcome: Outcome | None = None
+    called: bool = False
+    status_code: int | None = None
+    retry_after: float | None = None
+    runtime: float | None = None
+
+
+def outcome_for_status(status_code: int) -> Outcome:
+    """The outcome of an answer that is not throttled: below 400 `ok`, else `failed`."""
+    return "ok" if status_code < 400 else "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    lease_id: str
+    tenant: str
+    api: str
+    key: str
+    cost: int  # call units charged
+    expires_in: float  # seconds the lease lived when granted
+    waited: float  # seconds the coordinator held the request before granting
+    local: bool = False  # granted by the local limiter while the coordinator was down
+    _record: _Record = field(default_factory=_Record, init=False, repr=False, compare=False)
+
+    @property
+    def outcome(self) -> Outcome | None:
+        """The outcome set so far, or None."""
+        return self._record.outcome
+
+    @property
+    def called(self) -> bool:
+        """Whether the upstream call may have happened."""
+        return self._record.called
+
+    def mark_called(self) -> None:
+        """The call is under way: from now on an exception releases as `failed`."""
+        self._record.called = True
+
+    def set_outcome(
+        self,
+        outcome: Outcome,
+        status_code: int | None = None,
+        retry_after: float | None = None,
+        runtime: float | None = None,
+    ) -> None:
+        """Record how the call went; `retry_after` and `runtime` are seconds."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {sorted(OUTCOMES)}, not {outcome!r}")
+        record = self._record
+        record.outcome, record.called = outcome, outcome != "not_called"
+        record.status_code, record.retry_after, record.runtime = status_code, retry_after, runtime
+
+    def report(self, response: httpx.Response, *, runtime: float | None = None) -> Outcome:
+        """Record the outcome an upstream answer shows, and return it.
+
+        A throttled answer gives `throttled` with its retry time; `Stats.ExecutionTime`
+        of a read hunting answer is the run time, else `runtime` (e.g. measured).
+        """
+        throttle = throttle_from_response(response)
+        try:
+            reported = execution_time(response.content)
+        except httpx.ResponseNotRead:
+            reported = None
+        outcome: Outcome = (
+            "throttled" if throttle is not None else outcome_for_status(response.status_code)
+        )
+        self.set_outcome(
+            outcome,
+            status_code=response.status_code,
+            retry_after=throttle.retry_after if throttle is not None else None,
+            runtime=reported if reported is not None else runtime,
+        )
+        return outcome
+
+    def release_body(self, raised: bool = False) -> dict[str, Any]:
+        """The JSON body of the release, for a block that `raised` or ended normally."""
+        record = self._record
+        outcome = record.outcome
+        if outcome is None:
+            outcome = ("failed" if record.called else "not_called") if raised else "ok"
+        body: dict[str, Any] = {"outcome": outcome}
+        for name in ("status_code", "retry_after", "runtime"):
+            value = getattr(record, name)
+            if value is not None:
+                body[name] = value
+        return body

@@ -1,0 +1,327 @@
+"""HTTP API v1: validate, call the engine, shape the reply."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from redis.asyncio import Redis
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .auth import Authorizer, Principal
+from .engine import Denial, Engine, Grant, Outcome
+from .errors import (
+    BackendUnavailable,
+    Forbidden,
+    InvalidRequest,
+    QuotagateError,
+    Unauthorized,
+    UnknownApi,
+    UnknownLease,
+)
+from .leases import LeaseRef
+from .policy import API_PATTERN, KEY_PATTERN, TENANT_PATTERN, Kind, PolicySet, load_policies
+from .settings import Settings
+
+log = logging.getLogger("quotagate")
+T = TypeVar("T")
+
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+MAX_REPORTED_SECONDS = 7 * 86_400.0  # a retry time or run time beyond a week is a mistake
+
+
+class AcquireBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str = Field(pattern=TENANT_PATTERN.pattern)
+    api: str = Field(pattern=API_PATTERN.pattern)
+    key: str | None = Field(None, pattern=KEY_PATTERN.pattern)
+    cost: int = Field(1, ge=1, strict=True)  # call units
+    runtime_estimate: Seconds | None = Field(None, le=MAX_REPORTED_SECONDS)
+    wait: Seconds = 0.0  # capped by the server's max_wait
+    priority: int | str | None = None  # reserved for priority classes
+    holder: str | None = Field(None, max_length=128)  # who holds it, for operators
+
+
+class ReleaseBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    outcome: Outcome
+    status_code: int | None = Field(None, ge=100, le=599)
+    retry_after: Seconds | None = Field(None, le=MAX_REPORTED_SECONDS)
+    runtime: Seconds | None = Field(None, le=MAX_REPORTED_SECONDS)
+
+
+class RenewBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ttl: Seconds | None = Field(None, gt=0, le=86_400.0)
+
+
+def _ms(seconds: float) -> int:
+    return math.ceil(seconds * 1000)
+
+
+def _error(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
+    headers = {}
+    if "retry_after" in extra:
+        headers["Retry-After"] = str(max(math.ceil(extra["retry_after"]), 1))
+    return JSONResponse({"error": code, "detail": detail, **extra}, status, headers=headers)
+
+
+def _denied(denial: Denial) -> JSONResponse:
+    if denial.limit is None:
+        limit, detail = None, "the fleet is pausing after an upstream 429"
+    else:
+        limit = denial.limit.describe()
+        if denial.limit.kind is Kind.CONCURRENT:
+            detail = f"{denial.limit.amount} leases are in flight"
+        else:
+            detail = f"{limit['kind']} limit {limit['amount']:g} per {limit['window']:g} s is spent"
+    return _error(429, denial.reason, detail, retry_after=denial.retry_after_ms / 1000, limit=limit)
+
+
+async def _wait_for_grant(
+    attempt: Callable[[], Awaitable[Grant | Denial]], wait: float, request: Request
+) -> Grant | Denial | None:
+    """Acquire, sleeping to each exact retry time while it fits in `wait`.
+
+    Nothing is reserved while waiting, so a client that goes away leaves nothing behind;
+    None means it went away.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        result = await attempt()
+        if isinstance(result, Grant) or wait <= 0:
+            return result
+        pause = result.retry_after_ms / 1000
+        if pause > deadline - loop.time():
+            return result
+        await asyncio.sleep(pause)
+        if await request.is_disconnected():
+            return None
+
+
+def engine_of(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+def principal_of(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> Principal:
+    authorizer: Authorizer = request.app.state.authorizer
+    return authorizer.principal(authorization)
+
+
+EngineDep = Annotated[Engine, Depends(engine_of)]
+PrincipalDep = Annotated[Principal, Depends(principal_of)]
+
+
+def create_app(
+    settings: Settings,
+    *,
+    policies: PolicySet | None = None,
+    redis: Redis | None = None,
+) -> FastAPI:
+    """The service. Without `redis`, it connects to `settings.redis_url` at start-up."""
+    policies = policies or load_policies(settings.policies)
+    authorizer = Authorizer(settings.all_tokens())
+    timeout = settings.request_timeout
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = redis or Redis.from_url(
+            settings.redis_url or "redis://127.0.0.1:6379/0",
+            socket_timeout=timeout,
+            socket_connect_timeout=min(timeout, 1.0),
+        )
+        app.state.engine = Engine(client, policies)
+        try:
+            yield
+        finally:
+            if redis is None:
+                await client.aclose()
+
+    app = FastAPI(title="quotagate", version="1", lifespan=lifespan)
+    app.state.authorizer = authorizer
+
+    async def bounded(awaitable: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(timeout):
+                return await awaitable
+        except TimeoutError as exc:
+            raise BackendUnavailable(f"no answer from Redis within {timeout:g} s") from exc
+
+    def lease_of(lease_id: str, who: Principal) -> LeaseRef:
+        ref = LeaseRef.parse(lease_id)
+        if ref is None:
+            raise UnknownLease("unknown")
+        who.check(ref.tenant)
+        return ref
+
+    @app.middleware("http")
+    async def limit_body(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            return _error(
+                413, "body_too_large", f"bodies are limited to {settings.max_body_bytes} bytes"
+            )
+        return await call_next(request)
+
+    @app.exception_handler(QuotagateError)
+    async def quotagate_error(request: Request, exc: QuotagateError) -> JSONResponse:
+        if isinstance(exc, InvalidRequest):
+            return _error(422, exc.code, str(exc), field=exc.field)
+        if isinstance(exc, UnknownApi | UnknownLease):
+            return _error(404, exc.code, str(exc))
+        if isinstance(exc, Unauthorized):
+            response = _error(401, exc.code, str(exc))
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        if isinstance(exc, Forbidden):
+            return _error(403, exc.code, str(exc))
+        if isinstance(exc, BackendUnavailable):
+            log.warning("redis unavailable: %s", exc)
+            return _error(503, exc.code, "the quota store is unavailable", retry_after=1.0)
+        raise exc
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        field = ".".join(str(p) for p in first["loc"] if p not in ("body", "path", "query"))
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
+            for e in errors
+        )
+        return _error(422, "invalid_request", detail, field=field or "body")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail))
+
+    @app.post("/v1/leases", response_model=None)
+    async def acquire(
+        body: AcquireBody, request: Request, engine: EngineDep, who: PrincipalDep
+    ) -> dict[str, Any] | JSONResponse:
+        who.check(body.tenant)
+        started = time.monotonic()
+        estimate = None if body.runtime_estimate is None else _ms(body.runtime_estimate)
+
+        def attempt() -> Awaitable[Grant | Denial]:
+            return bounded(
+                engine.acquire(body.tenant, body.api, body.key or "", body.cost, estimate)
+            )
+
+        result = await _wait_for_grant(attempt, min(body.wait, settings.max_wait), request)
+        if result is None:  # the client went away while waiting
+            return _error(499, "client_closed", "the client disconnected while waiting")
+        if isinstance(result, Denial):
+            return _denied(result)
+        return {
+            "lease_id": result.lease_id,
+            "tenant": result.tenant,
+            "api": result.api,
+            "key": result.key or None,
+            "cost": result.cost,
+            "expires_in": result.expires_in_ms / 1000,
+            "waited": round(time.monotonic() - started, 3),
+        }
+
+    @app.post("/v1/leases/{lease_id}/release")
+    async def release(
+        lease_id: str, body: ReleaseBody, engine: EngineDep, who: PrincipalDep
+    ) -> dict[str, bool]:
+        lease_of(lease_id, who)
+        await bounded(
+            engine.release(
+                lease_id,
+                body.outcome,
+                retry_after_ms=None if body.retry_after is None else _ms(body.retry_after),
+                runtime_ms=None if body.runtime is None else _ms(body.runtime),
+            )
+        )
+        return {"released": True}
+
+    @app.post("/v1/leases/{lease_id}/renew")
+    async def renew(
+        lease_id: str, engine: EngineDep, who: PrincipalDep, body: RenewBody | None = None
+    ) -> dict[str, float]:
+        lease_of(lease_id, who)
+        ttl = None if body is None or body.ttl is None else _ms(body.ttl)
+        expires_in = await bounded(engine.renew(lease_id, ttl))
+        return {"expires_in": expires_in / 1000}
+
+    @app.get("/v1/usage/{tenant:path}/{api}")
+    async def usage(
+        tenant: str,
+        api: str,
+        engine: EngineDep,
+        who: PrincipalDep,
+        key: Annotated[str | None, Query(max_length=256)] = None,
+    ) -> dict[str, Any]:
+        who.check(tenant)
+        view = await bounded(engine.usage(tenant, api, key or ""))
+        limits = []
+        for item in view.limits:
+            seconds = item.limit.kind is Kind.RUNTIME  # runtime is reported in seconds
+            limits.append(
+                {
+                    **item.limit.describe(),
+                    "scope": item.limit.scope.value,
+                    "used": item.used / 1000 if seconds else item.used,
+                    "remaining": item.remaining / 1000 if seconds else item.remaining,
+                    "resets_in": item.resets_in_ms / 1000,
+                }
+            )
+        return {
+            "tenant": tenant,
+            "api": api,
+            "key": key,
+            "limits": limits,
+            "in_flight": view.in_flight,
+            "cooldown": view.cooldown_ms / 1000,
+        }
+
+    @app.get("/v1/policies")
+    async def all_policies(who: PrincipalDep) -> dict[str, Any]:
+        return policies.describe()
+
+    @app.get("/v1/policies/{api}")
+    async def one_policy(api: str, who: PrincipalDep) -> dict[str, Any]:
+        policy = policies.apis.get(api)
+        if policy is None:
+            raise UnknownApi(api)
+        return policy.describe()
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=None)
+    async def readyz(engine: EngineDep) -> dict[str, str] | JSONResponse:
+        try:
+            await bounded(engine.redis.ping())
+            await bounded(engine.load_scripts())
+        except (BackendUnavailable, OSError) as exc:
+            return _error(503, "backend_unavailable", str(exc), retry_after=1.0)
+        return {"status": "ready"}
+
+    return app
+
+
+__all__ = ["create_app"]
