@@ -315,9 +315,8 @@ def create_app(
     @app.get("/readyz", response_model=None)
     async def readyz(engine: EngineDep) -> dict[str, str] | JSONResponse:
         try:
-            await bounded(engine.redis.ping())
-            await bounded(engine.load_scripts())
-        except (BackendUnavailable, OSError) as exc:
+            await bounded(engine.ready())
+        except BackendUnavailable as exc:
             return _error(503, "backend_unavailable", str(exc), retry_after=1.0)
         return {"status": "ready"}
 

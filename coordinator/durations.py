@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
 
 _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -14,14 +15,15 @@ def parse_duration_ms(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError(f"bad duration {value!r}: use ms, s, m, h, d or plain seconds")
     if isinstance(value, int | float):
-        if not math.isfinite(value) or value < 0:
+        # Exact decimal arithmetic: `2.007 * 1000` is 2007.0000000000002 in floats.
+        if (isinstance(value, float) and not math.isfinite(value)) or value < 0:
             raise ValueError(f"bad duration {value!r}: must be a finite number of seconds >= 0")
-        return math.ceil(value * 1000)
+        return math.ceil(Fraction(repr(value)) * 1000)
     if isinstance(value, str):
         match = _PATTERN.match(value)
         if match:
             number, unit = match.groups()
-            return math.ceil(float(number) * _UNITS_MS[unit or "s"])
+            return math.ceil(Fraction(number) * _UNITS_MS[unit or "s"])
     raise ValueError(
         f"bad duration {value!r}: use ms, s, m, h, d or plain seconds (e.g. 1m, 500ms)"
     )

@@ -116,8 +116,10 @@ class Engine:
             raise UnknownApi(api)
         return policy
 
-    async def load_scripts(self) -> None:
-        """Load every script into the server's cache (readiness); EVALSHA reloads on demand."""
+    async def ready(self) -> None:
+        """Check that Redis answers and load every script into its cache (EVALSHA reloads
+        on demand anyway). Raises BackendUnavailable."""
+        await self._call(self.redis.ping())
         for script in (self.lua_acquire, self.lua_release, self.lua_renew, self.lua_usage):
             script.sha = await self._call(self.redis.script_load(script.script))
 

@@ -8,7 +8,6 @@ definition of that api as a whole, and `tenants:` globs override apis per tenant
 from __future__ import annotations
 
 import fnmatch
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -145,12 +144,14 @@ class PolicyError(ValueError):
 
 def default_granularity_ms(window_ms: int) -> int:
     """`W/60`, at least 1 s (or the window, if shorter), rounded up to a divisor of `W`."""
-    wanted = max(math.ceil(window_ms / 60), min(1_000, window_ms))
-    divisors: set[int] = set()
-    for small in range(1, math.isqrt(window_ms) + 1):
-        if window_ms % small == 0:
-            divisors.update((small, window_ms // small))
-    return min(d for d in divisors if d >= wanted)
+    if window_ms <= 0:
+        raise ValueError(f"a window must be positive, got {window_ms} ms")
+    wanted = max(-(-window_ms // 60), min(1_000, window_ms))
+    # The smallest divisor d >= wanted is W/q for the largest q <= W/wanted (<= 60) dividing W.
+    for buckets in range(window_ms // wanted, 0, -1):
+        if window_ms % buckets == 0:
+            return window_ms // buckets
+    raise AssertionError("unreachable: 1 divides every window")
 
 
 # --- the file format -------------------------------------------------------------------
@@ -241,10 +242,15 @@ class _ApiSpec(BaseModel):
     def _durations(cls, value: object) -> object:
         return None if value is None else _duration(value)
 
+    @field_validator("limits", mode="after")
+    @classmethod
+    def _not_empty(cls, value: list[_LimitSpec]) -> list[_LimitSpec]:
+        if not value:
+            raise ValueError("an api needs at least one limit")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> _ApiSpec:
-        if not self.limits:
-            raise ValueError("an api needs at least one limit")
         if self.lease_ttl is not None and self.lease_ttl <= 0:
             raise ValueError("lease_ttl must be positive")
         return self
@@ -263,7 +269,10 @@ class _ApiSpec(BaseModel):
         )
         too_big = policy.impossible_runtime(estimate)
         if too_big is not None:
-            raise PolicyError(f"runtime_estimate is larger than the runtime limit {too_big}")
+            raise PolicyError(
+                f"runtime_estimate {format_duration(estimate)} is larger than the runtime "
+                f"limit {format_duration(too_big.amount)} per {format_duration(too_big.window_ms)}"
+            )
         return policy
 
 
@@ -294,12 +303,15 @@ class _FileSpec(BaseModel):
         return value
 
 
+_PYDANTIC_TAG = re.compile(r"^(function-(after|before|wrap|plain)(\[.*\])?|\[key\])$")
+
+
 def _where(loc: tuple[int | str, ...]) -> str:
     parts: list[str] = []
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif item in {"function-after", "function-before"} or "[" in str(item):
+        elif _PYDANTIC_TAG.match(item):
             continue
         else:
             parts.append(("." if parts else "") + str(item))

@@ -55,3 +55,35 @@ async def redis_client(redis_server: EmbeddedServer) -> AsyncIterator[AsyncRedis
     client = AsyncRedis.from_url(redis_server.url)
     yield client
     await client.aclose()
+
+
+TEST_POLICIES = """
+margin: 0
+apis:
+  fast:
+    lease_ttl: 2s
+    limits: [{calls: 20, per: 1s, granularity: 100ms}]
+  sessions:
+    lease_ttl: 1s
+    limits:
+      - {calls: 100, per: 1s, granularity: 100ms}
+      - {concurrent: 2}
+      - {concurrent: 1, scope: key}
+"""
+
+
+@pytest.fixture
+def coordinator_url(valkey_server: EmbeddedServer, tmp_path: Path) -> Iterator[str]:
+    """A real coordinator under uvicorn on a free port: the built-in catalog plus the short
+    test policies `fast` and `sessions`, open to every tenant (no tokens)."""
+    from quotagate.coordinator.api import create_app
+    from quotagate.coordinator.settings import Settings
+
+    from .service import serve_in_thread
+
+    _wipe(valkey_server.url)
+    policy_file = tmp_path / "policies.yaml"
+    policy_file.write_text(TEST_POLICIES)
+    settings = Settings(redis_url=valkey_server.url, policies=policy_file, max_wait=5.0)
+    with serve_in_thread(create_app(settings)) as url:
+        yield url

@@ -1,0 +1,99 @@
+"""Two coordinator processes on one Redis never grant more than the limit together."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from quotagate.coordinator.embedded import EmbeddedServer, free_port
+
+from .conftest import _wipe
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+# Leases live long, so every grant time stays readable in Redis after the run.
+POLICY = (
+    "apis: {pair: {lease_ttl: 1m, limits: [{calls: 20, per: 1s, granularity: 100ms, margin: 0}]}}"
+)
+
+
+@pytest.fixture
+def coordinators(valkey_server: EmbeddedServer, tmp_path: Path) -> Iterator[list[str]]:
+    _wipe(valkey_server.url)
+    policy = tmp_path / "pair.yaml"
+    policy.write_text(POLICY)
+    env = {**os.environ, "QUOTAGATE_REDIS_URL": valkey_server.url}
+    ports = [free_port(), free_port()]
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "quotagate.coordinator",
+                "serve",
+                "--port",
+                str(port),
+                "--policies",
+                str(policy),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for port in ports
+    ]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    try:
+        deadline = time.monotonic() + 20
+        for url in urls:
+            while True:
+                try:
+                    if httpx.get(f"{url}/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "coordinator did not start"
+                time.sleep(0.05)
+        yield urls
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(10)
+
+
+def test_two_coordinators_share_one_limit(
+    coordinators: list[str], valkey_server: EmbeddedServer
+) -> None:
+    granted = {url: 0 for url in coordinators}
+    lock = threading.Lock()
+
+    def worker(url: str) -> None:
+        with httpx.Client(base_url=url, timeout=10) as http:
+            for _ in range(12):
+                reply = http.post("/v1/leases", json={"tenant": "t", "api": "pair", "wait": 0.5})
+                if reply.status_code == 200:
+                    with lock:
+                        granted[url] += 1
+
+    threads = [threading.Thread(target=worker, args=(coordinators[i % 2],)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert all(granted.values()), granted
+    with redis.Redis.from_url(valkey_server.url) as client:
+        records = client.hgetall("qg:{t|pair}:ls")
+    grants = sorted(int(record.split(b":")[0]) for record in records.values())
+    assert len(grants) == sum(granted.values()) > 20
+    fullest = max(sum(1 for at in grants if start <= at < start + 1000) for start in grants)
+    assert fullest <= 20, fullest
