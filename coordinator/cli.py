@@ -96,6 +96,7 @@ def serve(
             host=settings.host,
             port=settings.port,
             log_level="info",
+            access_log=settings.access_log,
         )
     finally:
         if embedded is not None:

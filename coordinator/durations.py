@@ -7,11 +7,19 @@ import re
 from fractions import Fraction
 
 _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+MAX_MS = 366 * 86_400_000  # a year: far past any upstream window, far below 2**53
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 
 
 def parse_duration_ms(value: object) -> int:
     """Milliseconds in `value`; a bare number is seconds. Fractions of a millisecond round up."""
+    ms = _parse(value)
+    if ms > MAX_MS:
+        raise ValueError(f"bad duration {value!r}: longer than a year ({MAX_MS} ms)")
+    return ms
+
+
+def _parse(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError(f"bad duration {value!r}: use ms, s, m, h, d or plain seconds")
     if isinstance(value, int | float):

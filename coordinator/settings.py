@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     max_wait: float = Field(60.0, ge=0)  # seconds an acquire may be held at most
     request_timeout: float = Field(2.0, gt=0)  # seconds for one Redis decision
     max_body_bytes: int = Field(64 * 1024, gt=0)
+    access_log: bool = False  # one log line per request
 
     @field_validator("tokens")
     @classmethod

@@ -36,7 +36,7 @@ local function read_limits(argv, at)
 end
 
 -- Buckets that still count at `now`: every bucket overlapping (now - window - margin, now].
--- Returns them sorted oldest first as {index, units}, their sum, and the dead field names.
+-- Returns them as {index, units} (unsorted), their sum, and the dead field names.
 local function live_buckets(lim, now)
   local flat = redis.call('HGETALL', lim.key)
   local horizon = now - lim.window - lim.margin
@@ -50,7 +50,6 @@ local function live_buckets(lim, now)
       dead[#dead + 1] = flat[i]
     end
   end
-  table.sort(live, function(x, y) return x[1] < y[1] end)
   return live, used, dead
 end
 
@@ -65,6 +64,7 @@ local function wait_for_units(lim, live, used, need, now)
   if over <= 0 then
     return 0
   end
+  table.sort(live, function(x, y) return x[1] < y[1] end)
   for _, bucket in ipairs(live) do
     over = over - bucket[2]
     if over <= 0 then

@@ -24,8 +24,11 @@ for _, lim in ipairs(limits) do
   else
     local live
     live, used = live_buckets(lim, now)
-    if #live > 0 then
-      resets = bucket_end(lim, live[1][1]) - now
+    for _, bucket in ipairs(live) do
+      local ends = bucket_end(lim, bucket[1]) - now
+      if resets == 0 or ends < resets then
+        resets = ends
+      end
     end
   end
   reply[#reply + 1] = used

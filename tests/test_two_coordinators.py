@@ -78,8 +78,8 @@ def test_two_coordinators_share_one_limit(
 
     def worker(url: str) -> None:
         with httpx.Client(base_url=url, timeout=10) as http:
-            for _ in range(12):
-                reply = http.post("/v1/leases", json={"tenant": "t", "api": "pair", "wait": 0.5})
+            for _ in range(6):
+                reply = http.post("/v1/leases", json={"tenant": "t", "api": "pair", "wait": 1.5})
                 if reply.status_code == 200:
                     with lock:
                         granted[url] += 1

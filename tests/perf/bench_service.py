@@ -1,0 +1,151 @@
+"""Service throughput: acquire+release through one uvicorn worker, as a ratio of a bare
+FastAPI endpoint that makes a single EVALSHA, both measured in the same run on the same
+Redis. Load comes from `wrk` (apt-get install wrk).
+
+    python -m tests.perf.bench_service [--seconds 10] [--connections 32]
+
+The ratio compares HTTP requests per second: each acquire and each release is one request
+with one EVALSHA, like one request of the baseline. Runs go baseline, quotagate,
+baseline, quotagate, and the ratio uses the mean of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+from fastapi import FastAPI, Request
+from redis.asyncio import Redis
+
+from quotagate.coordinator.embedded import EmbeddedServer, free_port
+
+BENCH_POLICY = """
+apis:
+  bench:
+    limits: [{calls: 1000000000, per: 1m}, {calls: 1000000000, per: 1h}]
+"""
+
+WRK_LEASES = """
+local queue = {}
+local json = {["Content-Type"] = "application/json"}
+request = function()
+  local id = table.remove(queue)
+  if id then
+    return wrk.format("POST", "/v1/leases/" .. id .. "/release", json, '{"outcome":"ok"}')
+  end
+  return wrk.format("POST", "/v1/leases", json, '{"tenant":"bench/app","api":"bench"}')
+end
+response = function(status, headers, body)
+  local id = body:match('"lease_id":"([^"]+)"')
+  if id then table.insert(queue, id) end
+end
+"""
+
+WRK_BARE = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"tenant":"bench/app","api":"bench"}'
+"""
+
+
+def bare_app() -> FastAPI:
+    """The baseline: parse a JSON body, one EVALSHA, a JSON reply."""
+    app = FastAPI()
+    redis = Redis.from_url(os.environ["BENCH_REDIS_URL"])
+    lua_noop = redis.register_script("return {1, redis.call('TIME')[1]}")
+
+    @app.post("/bare")
+    async def bare(request: Request) -> dict[str, object]:
+        body = await request.json()
+        reply = await lua_noop(keys=[f"bench:{{{body['tenant']}}}"], args=[body["api"]])
+        return {"ok": reply[0]}
+
+    return app
+
+
+@contextmanager
+def uvicorn_process(target: list[str], env: dict[str, str]) -> Iterator[str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, *target, "--port", str(port)],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(f"{url}/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError(f"{target} did not start") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def wrk(url: str, script: str, seconds: int, connections: int) -> tuple[float, int]:
+    """Requests per second and the count of non-2xx answers."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as lua:
+        lua.write(script)
+        lua.flush()
+        out = subprocess.run(
+            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", lua.name, url],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return rate, int(bad.group(1)) if bad else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is needed: apt-get install wrk")
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedServer() as redis_server:
+        policy = Path(tmp) / "bench.yaml"
+        policy.write_text(BENCH_POLICY)
+        env = {"BENCH_REDIS_URL": redis_server.url, "QUOTAGATE_REDIS_URL": redis_server.url}
+        quotagate_cmd = ["-m", "quotagate.coordinator", "serve", "--policies", str(policy)]
+        bare_cmd = ["-m", "uvicorn", "--factory", "tests.perf.bench_service:bare_app",
+                    "--log-level", "warning"]  # fmt: skip
+        with uvicorn_process(bare_cmd, env) as bare_url, uvicorn_process(quotagate_cmd, env) as qg:
+            wrk(f"{bare_url}/bare", WRK_BARE, 2, args.connections)  # warm-up
+            wrk(qg, WRK_LEASES, 2, args.connections)
+            bare_rates, lease_rates = [], []
+            for _ in range(2):
+                rate, bad = wrk(f"{bare_url}/bare", WRK_BARE, args.seconds, args.connections)
+                bare_rates.append(rate)
+                rate, bad_leases = wrk(qg, WRK_LEASES, args.seconds, args.connections)
+                lease_rates.append(rate)
+                if bad or bad_leases:
+                    sys.exit(f"non-2xx answers: baseline {bad}, quotagate {bad_leases}")
+    bare = sum(bare_rates) / len(bare_rates)
+    leases = sum(lease_rates) / len(lease_rates)
+    print(f"baseline (bare FastAPI + one EVALSHA): {bare:8.0f} requests/s  {bare_rates}")
+    print(f"quotagate acquire+release:            {leases:8.0f} requests/s  {lease_rates}")
+    print(f"ratio: {leases / bare:.2f}")
+
+
+if __name__ == "__main__":
+    main()
