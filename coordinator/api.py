@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -147,20 +147,13 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def engine_of(request: Request) -> Engine:
-    engine: Engine = request.app.state.engine
-    return engine
-
-
-def principal_of(
-    request: Request, authorization: Annotated[str | None, Header()] = None
-) -> Principal:
+def context(request: Request) -> tuple[Engine, Principal]:
+    """The engine, and who is asking (from the bearer token); plain calls, not
+    dependencies, to keep the acquire path short."""
     authorizer: Authorizer = request.app.state.authorizer
-    return authorizer.principal(authorization)
-
-
-EngineDep = Annotated[Engine, Depends(engine_of)]
-PrincipalDep = Annotated[Principal, Depends(principal_of)]
+    who = authorizer.principal(request.headers.get("authorization"))
+    engine: Engine = request.app.state.engine
+    return engine, who
 
 
 def create_app(
@@ -241,9 +234,8 @@ def create_app(
         return _error(exc.status_code, code, str(exc.detail))
 
     @app.post("/v1/leases", response_model=None)
-    async def acquire(
-        body: AcquireBody, request: Request, engine: EngineDep, who: PrincipalDep
-    ) -> dict[str, Any] | JSONResponse:
+    async def acquire(body: AcquireBody, request: Request) -> JSONResponse:
+        engine, who = context(request)
         who.check(body.tenant)
         started = time.monotonic()
         estimate = None if body.runtime_estimate is None else _ms(body.runtime_estimate)
@@ -258,20 +250,21 @@ def create_app(
             return _error(499, "client_closed", "the client disconnected while waiting")
         if isinstance(result, Denial):
             return _denied(result)
-        return {
-            "lease_id": result.lease_id,
-            "tenant": result.tenant,
-            "api": result.api,
-            "key": result.key or None,
-            "cost": result.cost,
-            "expires_in": result.expires_in_ms / 1000,
-            "waited": round(time.monotonic() - started, 3),
-        }
+        return JSONResponse(
+            {
+                "lease_id": result.lease_id,
+                "tenant": result.tenant,
+                "api": result.api,
+                "key": result.key or None,
+                "cost": result.cost,
+                "expires_in": result.expires_in_ms / 1000,
+                "waited": round(time.monotonic() - started, 3),
+            }
+        )
 
-    @app.post("/v1/leases/{lease_id}/release")
-    async def release(
-        lease_id: str, body: ReleaseBody, engine: EngineDep, who: PrincipalDep
-    ) -> dict[str, bool]:
+    @app.post("/v1/leases/{lease_id}/release", response_model=None)
+    async def release(lease_id: str, body: ReleaseBody, request: Request) -> JSONResponse:
+        engine, who = context(request)
         lease_of(lease_id, who)
         await bounded(
             engine.release(
@@ -281,12 +274,13 @@ def create_app(
                 runtime_ms=None if body.runtime is None else _ms(body.runtime),
             )
         )
-        return {"released": True}
+        return JSONResponse({"released": True})
 
     @app.post("/v1/leases/{lease_id}/renew")
     async def renew(
-        lease_id: str, engine: EngineDep, who: PrincipalDep, body: RenewBody | None = None
+        lease_id: str, request: Request, body: RenewBody | None = None
     ) -> dict[str, float]:
+        engine, who = context(request)
         lease_of(lease_id, who)
         ttl = None if body is None or body.ttl is None else _ms(body.ttl)
         expires_in = await bounded(engine.renew(lease_id, ttl))
@@ -296,10 +290,10 @@ def create_app(
     async def usage(
         tenant: str,
         api: str,
-        engine: EngineDep,
-        who: PrincipalDep,
+        request: Request,
         key: Annotated[str | None, Query(max_length=256)] = None,
     ) -> dict[str, Any]:
+        engine, who = context(request)
         who.check(tenant)
         view = await bounded(engine.usage(tenant, api, key or ""))
         limits = []
@@ -324,11 +318,13 @@ def create_app(
         }
 
     @app.get("/v1/policies")
-    async def all_policies(who: PrincipalDep) -> dict[str, Any]:
+    async def all_policies(request: Request) -> dict[str, Any]:
+        context(request)
         return policies.describe()
 
     @app.get("/v1/policies/{api}")
-    async def one_policy(api: str, who: PrincipalDep) -> dict[str, Any]:
+    async def one_policy(api: str, request: Request) -> dict[str, Any]:
+        context(request)
         policy = policies.apis.get(api)
         if policy is None:
             raise UnknownApi(api)
@@ -339,7 +335,8 @@ def create_app(
         return {"status": "ok"}
 
     @app.get("/readyz", response_model=None)
-    async def readyz(engine: EngineDep) -> dict[str, str] | JSONResponse:
+    async def readyz(request: Request) -> dict[str, str] | JSONResponse:
+        engine: Engine = request.app.state.engine
         try:
             await bounded(engine.ready())
         except BackendUnavailable as exc:

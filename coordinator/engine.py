@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import BackendUnavailable, InvalidRequest, UnknownApi, UnknownLease
-from .leases import LeaseRef, limit_args, redis_keys
+from .leases import LeaseRef, limit_spec, redis_keys
 from .policy import KEY_PATTERN, TENANT_PATTERN, Kind, Limit, Policy, PolicySet
 
 LUA_DIR = Path(__file__).parent.parent / "lua"
@@ -94,9 +94,7 @@ def validate_scope(tenant: str, key: str) -> None:
         raise InvalidRequest("key", f"must match {KEY_PATTERN.pattern}")
 
 
-@functools.cache
-def _limit_args(limits: tuple[Limit, ...]) -> list[str | int]:
-    return limit_args(limits)
+_limit_spec = functools.cache(limit_spec)
 
 
 class Engine:
@@ -165,7 +163,7 @@ class Engine:
                     estimate,
                     policy.lease_ttl_ms,
                     1 if policy.tracks_keys else 0,
-                    *_limit_args(policy.limits),
+                    _limit_spec(policy.limits),
                 ],
             )
         )
@@ -204,7 +202,7 @@ class Engine:
                     outcome.value,
                     "" if retry_after_ms is None else retry_after_ms,
                     "" if runtime_ms is None else runtime_ms,
-                    *_limit_args(policy.limits),
+                    _limit_spec(policy.limits),
                 ],
             )
         )
@@ -234,7 +232,7 @@ class Engine:
         reply = await self._call(
             self.lua_usage(
                 keys=redis_keys(tenant, api, key, policy),
-                args=["" if now is None else now, *_limit_args(policy.limits)],
+                args=["" if now is None else now, _limit_spec(policy.limits)],
             )
         )
         limits = tuple(

@@ -70,16 +70,10 @@ def redis_keys(tenant: str, api: str, key: str, policy: Policy) -> list[str]:
     return keys
 
 
-def limit_args(limits: tuple[Limit, ...]) -> list[str | int]:
-    """The limits as ARGV, six values each (see `lua/lib.lua`)."""
-    args: list[str | int] = [len(limits)]
-    for lim in limits:
-        args += [
-            lim.kind.value,
-            lim.amount,
-            lim.window_ms,
-            lim.granularity_ms,
-            lim.margin_ms,
-            lim.scope.value,
-        ]
-    return args
+def limit_spec(limits: tuple[Limit, ...]) -> str:
+    """The limits as one ARGV value (format in `lua/lib.lua`)."""
+    return ",".join(
+        f"{lim.kind.value}:{lim.amount}:{lim.window_ms}:{lim.granularity_ms}:"
+        f"{lim.margin_ms}:{lim.scope.value}"
+        for lim in limits
+    )

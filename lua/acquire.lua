@@ -4,7 +4,7 @@
 -- or cooldown (it may prune state that has already expired).
 -- KEYS: the layout in lib.lua.
 -- ARGV: now_ms ("" = Redis TIME), token, cost (call units), estimate_ms (runtime
---       reserved), ttl_ms, track_key (1 = register in KEYS[4] too), then the limits.
+--       reserved), ttl_ms, track_key (1 = register in KEYS[4] too), limits (see lib.lua).
 -- Reply: {1, now_ms, expiry_ms} granted, or {0, now_ms, retry_ms, bound} denied, where
 --        bound is the 1-based limit that bound the wait, 0 for the cooldown, and
 --        retry_ms -1 when no wait can ever grant it.
@@ -15,7 +15,7 @@ local cost = tonumber(ARGV[3])
 local estimate = tonumber(ARGV[4])
 local ttl = tonumber(ARGV[5])
 local track_key = ARGV[6] == '1'
-local limits = read_limits(ARGV, 7)
+local limits = read_limits(ARGV[7])
 
 -- Leases past their expiry free their slot; their charges stay.
 local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
@@ -25,7 +25,9 @@ end
 if #expired > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+if track_key then
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+end
 
 local retry, bound = 0, 0
 local cooldown = tonumber(redis.call('GET', KEYS[1]) or '0')

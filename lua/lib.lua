@@ -11,8 +11,10 @@
 --   KEYS[4]      in flight (key): zset, the same for the lease's key
 --   KEYS[4 + i]  limit i: for calls/runtime a hash, bucket index -> units charged in it;
 --                for concurrent the in-flight zset of its scope (KEYS[3] or KEYS[4])
--- A limit is six ARGV values: kind ("calls" | "runtime" | "concurrent"), amount,
--- window_ms, granularity_ms, margin_ms, scope ("api" | "key").
+-- The limits are one ARGV value, each limit written as
+-- "kind:amount:window_ms:granularity_ms:margin_ms:scope" and separated by commas, with
+-- kind "calls" | "runtime" | "concurrent" and scope "api" | "key" (one argument rather
+-- than six per limit: fewer arguments to pack on every call).
 
 local function clock(arg)
   if arg ~= nil and arg ~= '' then
@@ -22,14 +24,14 @@ local function clock(arg)
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
-local function read_limits(argv, at)
+local function read_limits(spec)
   local limits = {}
-  for i = 1, tonumber(argv[at]) do
-    local b = at + (i - 1) * 6
+  for kind, amount, window, gran, margin, scope in
+      string.gmatch(spec, '(%a+):(%d+):(%d+):(%d+):(%d+):(%a+)') do
+    local i = #limits + 1
     limits[i] = {
-      kind = argv[b + 1], amount = tonumber(argv[b + 2]), window = tonumber(argv[b + 3]),
-      gran = tonumber(argv[b + 4]), margin = tonumber(argv[b + 5]), scope = argv[b + 6],
-      key = KEYS[4 + i],
+      kind = kind, amount = tonumber(amount), window = tonumber(window),
+      gran = tonumber(gran), margin = tonumber(margin), scope = scope, key = KEYS[4 + i],
     }
   end
   return limits
@@ -121,5 +123,6 @@ local function charge(lim, now, units)
     return
   end
   redis.call('HINCRBY', lim.key, tostring(math.floor(now / lim.gran)), units)
-  extend_ttl(lim.key, lim.gran + lim.window + lim.margin)
+  -- The bucket just charged is the newest, so its life is the counter's life.
+  redis.call('PEXPIRE', lim.key, lim.gran + lim.window + lim.margin)
 end
