@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -174,7 +175,15 @@ def create_app(
             socket_timeout=timeout,
             socket_connect_timeout=min(timeout, 1.0),
         )
-        app.state.engine = Engine(client, policies)
+        engine = Engine(
+            client,
+            policies,
+            recovery_share=settings.recovery_share,
+            loss_on_start=settings.recover_on_start,
+        )
+        app.state.engine = engine
+        with contextlib.suppress(BackendUnavailable):
+            await engine.check_epoch()  # else the first acquire does it
         try:
             yield
         finally:

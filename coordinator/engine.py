@@ -8,6 +8,7 @@ through the scripts; without it the scripts read Redis `TIME`.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -33,6 +34,10 @@ SCRIPT_ACQUIRE = _script("acquire")
 SCRIPT_RELEASE = _script("release")
 SCRIPT_RENEW = _script("renew")
 SCRIPT_USAGE = _script("usage")
+SCRIPT_EPOCH = _script("epoch")
+
+EPOCH_KEY = "qg:epoch"
+log = logging.getLogger("quotagate")
 
 
 class Outcome(StrEnum):
@@ -98,15 +103,54 @@ _limit_spec = functools.cache(limit_spec)
 
 
 class Engine:
-    """Acquire, release, renew and read usage of leases against one Redis deployment."""
+    """Acquire, release, renew and read usage of leases against one Redis deployment.
 
-    def __init__(self, redis: Redis, policies: PolicySet) -> None:
+    With `recovery_share` set, the engine tracks the store's epoch (`lua/epoch.lua`): when
+    the store loses its state, every windowed limit grants at most that share of its
+    amount until its window no longer overlaps the loss. `loss_on_start` treats an empty
+    store at start as a loss too. Without it (None), no epoch is tracked.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        policies: PolicySet,
+        *,
+        recovery_share: float | None = None,
+        loss_on_start: bool = False,
+    ) -> None:
         self.redis = redis
         self.policies = policies
+        self.recovery_share = recovery_share
+        self.loss_on_start = loss_on_start
+        self.epoch = ""  # start of the store's epoch (ms), as the scripts compare it
+        self.recovery = ""  # "since_ms:share_permille" after a loss
         self.lua_acquire = redis.register_script(SCRIPT_ACQUIRE)
         self.lua_release = redis.register_script(SCRIPT_RELEASE)
         self.lua_renew = redis.register_script(SCRIPT_RENEW)
         self.lua_usage = redis.register_script(SCRIPT_USAGE)
+        self.lua_epoch = redis.register_script(SCRIPT_EPOCH)
+
+    async def check_epoch(self, *, now: int | None = None) -> None:
+        """Read (or start) the store's epoch, and enter recovery if it began with a loss."""
+        known = self.epoch
+        reply = await self._call(
+            self.lua_epoch(
+                keys=[EPOCH_KEY],
+                args=["" if now is None else now, known, "1" if self.loss_on_start else ""],
+            )
+        )
+        start, kind = str(int(reply[0])), _text(reply[1])
+        self.epoch = start
+        if kind == "loss" and self.recovery_share is not None:
+            if start != known:
+                log.warning(
+                    "the quota store lost its state at %s ms: granting %.0f%% of each limit "
+                    "until its window no longer overlaps the loss",
+                    start,
+                    self.recovery_share * 100,
+                )
+            self.recovery = f"{start}:{round(self.recovery_share * 1000)}"
 
     def policy(self, tenant: str, api: str) -> Policy:
         policy = self.policies.resolve(tenant, api)
@@ -153,20 +197,13 @@ class Engine:
                 f"{too_long.amount / 1000:g} s",
             )
         ref = LeaseRef.new(tenant, api, key)
-        reply = await self._call(
-            self.lua_acquire(
-                keys=redis_keys(tenant, api, key, policy),
-                args=[
-                    "" if now is None else now,
-                    ref.token,
-                    cost,
-                    estimate,
-                    policy.lease_ttl_ms,
-                    1 if policy.tracks_keys else 0,
-                    _limit_spec(policy.limits),
-                ],
-            )
-        )
+        tracked = self.recovery_share is not None
+        if tracked and not self.epoch:
+            await self.check_epoch(now=now)
+        reply = await self._acquire(ref, policy, cost, estimate, now, verified=False)
+        if reply[0] == 2:  # this (tenant, api) carries no stamp of the epoch we know
+            await self.check_epoch(now=now)
+            reply = await self._acquire(ref, policy, cost, estimate, now, verified=True)
         if reply[0] == 1:
             return Grant(ref.lease_id, tenant, api, key, cost, int(reply[1]), int(reply[2]))
         bound = int(reply[3])
@@ -175,6 +212,35 @@ class Engine:
             int(reply[2]),
             policy.limits[bound - 1] if bound else None,
             int(reply[1]),
+        )
+
+    async def _acquire(
+        self,
+        ref: LeaseRef,
+        policy: Policy,
+        cost: int,
+        estimate: int,
+        now: int | None,
+        *,
+        verified: bool,
+    ) -> Any:
+        return await self._call(
+            self.lua_acquire(
+                keys=redis_keys(ref.tenant, ref.api, ref.key, policy),
+                args=[
+                    "" if now is None else now,
+                    ref.token,
+                    cost,
+                    estimate,
+                    policy.lease_ttl_ms,
+                    1 if policy.tracks_keys else 0,
+                    self.epoch,
+                    "1" if verified else "",
+                    max(policy.longest_window_ms, policy.lease_ttl_ms),
+                    self.recovery,
+                    _limit_spec(policy.limits),
+                ],
+            )
         )
 
     async def release(

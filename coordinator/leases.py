@@ -59,7 +59,7 @@ def redis_keys(tenant: str, api: str, key: str, policy: Policy) -> list[str]:
     """KEYS for every script, in the layout documented in `lua/lib.lua`."""
     base = f"qg:{{{tenant}|{api}}}"
     inflight_api, inflight_key = f"{base}:fa", f"{base}:fk:{key}"
-    keys = [f"{base}:cd", f"{base}:ls", inflight_api, inflight_key]
+    keys = [f"{base}:cd", f"{base}:ls", inflight_api, inflight_key, f"{base}:ep"]
     for lim in policy.limits:
         if lim.kind is Kind.CONCURRENT:
             keys.append(inflight_key if lim.scope is Scope.KEY else inflight_api)

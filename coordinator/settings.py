@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     request_timeout: float = Field(2.0, gt=0)  # seconds for one Redis decision
     max_body_bytes: int = Field(64 * 1024, gt=0)
     access_log: bool = False  # one log line per request
+    # After the store loses its state: the share of each limit granted until its window
+    # no longer overlaps the loss; and whether an empty store at start counts as a loss.
+    recovery_share: float = Field(0.5, ge=0, le=1)
+    recover_on_start: bool = False
 
     @field_validator("tokens")
     @classmethod

@@ -2,12 +2,20 @@
 --
 -- Checks everything first and writes only when all pass: a denial changes no count, lease
 -- or cooldown (it may prune state that has already expired).
+-- Epoch: when the caller names the store epoch it knows and this (tenant, api) carries
+-- another stamp (or none), the script changes nothing and asks the caller to check the
+-- epoch first (reply {2, now_ms}): the store may have lost its state. With `verified`, the
+-- caller has just checked, and a grant stamps the epoch.
+-- Recovery: after a loss, a windowed limit whose window still overlaps the loss grants at
+-- most share_permille / 1000 of its amount.
 -- KEYS: the layout in lib.lua.
 -- ARGV: now_ms ("" = Redis TIME), token, cost (call units), estimate_ms (runtime
---       reserved), ttl_ms, track_key (1 = register in KEYS[4] too), limits (see lib.lua).
--- Reply: {1, now_ms, expiry_ms} granted, or {0, now_ms, retry_ms, bound} denied, where
+--       reserved), ttl_ms, track_key (1 = register in KEYS[4] too), epoch ("" = no
+--       check), verified ("1" or ""), stamp_ttl_ms, recovery ("since_ms:share_permille"
+--       or ""), limits (see lib.lua).
+-- Reply: {1, now_ms, expiry_ms} granted; {0, now_ms, retry_ms, bound} denied, where
 --        bound is the 1-based limit that bound the wait, 0 for the cooldown, and
---        retry_ms -1 when no wait can ever grant it.
+--        retry_ms -1 when no wait can ever grant it; {2, now_ms} check the epoch.
 
 local now = clock(ARGV[1])
 local token = ARGV[2]
@@ -15,7 +23,16 @@ local cost = tonumber(ARGV[3])
 local estimate = tonumber(ARGV[4])
 local ttl = tonumber(ARGV[5])
 local track_key = ARGV[6] == '1'
-local limits = read_limits(ARGV[7])
+local epoch = ARGV[7]
+local verified = ARGV[8] == '1'
+local stamp_ttl = tonumber(ARGV[9])
+local since, share = string.match(ARGV[10], '^(%d+):(%d+)$')
+since, share = tonumber(since), tonumber(share)
+local limits = read_limits(ARGV[11])
+
+if epoch ~= '' and not verified and redis.call('GET', KEYS[5]) ~= epoch then
+  return {2, now}
+end
 
 -- Leases past their expiry free their slot; their charges stay.
 local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
@@ -50,7 +67,21 @@ for i, lim in ipairs(limits) do
       need = estimate
     end
     counted[i] = need
-    wait = wait_for_units(lim, live, used, need, now)
+    local recovered = since and since + lim.window + lim.margin
+    if recovered and now < recovered then
+      -- The lost history may still fill this window upstream: grant only a share,
+      -- until the window no longer overlaps the loss.
+      local full = lim.amount
+      lim.amount = math.floor(full * share / 1000)
+      local reduced = wait_for_units(lim, live, used, need, now)
+      lim.amount = full
+      wait = math.max(recovered - now, wait_for_units(lim, live, used, need, now))
+      if reduced >= 0 and reduced < wait then
+        wait = reduced
+      end
+    else
+      wait = wait_for_units(lim, live, used, need, now)
+    end
   end
   if wait < 0 then
     return {0, now, -1, i}
@@ -70,6 +101,9 @@ for i, lim in ipairs(limits) do
   end
 end
 
+if epoch ~= '' then
+  redis.call('SET', KEYS[5], epoch, 'PX', stamp_ttl)
+end
 local expiry = now + ttl
 redis.call('HSET', KEYS[2], token, string.format('%d:%d:%d:%d', now, cost, estimate, expiry))
 redis.call('ZADD', KEYS[3], expiry, token)

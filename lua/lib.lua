@@ -9,7 +9,9 @@
 --   KEYS[2]      leases: hash, lease token -> "grant_ms:cost:estimate_ms:expiry_ms"
 --   KEYS[3]      in flight (api): zset, lease token scored by expiry
 --   KEYS[4]      in flight (key): zset, the same for the lease's key
---   KEYS[4 + i]  limit i: for calls/runtime a hash, bucket index -> units charged in it;
+--   KEYS[5]      epoch stamp: string, the store epoch this (tenant, api) was last
+--                granted under (see epoch.lua), living as long as the longest window
+--   KEYS[5 + i]  limit i: for calls/runtime a hash, bucket index -> units charged in it;
 --                for concurrent the in-flight zset of its scope (KEYS[3] or KEYS[4])
 -- The limits are one ARGV value, each limit written as
 -- "kind:amount:window_ms:granularity_ms:margin_ms:scope" and separated by commas, with
@@ -31,7 +33,7 @@ local function read_limits(spec)
     local i = #limits + 1
     limits[i] = {
       kind = kind, amount = tonumber(amount), window = tonumber(window),
-      gran = tonumber(gran), margin = tonumber(margin), scope = scope, key = KEYS[4 + i],
+      gran = tonumber(gran), margin = tonumber(margin), scope = scope, key = KEYS[5 + i],
     }
   end
   return limits

@@ -39,12 +39,27 @@ def bucket_end(lim: Limit, index: int) -> int:
     return (index + 1) * lim.granularity_ms + lim.window_ms + lim.margin_ms
 
 
+def wait_for_units(
+    lim: Limit, buckets: list[tuple[int, int]], need: int, amount: int, now: int
+) -> int:
+    """Ms until `need` more units fit under `amount`; -1 if they never can."""
+    over = sum(u for _, u in buckets) + need - amount
+    wait = 0
+    for index, units in buckets:
+        if over <= 0:
+            break
+        over -= units
+        wait = bucket_end(lim, index) - now
+    return -1 if over > 0 else wait
+
+
 @dataclass
 class Model:
     policy: Policy
     counters: dict[tuple[object, ...], dict[int, int]] = field(default_factory=dict)
     leases: dict[str, ModelLease] = field(default_factory=dict)
     cooldown_until: int = 0
+    recovery: tuple[int, int] | None = None  # (loss at ms, share in permille)
 
     def _counter(self, lim: Limit, key: str) -> dict[int, int]:
         name = (
@@ -73,14 +88,16 @@ class Model:
             else:
                 need = cost if lim.kind is Kind.CALLS else estimate
                 buckets = counted(lim, self._counter(lim, key), now)
-                over = sum(u for _, u in buckets) + need - lim.amount
-                wait = 0
-                for index, units in buckets:
-                    if over <= 0:
-                        break
-                    over -= units
-                    wait = bucket_end(lim, index) - now
-                if over > 0:
+                wait = wait_for_units(lim, buckets, need, lim.amount, now)
+                if self.recovery and now < self.recovery[0] + lim.window_ms + lim.margin_ms:
+                    # Until the window no longer overlaps the loss, only a share is granted.
+                    recovered = self.recovery[0] + lim.window_ms + lim.margin_ms
+                    share = lim.amount * self.recovery[1] // 1000
+                    reduced = wait_for_units(lim, buckets, need, share, now)
+                    wait = max(recovered - now, wait)
+                    if 0 <= reduced < wait:
+                        wait = reduced
+                if wait < 0:
                     return Decision(False, -1, i)
             if wait > retry:
                 retry, bound = wait, i

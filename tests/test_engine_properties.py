@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import HealthCheck, given, settings, target
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from quotagate.coordinator.embedded import EmbeddedServer
@@ -59,11 +60,20 @@ async def _snapshot(engine: Engine, tenant: str, now: int) -> object:
     return [(v.limits, v.in_flight, v.cooldown_ms) for v in views], live
 
 
-async def _run(url: str, policy: Policy, ops: list[Op], *, check_model: bool) -> Run:
+async def _run(
+    url: str,
+    policy: Policy,
+    ops: list[Op],
+    *,
+    check_model: bool,
+    recovery: tuple[int, int] | None = None,
+) -> Run:
     client = Redis.from_url(url)
     engine = Engine(client, PolicySet(apis={"p": policy}))
+    if recovery is not None:
+        engine.recovery = f"{recovery[0]}:{recovery[1]}"
     tenant = f"t-{uuid.uuid4().hex}"
-    model = Model(policy)
+    model = Model(policy, recovery=recovery)
     now = EPOCH_MS
     leases: list[str] = []
     run = Run()
@@ -146,12 +156,19 @@ async def _run(url: str, policy: Policy, ops: list[Op], *, check_model: bool) ->
     return run
 
 
-@given(policy=policies(), ops=operations)
+# After a loss of the store at a moment near the start, only a share of each limit.
+recoveries = st.one_of(
+    st.none(),
+    st.tuples(st.integers(EPOCH_MS - 20_000, EPOCH_MS + 20_000), st.sampled_from([0, 500, 700])),
+)
+
+
+@given(policy=policies(), ops=operations, recovery=recoveries)
 @PROPERTY
 def test_engine_agrees_with_reference_model(
-    redis_server: EmbeddedServer, policy: Policy, ops: list[Op]
+    redis_server: EmbeddedServer, policy: Policy, ops: list[Op], recovery: tuple[int, int] | None
 ) -> None:
-    asyncio.run(_run(redis_server.url, policy, ops, check_model=True))
+    asyncio.run(_run(redis_server.url, policy, ops, check_model=True, recovery=recovery))
 
 
 @given(policy=policies(), ops=operations)

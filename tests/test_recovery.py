@@ -1,0 +1,94 @@
+"""A store that loses its state: the epoch notices, and grants stay conservative."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from quotagate.coordinator.embedded import EmbeddedServer
+from quotagate.coordinator.engine import Denial, Engine, Grant
+from quotagate.coordinator.policy import load_policies, parse_policies
+
+pytestmark = pytest.mark.server
+
+POLICIES = parse_policies(
+    "apis: {p: {limits: [{calls: 10, per: 10s, granularity: 1s, margin: 0}, "
+    "{calls: 100, per: 100s, granularity: 10s, margin: 0}]}}"
+)
+T0 = 1_700_000_000_000
+
+
+async def grants(engine: Engine, n: int, now: int) -> int:
+    granted = 0
+    for _ in range(n):
+        if isinstance(await engine.acquire("t", "p", now=now), Grant):
+            granted += 1
+    return granted
+
+
+async def test_a_lost_store_grants_a_share_until_each_window_passes(redis_client: Redis) -> None:
+    engine = Engine(redis_client, POLICIES, recovery_share=0.5)
+    assert await grants(engine, 12, T0) == 10
+    await redis_client.flushall()  # the store restarts empty
+    after = T0 + 1_000
+    assert await grants(engine, 12, after) == 5  # half of 10: the window may hold 10 already
+    denial = await engine.acquire("t", "p", now=after)
+    assert isinstance(denial, Denial)
+    assert denial.retry_after_ms == 10_000  # the 10 s window no longer overlaps the loss
+    # Past the short window the short limit is whole again (once the 5 leave it)...
+    assert await grants(engine, 12, after + 10_000) == 5
+    assert await grants(engine, 12, after + 21_000) == 10
+    # ...while the 100 s limit still grants only 50 until its window passes the loss.
+    assert await grants(engine, 12, after + 32_000) == 10
+    assert await grants(engine, 12, after + 43_000) == 10
+    assert await grants(engine, 12, after + 54_000) == 10  # 50 in the 100 s window
+    denial = await engine.acquire("t", "p", now=after + 65_000)
+    assert isinstance(denial, Denial)
+    assert denial.limit == POLICIES.apis["p"].limits[1]
+    assert denial.retry_after_ms == 35_000  # when the 100 s window stops overlapping the loss
+    assert await grants(engine, 12, after + 100_000) == 10
+
+
+async def test_an_unknown_store_at_start_is_fresh_unless_told(redis_client: Redis) -> None:
+    fresh = Engine(redis_client, POLICIES, recovery_share=0.5)
+    assert await grants(fresh, 12, T0) == 10
+    await redis_client.flushall()
+    cautious = Engine(redis_client, POLICIES, recovery_share=0.2, loss_on_start=True)
+    assert await grants(cautious, 12, T0) == 2
+
+
+async def test_another_coordinator_learns_of_the_loss(redis_client: Redis) -> None:
+    first = Engine(redis_client, POLICIES, recovery_share=0.5)
+    second = Engine(redis_client, POLICIES, recovery_share=0.5)
+    assert await grants(first, 4, T0) == 4
+    assert await grants(second, 4, T0) == 4
+    await redis_client.flushall()
+    assert await grants(first, 3, T0 + 1) == 3  # notices, stamps the new epoch
+    assert await grants(second, 10, T0 + 2) == 2  # sees another stamp, checks, recovers
+
+
+async def test_the_append_only_file_keeps_everything_across_a_restart(tmp_path: Path) -> None:
+    policies = load_policies()
+    server = EmbeddedServer(data_dir=tmp_path).start()
+    try:
+        client = Redis.from_url(server.url)
+        engine = Engine(client, policies, recovery_share=0.5)
+        for _ in range(30):
+            assert isinstance(await engine.acquire("t", "m365d.incidents"), Grant)
+        await client.aclose()
+        server.kill()  # as a crash would: no shutdown save
+        server = EmbeddedServer(port=server.port, data_dir=tmp_path).start()
+        client = Redis.from_url(server.url)
+        engine = Engine(client, policies, recovery_share=0.5)
+        usage = await engine.usage("t", "m365d.incidents")
+        assert [lim.used for lim in usage.limits] == [30, 30]
+        granted = 0
+        for _ in range(25):
+            granted += isinstance(await engine.acquire("t", "m365d.incidents"), Grant)
+        assert granted == 20  # nothing lost, and no recovery share: 50 in all
+        assert engine.recovery == ""
+        await client.aclose()
+    finally:
+        server.stop()
