@@ -254,7 +254,12 @@ def create_app(
                 engine.acquire(body.tenant, body.api, body.key or "", body.cost, estimate)
             )
 
-        result = await _wait_for_grant(attempt, min(body.wait, settings.max_wait), request)
+        wait = min(body.wait, settings.max_wait)
+        result = await _wait_for_grant(attempt, wait, request)
+        if wait > 0 and isinstance(result, Grant) and await request.is_disconnected():
+            # Gone during the last attempt: the call will not happen, give the budget back.
+            await bounded(engine.release(result.lease_id, Outcome.NOT_CALLED))
+            result = None
         if result is None:  # the client went away while waiting
             return _error(499, "client_closed", "the client disconnected while waiting")
         if isinstance(result, Denial):

@@ -280,3 +280,17 @@ def test_redis_down_is_503_and_the_service_recovers(tmp_path: Path) -> None:
             assert http.get("/readyz").status_code == 200
     finally:
         server.stop()
+
+
+def test_a_client_that_leaves_while_waiting_leaves_nothing_behind(http: httpx.Client) -> None:
+    fast = {"tenant": "t", "api": "fast"}
+    for _ in range(20):
+        assert http.post("/v1/leases", json=fast).status_code == 200
+    retry_after = http.post("/v1/leases", json=fast).json()["retry_after"]
+    with pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/leases", json={**fast, "wait": 4}, timeout=0.2)
+    # The server wakes at the retry time, finds the client gone, and takes nothing; by
+    # then the 20 grants have left the 1 s window, so any grant would show as used.
+    time.sleep(retry_after + 0.3)
+    usage = http.get("/v1/usage/t/fast").json()
+    assert usage["limits"][0]["used"] == 0, usage
