@@ -35,5 +35,8 @@ serve: venv
 bench: venv
 	$(BIN)/python -m tests.perf.bench_service
 
+soak: venv
+	$(BIN)/python -m tests.perf.soak
+
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache
