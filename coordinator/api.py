@@ -9,7 +9,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -67,6 +67,79 @@ class RenewBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     ttl: Seconds | None = Field(None, gt=0, le=86_400.0)
+
+
+class LeaseReply(BaseModel):
+    """200 to an acquire."""
+
+    lease_id: str
+    tenant: str
+    api: str
+    key: str | None
+    cost: int
+    expires_in: float
+    waited: float
+
+
+class ReleasedReply(BaseModel):
+    released: bool
+
+
+class ErrorReply(BaseModel):
+    """Every error: a code, a sentence, and more fields for some codes."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: str
+    detail: str
+
+
+class InvalidReply(ErrorReply):
+    field: str  # the field that is wrong; "body" for the body as a whole
+
+
+class LimitShown(BaseModel):
+    kind: str
+    amount: float
+    window: float | None  # None for a concurrent limit
+
+
+class DeniedReply(ErrorReply):
+    error: Literal["quota_exhausted", "cooling_down"]
+    retry_after: float
+    limit: LimitShown | None  # None while cooling down
+
+
+class UnavailableReply(ErrorReply):
+    retry_after: float
+
+
+def _documented(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI documentation of the error replies a route can give (documentation only)."""
+    retry_after = {
+        "Retry-After": {
+            "description": "whole seconds until a retry can succeed",
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    }
+    known: dict[int, dict[str, Any]] = {
+        400: {"model": ErrorReply, "description": "the body cannot be parsed"},
+        401: {"model": ErrorReply, "description": "no or unknown bearer token"},
+        403: {"model": ErrorReply, "description": "the token may not use this tenant"},
+        404: {"model": ErrorReply, "description": "unknown api, lease or route"},
+        413: {"model": ErrorReply, "description": "the body is over the size limit"},
+        422: {"model": InvalidReply, "description": "invalid input; `field` names it"},
+        429: {"model": DeniedReply, "description": "denied", "headers": retry_after},
+        503: {
+            "model": UnavailableReply,
+            "description": "the quota store is unavailable",
+            "headers": retry_after,
+        },
+    }
+    return {code: known[code] for code in codes}
+
+
+_BODY_ERRORS = (400, 413, 422)
 
 
 def _ms(seconds: float) -> int:
@@ -135,7 +208,7 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise _BodyTooLarge
+                raise _BodyTooLarge(self.max_bytes)
             return message
 
         try:
@@ -144,8 +217,12 @@ class BodyLimit:
             await too_large(scope, receive, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised from `receive`: an HTTPException, so FastAPI's body reading passes it on
+    (it turns any other exception there into a 400) and the handler answers 413."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"bodies are limited to {max_bytes} bytes")
 
 
 def context(request: Request) -> tuple[Engine, Principal]:
@@ -229,20 +306,36 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
+        if errors and errors[0].get("type") == "json_invalid":  # loc is ("body", offset)
+            reason = errors[0].get("ctx", {}).get("error", "")
+            return _error(422, "invalid_request", f"body: not JSON: {reason}", field="body")
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        field = ".".join(str(p) for p in first["loc"] if p not in ("body", "path", "query"))
+        # The top-level field: bodies are flat; deeper parts are union members ("priority.int").
+        names = [p for p in first["loc"] if p not in ("body", "path", "query")]
         detail = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
             for e in errors
         )
-        return _error(422, "invalid_request", detail, field=field or "body")
+        return _error(422, "invalid_request", detail, field=str(names[0]) if names else "body")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {
+            400: "invalid_body",  # FastAPI could not read it: not UTF-8, nested too deep, ...
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "body_too_large",
+        }.get(exc.status_code, "http_error")
         return _error(exc.status_code, code, str(exc.detail))
 
-    @app.post("/v1/leases", response_model=None)
+    @app.post(
+        "/v1/leases",
+        response_model=None,
+        responses={
+            200: {"model": LeaseReply},
+            **_documented(*_BODY_ERRORS, 401, 403, 404, 429, 503),
+        },
+    )
     async def acquire(body: AcquireBody, request: Request) -> JSONResponse:
         engine, who = context(request)
         who.check(body.tenant)
@@ -276,7 +369,14 @@ def create_app(
             }
         )
 
-    @app.post("/v1/leases/{lease_id}/release", response_model=None)
+    @app.post(
+        "/v1/leases/{lease_id}/release",
+        response_model=None,
+        responses={
+            200: {"model": ReleasedReply},
+            **_documented(*_BODY_ERRORS, 401, 403, 404, 503),
+        },
+    )
     async def release(lease_id: str, body: ReleaseBody, request: Request) -> JSONResponse:
         engine, who = context(request)
         lease_of(lease_id, who)
@@ -290,7 +390,9 @@ def create_app(
         )
         return JSONResponse({"released": True})
 
-    @app.post("/v1/leases/{lease_id}/renew")
+    @app.post(
+        "/v1/leases/{lease_id}/renew", responses=_documented(*_BODY_ERRORS, 401, 403, 404, 503)
+    )
     async def renew(
         lease_id: str, request: Request, body: RenewBody | None = None
     ) -> dict[str, float]:
@@ -300,7 +402,7 @@ def create_app(
         expires_in = await bounded(engine.renew(lease_id, ttl))
         return {"expires_in": expires_in / 1000}
 
-    @app.get("/v1/usage/{tenant:path}/{api}")
+    @app.get("/v1/usage/{tenant:path}/{api}", responses=_documented(401, 403, 404, 422, 503))
     async def usage(
         tenant: str,
         api: str,
@@ -331,12 +433,12 @@ def create_app(
             "cooldown": view.cooldown_ms / 1000,
         }
 
-    @app.get("/v1/policies")
+    @app.get("/v1/policies", responses=_documented(401))
     async def all_policies(request: Request) -> dict[str, Any]:
         context(request)
         return policies.describe()
 
-    @app.get("/v1/policies/{api}")
+    @app.get("/v1/policies/{api}", responses=_documented(401, 404, 422))
     async def one_policy(api: str, request: Request) -> dict[str, Any]:
         context(request)
         policy = policies.apis.get(api)
@@ -348,7 +450,7 @@ def create_app(
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", response_model=None)
+    @app.get("/readyz", response_model=None, responses=_documented(503))
     async def readyz(request: Request) -> dict[str, str] | JSONResponse:
         engine: Engine = request.app.state.engine
         try:

@@ -229,7 +229,7 @@ class Engine:
                 keys=redis_keys(ref.tenant, ref.api, ref.key, policy),
                 args=[
                     "" if now is None else now,
-                    ref.token,
+                    ref.member,
                     cost,
                     estimate,
                     policy.lease_ttl_ms,
@@ -264,7 +264,7 @@ class Engine:
                 keys=redis_keys(ref.tenant, ref.api, ref.key, policy),
                 args=[
                     "" if now is None else now,
-                    ref.token,
+                    ref.member,
                     outcome.value,
                     "" if retry_after_ms is None else retry_after_ms,
                     "" if runtime_ms is None else runtime_ms,
@@ -285,7 +285,7 @@ class Engine:
         reply = await self._call(
             self.lua_renew(
                 keys=redis_keys(ref.tenant, ref.api, ref.key, policy)[:4],
-                args=["" if now is None else now, ref.token, ttl],
+                args=["" if now is None else now, ref.member, ttl],
             )
         )
         if reply[0] != 1:

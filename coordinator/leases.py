@@ -1,8 +1,9 @@
 """Lease ids and the Redis keys of one (tenant, api, key).
 
 A lease id is `<base64url of "tenant|api|key">.<128 random bits in hex>`: a release needs
-no look-up to find its keys, and the random part, the only thing Redis stores, cannot be
-guessed. `|` cannot occur in a tenant, api or key, so the split is unambiguous.
+no look-up to find its keys, and the random part cannot be guessed. Redis stores the
+random part with the key (`member`); the tenant and api are in the hash tag. `|` cannot
+occur in a tenant, api or key, so the split is unambiguous.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ class LeaseRef:
     api: str
     key: str
     token: str
+
+    @property
+    def member(self) -> str:
+        """What Redis stores for the lease: the random part bound to its key, so an id
+        re-aimed at another key of the same (tenant, api) names no lease."""
+        return f"{self.token}:{self.key}"
 
     @property
     def lease_id(self) -> str:

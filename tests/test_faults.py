@@ -24,6 +24,7 @@ import redis
 from quotagate.client import QuotaClient, QuotaExhausted
 from quotagate.coordinator.api import create_app
 from quotagate.coordinator.embedded import EmbeddedServer, free_port
+from quotagate.coordinator.leases import LeaseRef
 from quotagate.coordinator.settings import Settings
 
 from .conftest import _wipe
@@ -389,8 +390,9 @@ def test_a_coordinator_killed_mid_request_grants_nothing_twice(
             for _ in range(2):
                 reply = http.post("/v1/leases", json={"tenant": tenant, "api": "slots"})
                 assert reply.status_code == 200, reply.text
-                token = reply.json()["lease_id"].rpartition(".")[2]
-                record = store.hget(f"qg:{{{tenant}|slots}}:ls", token)
+                ref = LeaseRef.parse(reply.json()["lease_id"])
+                assert ref is not None
+                record = store.hget(f"qg:{{{tenant}|slots}}:ls", ref.member)
                 assert record is not None
                 assert int(record.split(b":")[0]) >= orphans_expire  # not before the TTL
 
@@ -410,7 +412,7 @@ def test_a_coordinator_killed_mid_request_grants_nothing_twice(
 
     assert not unexpected, unexpected
     assert len(set(granted)) == len(granted), "a lease id was granted twice"
-    tokens = {lease_id.rpartition(".")[2].encode() for lease_id in granted}
+    tokens = {LeaseRef.parse(lease_id).member.encode() for lease_id in granted}  # type: ignore[union-attr]
     assert tokens <= set(records), "a granted lease is missing from the store"
     # Every grant Redis recorded, including those whose reply the kill cut off, counted
     # in exact sliding windows: never over the limit.
