@@ -197,10 +197,9 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = _error(413, "body_too_large", f"bodies are limited to {self.max_bytes} bytes")
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await too_large(scope, receive, send)
+            return await self.too_large(scope, receive, send)
         seen = 0
 
         async def counted() -> Message:
@@ -214,7 +213,11 @@ class BodyLimit:
         try:
             await self.app(scope, counted, send)
         except _BodyTooLarge:
-            await too_large(scope, receive, send)
+            await self.too_large(scope, receive, send)
+
+    async def too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = f"bodies are limited to {self.max_bytes} bytes"
+        await _error(413, "body_too_large", limit)(scope, receive, send)
 
 
 class _BodyTooLarge(StarletteHTTPException):
