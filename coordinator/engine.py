@@ -21,7 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import BackendUnavailable, InvalidRequest, UnknownApi, UnknownLease
 from .leases import LeaseRef, limit_spec, redis_keys
-from .policy import KEY_PATTERN, TENANT_PATTERN, Kind, Limit, Policy, PolicySet
+from .policy import KEY_PATTERN, TENANT_PATTERN, Limit, Policy, PolicySet
 
 LUA_DIR = Path(__file__).parent.parent / "lua"
 
@@ -336,7 +336,6 @@ __all__ = [
     "Denial",
     "Engine",
     "Grant",
-    "Kind",
     "LimitUsage",
     "Outcome",
     "Usage",
