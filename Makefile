@@ -34,6 +34,8 @@ serve: venv
 
 bench: venv
 	$(BIN)/python -m tests.perf.bench_service
+	$(BIN)/python -m tests.perf.goodput
+	$(BIN)/python -m tests.perf.decisions
 
 soak: venv
 	$(BIN)/python -m tests.perf.soak

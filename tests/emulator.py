@@ -1,0 +1,460 @@
+"""A Defender API emulator: the throttling of `defender-limits.md`, on a clock that can run fast.
+
+    emulator = DefenderEmulator(speed=60)          # one emulated minute per real second
+    with serve_in_thread(emulator.app) as url:
+        httpx.get(url + "/api/incidents", headers={"Authorization": "Bearer contoso-app1"})
+
+What it does, as the Defender APIs do:
+
+- Who calls is the bearer token (the upstream's app + tenant), "anonymous" without one.
+  Each caller has its own counters per endpoint: `incidents`, `advancedhunting`, ...,
+  and for the other MDE endpoints one counter per method and path template (ids
+  replaced), as "Destination+TenantID+AppID" says.
+- Calls limits are exact sliding windows counted at arrival: a request passes when fewer
+  than N requests of that caller and endpoint arrived in the last W.
+- Every attempt counts, throttled ones included ("the calculated request rate stays
+  high"): a caller who retries before the time it was given is throttled again, and
+  pushes its own next chance further out. A caller who waits the given time gets in.
+- Advanced hunting also has run-time budgets (10 min per hour, 4 h per day for Defender
+  XDR). A query is admitted while the caller's run time in each window is below the
+  budget, then its run time is charged at arrival. The run time is simulated: the
+  `x-emulator-runtime` header (emulated seconds) or a random draw between `runtime_min`
+  and `runtime_max`; the answer comes after that time and carries `Stats.ExecutionTime`.
+- A throttled answer is a 429 with `Retry-After` and the bodies quoted in
+  defender-limits.md: code `"429"` and "Maximum allowed N per hh:mm:ss for the key
+  Destination+TenantID+AppID. You can send requests again in N seconds." for calls,
+  code `"TooManyRequests"` and "You have exceeded processing resources allocated to this
+  tenant. You can run queries again in hh:mm:ss." for run time.
+- Other answers are 200 with `{"value": [...]}`, after `latency` emulated seconds.
+
+Time scale: limits, run times and latency are written in emulated seconds (the Defender
+figures); `speed` emulated seconds pass per real second. Everything the emulator says
+(`Retry-After`, the times in messages, `ExecutionTime`) is in real seconds, so a client
+and a coordinator whose policies are scaled by the same factor see a consistent world.
+At `speed=1` the answers are Defender's to the letter (whole seconds); faster, the
+retry times are Defender's whole emulated seconds divided by `speed`, written with
+millisecond precision, as Graph writes `Retry-After: 2.128`.
+
+Admin routes for a benchmark in another process: `GET /_emulator/health`,
+`GET /_emulator/arrivals` (every request as `[at, caller, endpoint, status, runtime]`,
+times in `time.monotonic()` seconds of the emulator's host), `POST /_emulator/reset`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import re
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
+METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+CALLS_KEY = "Destination+TenantID+AppID"
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """At most `amount` calls (or seconds of run time, `runtime=True`) in any window `per`;
+    both in emulated seconds."""
+
+    amount: float
+    per: float
+    runtime: bool = False
+
+
+def calls(amount: int, per: float) -> Limit:
+    return Limit(amount, per)
+
+
+def runtime(seconds: float, per: float) -> Limit:
+    return Limit(seconds, per, runtime=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One throttled endpoint. `name` is its counter; `per_path` counts each method and
+    path template apart (the MDE default)."""
+
+    name: str
+    pattern: str  # a regex matched in full against the lower-case path
+    methods: frozenset[str]
+    limits: tuple[Limit, ...]
+    hunting: bool = False
+    per_path: bool = False
+    regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "regex", re.compile(self.pattern))
+
+    def key(self, method: str, path: str) -> str:
+        return f"{method} {path_template(path)}" if self.per_path else self.name
+
+
+def _endpoint(
+    name: str, pattern: str, methods: Iterable[str], *limits: Limit, **extra: bool
+) -> Endpoint:
+    return Endpoint(name, pattern, frozenset(methods), limits, **extra)
+
+
+# The figures of defender-limits.md, newest documented one for each.
+DEFENDER_ENDPOINTS: tuple[Endpoint, ...] = (
+    _endpoint(
+        "incidents",
+        r"/api/incidents(/[^/]+)?",
+        {"GET", "PATCH"},
+        calls(50, MINUTE),
+        calls(1500, HOUR),
+    ),
+    _endpoint(
+        "advancedhunting",
+        r"/api/advancedhunting/run",
+        {"POST"},
+        calls(45, MINUTE),
+        runtime(10 * MINUTE, HOUR),
+        runtime(4 * HOUR, DAY),
+        hunting=True,
+    ),
+    _endpoint(
+        "advancedqueries",
+        r"/api/advancedqueries/run",
+        {"POST"},
+        calls(45, MINUTE),
+        calls(1500, HOUR),
+        runtime(10 * MINUTE, HOUR),
+        runtime(3 * HOUR, DAY),
+        hunting=True,
+    ),
+    _endpoint(
+        "runliveresponse", r"/api/machines/[^/]+/runliveresponse", {"POST"}, calls(10, MINUTE)
+    ),
+    _endpoint(
+        "alerts.batchupdate",
+        r"/api/alerts/batchupdate",
+        {"POST"},
+        calls(10, MINUTE),
+        calls(500, HOUR),
+    ),
+    _endpoint(
+        "alerts.createalertbyreference",
+        r"/api/alerts/createalertbyreference",
+        {"POST"},
+        calls(15, MINUTE),
+    ),
+    _endpoint("indicators.import", r"/api/indicators/import", {"POST"}, calls(30, MINUTE)),
+    _endpoint(
+        "indicators.batchdelete",
+        r"/api/indicators/batchdelete",
+        {"POST"},
+        calls(30, MINUTE),
+        calls(1500, HOUR),
+    ),
+    _endpoint(
+        "getpackageuri", r"/api/.*/getpackageuri", {"GET"}, calls(2, MINUTE), calls(120, HOUR)
+    ),
+    _endpoint("mde", r"/api/.*", METHODS, calls(100, MINUTE), calls(1500, HOUR), per_path=True),
+)
+
+_ID = re.compile(r".*\d.*")
+
+
+def path_template(path: str) -> str:
+    """The path with its ids (segments with a digit) replaced by `{id}`."""
+    return "/".join("{id}" if _ID.fullmatch(seg) else seg for seg in path.lower().split("/"))
+
+
+def clock_text(seconds: float) -> str:
+    """`hh:mm:ss`, with a fraction only when there is one (`00:00:00.617`)."""
+    millis = math.ceil(round(seconds * 1000, 6))
+    whole, frac = divmod(millis, 1000)
+    text = f"{whole // 3600:02d}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+    return text + (f".{frac:03d}".rstrip("0") if frac else "")
+
+
+def seconds_text(seconds: float) -> str:
+    """Seconds rounded up to the millisecond: `8`, `0.134`."""
+    return f"{math.ceil(round(seconds * 1000, 6)) / 1000:g}"
+
+
+def calls_body(limit: int, window: float, retry_after: float, target: str) -> dict[str, Any]:
+    """The body of a calls 429 (`window` and `retry_after` in real seconds)."""
+    message = (
+        f"API calls quota exceeded! Maximum allowed {limit} per {clock_text(window)} for the "
+        f"key {CALLS_KEY}. You can send requests again in {seconds_text(retry_after)} seconds."
+    )
+    return {"error": {"code": "429", "message": message, "target": target}}
+
+
+def runtime_body(retry_after: float, target: str) -> dict[str, Any]:
+    """The body of a hunting run-time 429."""
+    message = (
+        "You have exceeded processing resources allocated to this tenant. "
+        f"You can run queries again in {clock_text(retry_after)}."
+    )
+    return {"error": {"code": "TooManyRequests", "message": message, "target": target}}
+
+
+class _Log:
+    """Charges (time, amount) in arrival order, with the sum of those still in the window."""
+
+    __slots__ = ("amounts", "head", "times", "total", "window")
+
+    def __init__(self, window: float) -> None:
+        self.window = window  # real seconds
+        self.times: list[float] = []
+        self.amounts: list[float] = []
+        self.head = 0
+        self.total = 0.0
+
+    def prune(self, now: float) -> None:
+        """Forget charges that left the window at `now` (at or before `now - window`)."""
+        horizon = now - self.window
+        times, amounts, head = self.times, self.amounts, self.head
+        while head < len(times) and times[head] <= horizon:
+            self.total -= amounts[head]
+            head += 1
+        if head > 1024 and head * 2 > len(times):
+            del times[:head], amounts[:head]
+            head = 0
+        self.head = head
+        if head == len(times):
+            self.total = 0.0  # no drift from float sums
+
+    def add(self, at: float, amount: float = 1.0) -> None:
+        self.times.append(at)
+        self.amounts.append(amount)
+        self.total += amount
+
+    def leaves_below(self, amount: float) -> float:
+        """When the sum falls below `amount`, if nothing more is charged."""
+        left = self.total
+        for i in range(self.head, len(self.times)):
+            left -= self.amounts[i]
+            if left < amount:
+                return self.times[i] + self.window
+        return self.times[-1] + self.window if self.times else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    endpoint: Endpoint | None  # None: not a throttled endpoint
+    key: str  # the counter: endpoint name, or method and path template
+    retry_after: float = 0.0  # real seconds; 0 when admitted
+    limit: Limit | None = None  # the limit that bound the retry time
+
+    @property
+    def admitted(self) -> bool:
+        return self.limit is None
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    at: float  # real seconds on the emulator's clock
+    caller: str
+    endpoint: str  # the counter's key, "" for an unthrottled path
+    status: int
+    runtime: float  # real seconds of simulated run time (hunting), else 0
+
+
+class Throttler:
+    """The quota arithmetic, apart from HTTP: times are real seconds, passed in."""
+
+    def __init__(self, endpoints: Iterable[Endpoint] = DEFENDER_ENDPOINTS, speed: float = 1.0):
+        if speed <= 0:
+            raise ValueError("speed must be positive")
+        self.endpoints = tuple(endpoints)
+        self.speed = speed
+        self._logs: dict[tuple[str, str, int], _Log] = {}
+
+    def real(self, emulated: float) -> float:
+        return emulated / self.speed
+
+    def endpoint(self, method: str, path: str) -> Endpoint | None:
+        path = path.lower()
+        for endpoint in self.endpoints:
+            if method in endpoint.methods and endpoint.regex.fullmatch(path):
+                return endpoint
+        return None
+
+    def admit(self, caller: str, method: str, path: str, now: float, run: float = 0.0) -> Decision:
+        """Count one arrival at `now` and decide. `run` is the query's real run time,
+        charged to the run-time budgets when a hunting query is admitted."""
+        endpoint = self.endpoint(method, path)
+        if endpoint is None:
+            return Decision(None, "")
+        key = endpoint.key(method, path)
+        retry, bound = 0.0, None
+        logs: list[tuple[Limit, _Log]] = []
+        for i, limit in enumerate(endpoint.limits):
+            window = self.real(limit.per)
+            log = self._logs.get((caller, key, i))
+            if log is None:
+                log = self._logs[caller, key, i] = _Log(window)
+            log.prune(now)
+            logs.append((limit, log))
+            if limit.runtime:
+                if log.total >= self.real(limit.amount):
+                    wait = log.leaves_below(self.real(limit.amount)) - now
+                    retry, bound = max((retry, bound), (wait, limit), key=_first)
+            elif log.total >= limit.amount:
+                # This attempt counts too, so the retry time is when the window holds
+                # fewer than `amount` with it: the (n + 1 - amount)-th oldest has left.
+                index = log.head + int(log.total) - int(limit.amount)
+                nth = log.times[index + 1] if index + 1 < len(log.times) else now
+                wait = nth + window - now
+                retry, bound = max((retry, bound), (wait, limit), key=_first)
+        admitted = bound is None
+        for limit, log in logs:
+            if not limit.runtime:
+                log.add(now)
+            elif admitted and run > 0:
+                log.add(now, run)
+        if admitted:
+            return Decision(endpoint, key)
+        # Defender answers in whole seconds of its own clock; never before the real time.
+        emulated = math.ceil(round(retry * self.speed, 6))
+        return Decision(endpoint, key, max(emulated, 1) / self.speed, bound)
+
+    def reset(self) -> None:
+        self._logs.clear()
+
+
+def _first(pair: tuple[float, Limit | None]) -> float:
+    return pair[0]
+
+
+class DefenderEmulator:
+    """The ASGI app (`.app`) and what it saw; safe to read from any thread.
+
+    `clock` (real seconds) and `sleep` can be replaced to drive it in virtual time.
+    """
+
+    def __init__(
+        self,
+        *,
+        speed: float = 1.0,
+        endpoints: Iterable[Endpoint] = DEFENDER_ENDPOINTS,
+        latency: float = 0.3,  # emulated seconds before a plain answer
+        runtime_min: float = 1.0,  # emulated seconds, simulated hunting run time
+        runtime_max: float = 20.0,
+        seed: int | None = 0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if not 0 <= runtime_min <= runtime_max:
+            raise ValueError("need 0 <= runtime_min <= runtime_max")
+        self.throttler = Throttler(endpoints, speed)
+        self.speed = speed
+        self.latency = latency
+        self.runtime_min = runtime_min
+        self.runtime_max = runtime_max
+        self.clock = clock
+        self.sleep = sleep
+        self._random = random.Random(seed)
+        self._lock = threading.Lock()
+        self._arrivals: list[Arrival] = []
+        self.app = Starlette(
+            routes=[
+                Route("/_emulator/health", self._health, methods=["GET"]),
+                Route("/_emulator/arrivals", self._list_arrivals, methods=["GET"]),
+                Route("/_emulator/reset", self._reset, methods=["POST"]),
+                Route("/{path:path}", self._handle, methods=METHODS),
+            ]
+        )
+
+    # -- what it saw --------------------------------------------------------------------
+
+    def arrivals(self, caller: str | None = None) -> list[Arrival]:
+        with self._lock:
+            return [a for a in self._arrivals if caller in (None, a.caller)]
+
+    def reset(self) -> None:
+        with self._lock:
+            self._arrivals.clear()
+            self.throttler.reset()
+
+    # -- the app ------------------------------------------------------------------------
+
+    def _run_time(self, request: Request) -> float:
+        """Emulated seconds the query runs."""
+        asked = request.headers.get("x-emulator-runtime")
+        if asked is not None:
+            return max(float(asked), 0.0)
+        return self._random.uniform(self.runtime_min, self.runtime_max)
+
+    async def _handle(self, request: Request) -> JSONResponse:
+        method, path = request.method, request.url.path
+        auth = request.headers.get("authorization", "")
+        caller = auth.removeprefix("Bearer ").strip() or "anonymous"
+        with self._lock:
+            now = self.clock()
+            endpoint = self.throttler.endpoint(method, path)
+            hunting = endpoint is not None and endpoint.hunting
+            run = self._run_time(request) / self.speed if hunting else 0.0
+            decision = self.throttler.admit(caller, method, path, now, run)
+            status = 200 if decision.admitted else 429
+            self._arrivals.append(
+                Arrival(now, caller, decision.key, status, run if decision.admitted else 0.0)
+            )
+        target = str(uuid.uuid4())
+        if not decision.admitted:
+            return self._throttled(decision, target)
+        if hunting:
+            await self.sleep(run)
+            return JSONResponse(hunting_answer(run))
+        await self.sleep(self.latency / self.speed)
+        return JSONResponse({"@odata.context": f"{path}/$metadata", "value": []})
+
+    def _throttled(self, decision: Decision, target: str) -> JSONResponse:
+        limit = decision.limit
+        assert limit is not None
+        retry = decision.retry_after
+        if limit.runtime:
+            body = runtime_body(retry, target)
+        else:
+            body = calls_body(int(limit.amount), limit.per / self.speed, retry, target)
+        return JSONResponse(body, 429, headers={"Retry-After": seconds_text(retry)})
+
+    async def _health(self, request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "speed": self.speed})
+
+    async def _list_arrivals(self, request: Request) -> JSONResponse:
+        rows = [[a.at, a.caller, a.endpoint, a.status, a.runtime] for a in self.arrivals()]
+        return JSONResponse({"arrivals": rows})
+
+    async def _reset(self, request: Request) -> JSONResponse:
+        self.reset()
+        return JSONResponse({"reset": True})
+
+
+def hunting_answer(run: float) -> dict[str, Any]:
+    """An advanced hunting answer whose query ran `run` seconds."""
+    return {
+        "Schema": [
+            {"Name": "Timestamp", "Type": "DateTime"},
+            {"Name": "DeviceName", "Type": "String"},
+        ],
+        "Results": [{"Timestamp": "2024-01-01T00:00:00Z", "DeviceName": "emulated"}],
+        "Stats": {
+            "ExecutionTime": round(run, 6),
+            "resource_usage": {
+                "cpu": {
+                    "user": clock_text(run),
+                    "kernel": "00:00:00",
+                    "total cpu": clock_text(run),
+                },
+                "memory": {"peak_per_node": 236822432},
+            },
+            "dataset_statistics": [{"table_row_count": 1, "table_size": 102}],
+        },
+    }

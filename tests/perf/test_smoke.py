@@ -1,0 +1,35 @@
+"""The benchmarks still run: each one's `main` with tiny parameters writes its table.
+
+Measurements, not tests: nothing here looks at a figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from . import decisions, goodput
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
+
+
+def test_goodput_runs(tmp_path: Path) -> None:
+    results = goodput.main(
+        ["--workers", "4", "--processes", "1", "--seconds", "1", "--out", str(tmp_path)]
+    )
+    assert [r["config"] for r in results] == list(goodput.CONFIGS)
+    table = (tmp_path / "goodput.md").read_text()
+    assert table.startswith("| configuration | upstream 429s |")
+    assert all(f"| {config} |" in table for config in goodput.CONFIGS)
+    assert (tmp_path / "goodput.png").read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "goodput.json").exists()
+
+
+def test_decisions_runs(tmp_path: Path) -> None:
+    results = decisions.main(
+        ["--seconds", "0.1", "--rounds", "1", "--callers", "4", "--out", str(tmp_path)]
+    )
+    assert [r["key"] for r in results] == list(decisions.FACTORIES)
+    table = (tmp_path / "decisions.md").read_text()
+    assert table.startswith("| contender | one decision |")
+    assert "sliding log" in table
