@@ -33,6 +33,7 @@ from .errors import (
 from .leases import LeaseRef
 from .policy import API_PATTERN, KEY_PATTERN, TENANT_PATTERN, Kind, PolicySet, load_policies
 from .settings import Settings
+from .waiting import WaitLines
 
 log = logging.getLogger("quotagate")
 T = TypeVar("T")
@@ -166,25 +167,38 @@ def _denied(denial: Denial) -> JSONResponse:
 
 
 async def _wait_for_grant(
-    attempt: Callable[[], Awaitable[Grant | Denial]], wait: float, request: Request
+    attempt: Callable[[], Awaitable[Grant | Denial]],
+    wait: float,
+    request: Request,
+    lines: WaitLines,
+    scope: tuple[str, str, str],
 ) -> Grant | Denial | None:
-    """Acquire, sleeping to each exact retry time while it fits in `wait`.
+    """Acquire, waiting in line and sleeping to each exact retry time while it fits in `wait`.
 
-    Nothing is reserved while waiting, so a client that goes away leaves nothing behind;
-    None means it went away.
+    With nobody in line, the first attempt is at once, and a denial whose earliest grant
+    lies beyond the wait is answered at once; otherwise the request queues behind the
+    earlier waiters. Nothing is reserved while waiting, so a client that goes away leaves
+    nothing behind; None means it went away.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
-    while True:
+    if wait <= 0 or not lines.busy(scope):
         result = await attempt()
-        if isinstance(result, Grant) or wait <= 0:
+        if isinstance(result, Grant) or result.retry_after_ms / 1000 > wait:
             return result
-        pause = result.retry_after_ms / 1000
-        if pause > deadline - loop.time():
-            return result
-        await asyncio.sleep(pause)
-        if await request.is_disconnected():
-            return None
+    async with lines.turn(scope, deadline - loop.time()) as ours:
+        if not ours:  # the line did not move in time: say when to come back
+            return await attempt()
+        while True:
+            if await request.is_disconnected():
+                return None
+            result = await attempt()
+            if isinstance(result, Grant):
+                return result
+            pause = result.retry_after_ms / 1000
+            if pause > deadline - loop.time():
+                return result
+            await asyncio.sleep(pause)
 
 
 class BodyLimit:
@@ -246,6 +260,7 @@ def create_app(
     """The service. Without `redis`, it connects to `settings.redis_url` at start-up."""
     policies = policies or load_policies(settings.policies)
     authorizer = Authorizer(settings.all_tokens())
+    lines = WaitLines()
     timeout = settings.request_timeout
 
     @asynccontextmanager
@@ -351,7 +366,8 @@ def create_app(
             )
 
         wait = min(body.wait, settings.max_wait)
-        result = await _wait_for_grant(attempt, wait, request)
+        scope = (body.tenant, body.api, body.key or "")
+        result = await _wait_for_grant(attempt, wait, request, lines, scope)
         if wait > 0 and isinstance(result, Grant) and await request.is_disconnected():
             # Gone during the last attempt: the call will not happen, give the budget back.
             await bounded(engine.release(result.lease_id, Outcome.NOT_CALLED))

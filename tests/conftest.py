@@ -63,6 +63,9 @@ apis:
   fast:
     lease_ttl: 2s
     limits: [{calls: 20, per: 1s, granularity: 100ms}]
+  single:
+    lease_ttl: 10s
+    limits: [{calls: 1, per: 300ms, granularity: 100ms}]
   sessions:
     lease_ttl: 1s
     limits:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -294,3 +295,30 @@ def test_a_client_that_leaves_while_waiting_leaves_nothing_behind(http: httpx.Cl
     time.sleep(retry_after + 0.3)
     usage = http.get("/v1/usage/t/fast").json()
     assert usage["limits"][0]["used"] == 0, usage
+
+
+def test_waiters_are_served_first_come_first_served(coordinator_url: str) -> None:
+    single = {"tenant": "t", "api": "single", "wait": 5}
+    clients = [httpx.Client(base_url=coordinator_url, timeout=10) for _ in range(6)]
+    served: list[int] = []
+
+    def waiter(number: int) -> None:
+        reply = clients[number].post("/v1/leases", json=single)
+        if reply.status_code == 200:
+            served.append(number)
+
+    try:
+        for client in clients:  # connect first, so each request leaves when it is sent
+            assert client.get("/healthz").status_code == 200
+        assert clients[5].post("/v1/leases", json=single).status_code == 200
+        threads = []
+        for number in range(5):
+            threads.append(threading.Thread(target=waiter, args=(number,)))
+            threads[-1].start()
+            time.sleep(0.1)  # each joins the line before the next arrives
+        for thread in threads:
+            thread.join()
+    finally:
+        for client in clients:
+            client.close()
+    assert served == [0, 1, 2, 3, 4]
