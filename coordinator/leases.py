@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 import secrets
 from dataclasses import dataclass
@@ -34,8 +35,7 @@ class LeaseRef:
 
     @property
     def lease_id(self) -> str:
-        scope = f"{self.tenant}|{self.api}|{self.key}".encode()
-        return f"{base64.urlsafe_b64encode(scope).decode().rstrip('=')}.{self.token}"
+        return f"{_scope_id(self.tenant, self.api, self.key)}.{self.token}"
 
     @classmethod
     def new(cls, tenant: str, api: str, key: str) -> LeaseRef:
@@ -62,8 +62,16 @@ class LeaseRef:
         return cls(tenant, api, key, token)
 
 
-def redis_keys(tenant: str, api: str, key: str, policy: Policy) -> list[str]:
-    """KEYS for every script, in the layout documented in `lua/lib.lua`."""
+@functools.lru_cache(maxsize=4096)
+def _scope_id(tenant: str, api: str, key: str) -> str:
+    scope = f"{tenant}|{api}|{key}".encode()
+    return base64.urlsafe_b64encode(scope).decode().rstrip("=")
+
+
+@functools.lru_cache(maxsize=4096)
+def redis_keys(tenant: str, api: str, key: str, policy: Policy) -> tuple[str, ...]:
+    """KEYS for every script, in the layout documented in `lua/lib.lua` (cached: the
+    acquire path builds them for the same few scopes again and again)."""
     base = f"qg:{{{tenant}|{api}}}"
     inflight_api, inflight_key = f"{base}:fa", f"{base}:fk:{key}"
     keys = [f"{base}:cd", f"{base}:ls", inflight_api, inflight_key, f"{base}:ep"]
@@ -74,7 +82,7 @@ def redis_keys(tenant: str, api: str, key: str, policy: Policy) -> list[str]:
             # Named by what it counts, so a changed amount keeps its history.
             name = f"{base}:{lim.kind.value[0]}{lim.window_ms}/{lim.granularity_ms}"
             keys.append(f"{name}:k:{key}" if lim.scope is Scope.KEY else name)
-    return keys
+    return tuple(keys)
 
 
 def limit_spec(limits: tuple[Limit, ...]) -> str:

@@ -58,19 +58,24 @@ for i, lim in ipairs(limits) do
   if lim.kind == 'concurrent' then
     wait = wait_for_slot(lim, now)
   else
-    local live, used, dead = live_buckets(lim, now)
-    if #dead > 0 then
-      redis.call('HDEL', lim.key, unpack(dead))
-    end
     local need = cost
     if lim.kind == 'runtime' then
       need = estimate
     end
     counted[i] = need
     local recovered = since and since + lim.window + lim.margin
-    if recovered and now < recovered then
+    local recovering = recovered and now < recovered
+    local room = lim.amount
+    if recovering then
+      room = math.floor(lim.amount * share / 1000)
+    end
+    local live, used
+    if prune(lim, now) + need <= room then
+      wait = 0
+    elseif recovering then
       -- The lost history may still fill this window upstream: grant only a share,
       -- until the window no longer overlaps the loss.
+      live, used = live_buckets(lim, now)
       local full = lim.amount
       lim.amount = math.floor(full * share / 1000)
       local reduced = wait_for_units(lim, live, used, need, now)
@@ -80,6 +85,7 @@ for i, lim in ipairs(limits) do
         wait = reduced
       end
     else
+      live, used = live_buckets(lim, now)
       wait = wait_for_units(lim, live, used, need, now)
     end
   end
@@ -107,8 +113,7 @@ end
 local expiry = now + ttl
 redis.call('HSET', KEYS[2], token, string.format('%d:%d:%d:%d', now, cost, estimate, expiry))
 redis.call('ZADD', KEYS[3], expiry, token)
-extend_ttl(KEYS[2], ttl)
-extend_ttl(KEYS[3], ttl)
+keep_leases(ttl)
 if track_key then
   redis.call('ZADD', KEYS[4], expiry, token)
   extend_ttl(KEYS[4], ttl)

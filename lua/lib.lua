@@ -39,22 +39,55 @@ local function read_limits(spec)
   return limits
 end
 
+-- A counter hash holds its buckets (bucket index -> units) and two bookkeeping fields:
+-- `lo`, the oldest bucket that may still hold units, and `sum`, the units of all its
+-- buckets. A grant reads those two and drops only the buckets that left the window since
+-- the last call; a denial (for its exact wait) and usage read every bucket.
+
 -- Buckets that still count at `now`: every bucket overlapping (now - window - margin, now].
--- Returns them as {index, units} (unsorted), their sum, and the dead field names.
+-- Returns them as {index, units} (unsorted) and their sum.
 local function live_buckets(lim, now)
   local flat = redis.call('HGETALL', lim.key)
   local horizon = now - lim.window - lim.margin
-  local live, used, dead = {}, 0, {}
+  local live, used = {}, 0
   for i = 1, #flat, 2 do
     local index = tonumber(flat[i])
-    if (index + 1) * lim.gran > horizon then
+    if index and (index + 1) * lim.gran > horizon then
       live[#live + 1] = {index, tonumber(flat[i + 1])}
       used = used + tonumber(flat[i + 1])
-    else
-      dead[#dead + 1] = flat[i]
     end
   end
-  return live, used, dead
+  return live, used
+end
+
+-- Drop the buckets that no longer count at `now` (expired state: even a denial may);
+-- returns the units still counted.
+local function prune(lim, now)
+  local meta = redis.call('HMGET', lim.key, 'lo', 'sum')
+  local lo, sum = tonumber(meta[1]), tonumber(meta[2])
+  if not lo or not sum then
+    return 0
+  end
+  local horizon = now - lim.window - lim.margin
+  local moved = false
+  while sum > 0 and (lo + 1) * lim.gran <= horizon do
+    local field = tostring(lo)
+    local units = tonumber(redis.call('HGET', lim.key, field))
+    if units then
+      sum = sum - units
+      redis.call('HDEL', lim.key, field)
+    end
+    lo = lo + 1
+    moved = true
+  end
+  if sum <= 0 then
+    redis.call('DEL', lim.key)
+    return 0
+  end
+  if moved then
+    redis.call('HSET', lim.key, 'lo', tostring(lo), 'sum', sum)
+  end
+  return sum
 end
 
 -- When a bucket stops counting: once (index + 1) * gran <= now - window - margin.
@@ -95,6 +128,16 @@ local function extend_ttl(key, ms)
   end
 end
 
+-- The lease hash and the api's in-flight zset (which hold the same leases, so they are
+-- created and emptied together) must outlive every lease in them: when less than `ms` is
+-- left, give them twice that, so most grants only read the hash's TTL.
+local function keep_leases(ms)
+  if redis.call('PTTL', KEYS[2]) < ms then
+    redis.call('PEXPIRE', KEYS[2], 2 * ms)
+    redis.call('PEXPIRE', KEYS[3], 2 * ms)
+  end
+end
+
 local function parse_lease(record)
   local grant, cost, estimate, expiry = string.match(record, '^(%d+):(%d+):(%d+):(%d+)$')
   return {grant = tonumber(grant), cost = tonumber(cost), estimate = tonumber(estimate),
@@ -113,10 +156,18 @@ local function uncharge(lim, at_ms, units)
     return
   end
   local field = tostring(math.floor(at_ms / lim.gran))
-  if redis.call('HEXISTS', lim.key, field) == 1 then
-    if redis.call('HINCRBY', lim.key, field, -units) <= 0 then
-      redis.call('HDEL', lim.key, field)
-    end
+  local have = tonumber(redis.call('HGET', lim.key, field))
+  if not have then
+    return
+  end
+  local take = math.min(have, units)
+  if have <= take then
+    redis.call('HDEL', lim.key, field)
+  else
+    redis.call('HINCRBY', lim.key, field, -take)
+  end
+  if redis.call('HINCRBY', lim.key, 'sum', -take) <= 0 then
+    redis.call('DEL', lim.key)
   end
 end
 
@@ -124,7 +175,13 @@ local function charge(lim, now, units)
   if units <= 0 then
     return
   end
-  redis.call('HINCRBY', lim.key, tostring(math.floor(now / lim.gran)), units)
-  -- The bucket just charged is the newest, so its life is the counter's life.
-  redis.call('PEXPIRE', lim.key, lim.gran + lim.window + lim.margin)
+  local field = tostring(math.floor(now / lim.gran))
+  if redis.call('HINCRBY', lim.key, 'sum', units) == units then
+    redis.call('HSET', lim.key, 'lo', field)  -- the only bucket with units
+  end
+  if redis.call('HINCRBY', lim.key, field, units) == units then
+    -- A new bucket is the newest, so its life is the counter's life; a bucket charged
+    -- again needs no more, as it set that life when it began.
+    redis.call('PEXPIRE', lim.key, lim.gran + lim.window + lim.margin)
+  end
 end
