@@ -6,13 +6,15 @@
 --
 -- Key layout, shared by all scripts (all keys carry one hash tag {<tenant>|<api>}):
 --   KEYS[1]      cooldown: string, the end of the fleet-wide pause (ms since epoch)
---   KEYS[2]      leases: hash, lease token -> "grant_ms:cost:estimate_ms:expiry_ms"
+--   KEYS[2]      leases: hash, lease token (its random part and key) ->
+--                "grant_ms:cost:estimate_ms:expiry_ms"
 --   KEYS[3]      in flight (api): zset, lease token scored by expiry
 --   KEYS[4]      in flight (key): zset, the same for the lease's key
 --   KEYS[5]      epoch stamp: string, the store epoch this (tenant, api) was last
 --                granted under (see epoch.lua), living as long as the longest window
---   KEYS[5 + i]  limit i: for calls/runtime a hash, bucket index -> units charged in it;
---                for concurrent the in-flight zset of its scope (KEYS[3] or KEYS[4])
+--   KEYS[5 + i]  limit i: for calls/runtime a hash, bucket index -> units charged in it,
+--                plus the fields `lo` and `sum` (see below); for concurrent the in-flight
+--                zset of its scope (KEYS[3] or KEYS[4])
 -- The limits are one ARGV value, each limit written as
 -- "kind:amount:window_ms:granularity_ms:margin_ms:scope" and separated by commas, with
 -- kind "calls" | "runtime" | "concurrent" and scope "api" | "key" (one argument rather
