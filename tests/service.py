@@ -1,24 +1,27 @@
-"""Run the coordinator (or any ASGI app) under uvicorn on a free port, in a thread."""
+"""Run the coordinator (or any ASGI app) under uvicorn on a free port, in a thread; and
+wait for a server in another process to become ready."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import httpx
 import uvicorn
 
 from quotagate.coordinator.embedded import free_port
 
 
 @contextmanager
-def serve_in_thread(app: Any, *, port: int | None = None) -> Iterator[str]:
-    """Serve `app` on loopback until the block ends; yields its base URL."""
+def serve_in_thread(app: Any, *, port: int | None = None, **config: Any) -> Iterator[str]:
+    """Serve `app` on loopback until the block ends; yields its base URL. `config` goes to
+    `uvicorn.Config` (quiet by default)."""
     port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
+    options: dict[str, Any] = {"log_level": "warning", "lifespan": "on", **config}
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -31,3 +34,18 @@ def serve_in_thread(app: Any, *, port: int | None = None) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def wait_ready(url: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
+    """Poll `url`/readyz until it answers 200; fail if `alive()` turns false or time runs
+    out (a hang detector, not a speed check)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert alive(), f"the server behind {url} exited"
+        assert time.monotonic() < deadline, f"{url} did not become ready in {timeout:g} s"
+        time.sleep(0.05)

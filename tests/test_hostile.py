@@ -14,11 +14,10 @@ import collections
 import itertools
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ import hypothesis
 import pytest
 import redis
 import schemathesis
-import uvicorn
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -40,7 +38,7 @@ from schemathesis.specs.openapi.checks import (
 from quotagate.coordinator import auth
 from quotagate.coordinator.api import create_app
 from quotagate.coordinator.auth import Authorizer
-from quotagate.coordinator.embedded import EmbeddedServer, free_port
+from quotagate.coordinator.embedded import EmbeddedServer
 from quotagate.coordinator.errors import Unauthorized
 from quotagate.coordinator.leases import LeaseRef
 from quotagate.coordinator.settings import Settings
@@ -922,33 +920,10 @@ TRACE = 5  # uvicorn's level below DEBUG
 LOGGERS = ("quotagate", "uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
 
 
-@contextmanager
-def serve_logging_everything(app: Any) -> Iterator[str]:
+def serve_logging_everything(app: Any) -> AbstractContextManager[str]:
     """Like serve_in_thread, with uvicorn's access log and ASGI trace on and its loggers
     left to the test (no logging config of its own)."""
-    port = free_port()
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_config=None,
-        log_level="trace",
-        access_log=True,
-        lifespan="on",
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    return serve_in_thread(app, log_config=None, log_level="trace", access_log=True)
 
 
 def test_tokens_are_never_logged(

@@ -8,14 +8,14 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from quotagate.coordinator.embedded import free_port
+
+from .service import wait_ready
 
 ROOT = Path(__file__).parent.parent
 pytestmark = [
@@ -47,16 +47,7 @@ def make_serve(tmp_path: Path) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "make serve did not become ready"
-            time.sleep(0.1)
+        wait_ready(url, 60, alive=lambda: process.poll() is None)
         yield url
     finally:
         os.killpg(process.pid, signal.SIGTERM)

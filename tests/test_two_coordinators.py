@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import redis
 from quotagate.coordinator.embedded import EmbeddedServer, free_port
 
 from .conftest import _wipe
+from .service import wait_ready
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -53,16 +53,8 @@ def coordinators(valkey_server: EmbeddedServer, tmp_path: Path) -> Iterator[list
     ]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     try:
-        deadline = time.monotonic() + 20
-        for url in urls:
-            while True:
-                try:
-                    if httpx.get(f"{url}/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "coordinator did not start"
-                time.sleep(0.05)
+        for url, process in zip(urls, processes, strict=True):
+            wait_ready(url, 20, alive=lambda p=process: p.poll() is None)
         yield urls
     finally:
         for process in processes:
