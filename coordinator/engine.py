@@ -162,7 +162,8 @@ class Engine:
         """Check that Redis answers and load every script into its cache (EVALSHA reloads
         on demand anyway). Raises BackendUnavailable."""
         await self._call(self.redis.ping())
-        for script in (self.lua_acquire, self.lua_release, self.lua_renew, self.lua_usage):
+        scripts = (self.lua_acquire, self.lua_release, self.lua_renew, self.lua_usage)
+        for script in (*scripts, self.lua_epoch):
             script.sha = await self._call(self.redis.script_load(script.script))
 
     async def acquire(

@@ -8,6 +8,7 @@ definition of that api as a whole, and `tenants:` globs override apis per tenant
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -70,16 +71,16 @@ class Policy:
     lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS
     runtime_estimate_ms: int = 0
 
-    @property
+    @functools.cached_property
     def longest_window_ms(self) -> int:
         return max((lim.window_ms + lim.margin_ms for lim in self.limits), default=0)
 
-    @property
+    @functools.cached_property
     def shortest_calls_window_ms(self) -> int:
         windows = [lim.window_ms for lim in self.limits if lim.kind is Kind.CALLS]
         return min(windows, default=60_000)
 
-    @property
+    @functools.cached_property
     def tracks_keys(self) -> bool:
         """Whether leases must also be registered per key (a key-scoped concurrent limit)."""
         return any(lim.kind is Kind.CONCURRENT and lim.scope is Scope.KEY for lim in self.limits)
