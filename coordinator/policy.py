@@ -30,6 +30,7 @@ CATALOG_PATH = Path(__file__).parent / "catalog.yaml"
 DEFAULT_MARGIN_MS = 1_000
 DEFAULT_LEASE_TTL_MS = 60_000
 DEFAULT_RUNTIME_ESTIMATE_MS = 10_000
+MAX_BUCKETS = 3_600  # per window
 
 
 class Kind(StrEnum):
@@ -210,6 +211,12 @@ class _LimitSpec(BaseModel):
             raise ValueError(
                 f"granularity {format_duration(self.granularity)} does not divide "
                 f"the window {format_duration(self.per)}"
+            )
+        if self.granularity is not None and self.per // self.granularity > MAX_BUCKETS:
+            # Each decision may walk the buckets of a window: keep that walk short.
+            raise ValueError(
+                f"granularity {format_duration(self.granularity)} makes more than "
+                f"{MAX_BUCKETS} buckets in the window {format_duration(self.per)}"
             )
         return self
 

@@ -43,6 +43,12 @@ INVALID: dict[str, list[str]] = {
         "1m",
         "divide",
     ],
+    "granularity_too_fine": [
+        "apis.m365d.incidents.limits[0]",
+        "granularity",
+        "100ms",
+        "more than 3600 buckets",
+    ],
     "unknown_kind": ["apis.acme.reports.limits[0]", "bytes", "not permitted"],
     "no_kind": ["apis.acme.reports.limits[0]", "calls, runtime or concurrent"],
     "two_kinds": ["apis.acme.reports.limits[0]", "exactly one kind", "calls, runtime"],
