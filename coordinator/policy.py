@@ -265,6 +265,19 @@ class _ApiSpec(BaseModel):
 
     def compile(self, api: str, default_margin_ms: int) -> Policy:
         limits = tuple(spec.compile(default_margin_ms) for spec in self.limits)
+        seen: dict[tuple[Kind, int, int, Scope], int] = {}
+        for i, lim in enumerate(limits):
+            if lim.kind is Kind.CONCURRENT:
+                continue
+            # One counter per kind, window, granularity and scope: two such limits would
+            # share it (and each charge it), so only the smaller one can mean anything.
+            first = seen.setdefault((lim.kind, lim.window_ms, lim.granularity_ms, lim.scope), i)
+            if first != i:
+                raise PolicyError(
+                    f"limits[{i}] counts the same {lim.kind.value} per "
+                    f"{format_duration(lim.window_ms)} as limits[{first}] (same granularity "
+                    "and scope): keep the smaller one"
+                )
         has_runtime = any(lim.kind is Kind.RUNTIME for lim in limits)
         estimate = self.runtime_estimate
         if estimate is None:

@@ -49,6 +49,14 @@ def policies(draw: st.DrawFn) -> Policy:
             ),
             min_size=1,
             max_size=4,
+            # A policy file refuses two windowed limits that would share one counter.
+            unique_by=lambda lim: (
+                lim.kind,
+                lim.window_ms,
+                lim.granularity_ms,
+                lim.scope,
+                lim.amount if lim.kind is Kind.CONCURRENT else 0,
+            ),
         ).filter(lambda ls: any(lim.kind is Kind.CALLS for lim in ls))
     )
     ttl = draw(st.sampled_from([10_000, 15_000, 40_000]))

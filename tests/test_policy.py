@@ -79,6 +79,7 @@ INVALID: dict[str, list[str]] = {
     "not_a_mapping": ["top level", "mapping", "apis"],
     "invalid_yaml": ["not valid YAML", "line 4"],
     "unknown_scope": ["apis.acme.reports.limits[0].scope", "'api' or 'key'"],
+    "duplicate_window": ["apis.acme.reports", "limits[2]", "same calls per 1m as limits[0]"],
 }
 
 
