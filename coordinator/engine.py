@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import BackendUnavailable, InvalidRequest, UnknownApi, UnknownLease
-from .leases import LeaseRef, limit_spec, redis_keys
+from .leases import LeaseRef, limit_args, redis_keys
 from .policy import KEY_PATTERN, TENANT_PATTERN, Limit, Policy, PolicySet
 
 LUA_DIR = Path(__file__).parent.parent / "lua"
@@ -99,7 +99,15 @@ def validate_scope(tenant: str, key: str) -> None:
         raise InvalidRequest("key", f"must match {KEY_PATTERN.pattern}")
 
 
-_limit_spec = functools.cache(limit_spec)
+@dataclass(frozen=True)
+class Target:
+    """What one (tenant, api, key) resolves to: its policy, the keys of its state, and the
+    script arguments that its policy fixes."""
+
+    policy: Policy
+    keys: tuple[str, ...]
+    limit_args: tuple[str | int, ...]  # the limits, as every script takes them
+    acquire_args: tuple[str | int, ...]  # acquire's ARGV after the per-call values
 
 
 class Engine:
@@ -130,6 +138,9 @@ class Engine:
         self.lua_renew = redis.register_script(SCRIPT_RENEW)
         self.lua_usage = redis.register_script(SCRIPT_USAGE)
         self.lua_epoch = redis.register_script(SCRIPT_EPOCH)
+        # Resolved once per (tenant, api, key) seen lately: a decision then costs one
+        # dictionary look-up before its round trip.
+        self.target = functools.lru_cache(maxsize=4096)(self._resolve)
 
     async def check_epoch(self, *, now: int | None = None) -> None:
         """Read (or start) the store's epoch, and enter recovery if it began with a loss."""
@@ -158,6 +169,19 @@ class Engine:
             raise UnknownApi(api)
         return policy
 
+    def _resolve(self, tenant: str, api: str, key: str) -> Target:
+        """Raises InvalidRequest for a malformed tenant or key, UnknownApi for an api
+        without a policy (neither is cached)."""
+        validate_scope(tenant, key)
+        policy = self.policy(tenant, api)
+        limits = limit_args(policy.limits)
+        fixed = (
+            policy.lease_ttl_ms,
+            1 if policy.tracks_keys else 0,
+            max(policy.longest_window_ms, policy.lease_ttl_ms),
+        )
+        return Target(policy, redis_keys(tenant, api, key, policy), limits, fixed + limits)
+
     async def ready(self) -> None:
         """Check that Redis answers and load every script into its cache (EVALSHA reloads
         on demand anyway). Raises BackendUnavailable."""
@@ -176,8 +200,8 @@ class Engine:
         *,
         now: int | None = None,
     ) -> Grant | Denial:
-        validate_scope(tenant, key)
-        policy = self.policy(tenant, api)
+        target = self.target(tenant, api, key)
+        policy = target.policy
         if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
             raise InvalidRequest("cost", "must be a whole number >= 1")
         too_big = policy.impossible_cost(cost)
@@ -201,10 +225,10 @@ class Engine:
         tracked = self.recovery_share is not None
         if tracked and not self.epoch:
             await self.check_epoch(now=now)
-        reply = await self._acquire(ref, policy, cost, estimate, now, verified=False)
+        reply = await self._acquire(ref, target, cost, estimate, now, verified=False)
         if reply[0] == 2:  # this (tenant, api) carries no stamp of the epoch we know
             await self.check_epoch(now=now)
-            reply = await self._acquire(ref, policy, cost, estimate, now, verified=True)
+            reply = await self._acquire(ref, target, cost, estimate, now, verified=True)
         if reply[0] == 1:
             return Grant(ref.lease_id, tenant, api, key, cost, int(reply[1]), int(reply[2]))
         bound = int(reply[3])
@@ -218,7 +242,7 @@ class Engine:
     async def _acquire(
         self,
         ref: LeaseRef,
-        policy: Policy,
+        target: Target,
         cost: int,
         estimate: int,
         now: int | None,
@@ -227,20 +251,17 @@ class Engine:
     ) -> Any:
         return await self._call(
             self.lua_acquire(
-                keys=redis_keys(ref.tenant, ref.api, ref.key, policy),
-                args=[
+                keys=target.keys,
+                args=(
                     "" if now is None else now,
                     ref.member,
                     cost,
                     estimate,
-                    policy.lease_ttl_ms,
-                    1 if policy.tracks_keys else 0,
                     self.epoch,
                     "1" if verified else "",
-                    max(policy.longest_window_ms, policy.lease_ttl_ms),
                     self.recovery,
-                    _limit_spec(policy.limits),
-                ],
+                    *target.acquire_args,
+                ),
             )
         )
 
@@ -254,7 +275,8 @@ class Engine:
         now: int | None = None,
     ) -> LeaseRef:
         """End a lease; raises UnknownLease when it is unknown, expired or released."""
-        ref, policy = self._lease(lease_id)
+        ref, target = self._lease(lease_id)
+        policy = target.policy
         outcome = Outcome(outcome)
         if outcome is Outcome.THROTTLED and retry_after_ms is None:
             # Upstream said 429 without a time: pause for its shortest window, the
@@ -262,15 +284,15 @@ class Engine:
             retry_after_ms = policy.shortest_calls_window_ms
         reply = await self._call(
             self.lua_release(
-                keys=redis_keys(ref.tenant, ref.api, ref.key, policy),
-                args=[
+                keys=target.keys,
+                args=(
                     "" if now is None else now,
                     ref.member,
                     outcome.value,
                     "" if retry_after_ms is None else retry_after_ms,
                     "" if runtime_ms is None else runtime_ms,
-                    _limit_spec(policy.limits),
-                ],
+                    *target.limit_args,
+                ),
             )
         )
         if reply[0] != 1:
@@ -281,11 +303,11 @@ class Engine:
         self, lease_id: str, ttl_ms: int | None = None, *, now: int | None = None
     ) -> int:
         """Extend a live lease; returns ms until its new expiry."""
-        ref, policy = self._lease(lease_id)
-        ttl = policy.lease_ttl_ms if ttl_ms is None else ttl_ms
+        ref, target = self._lease(lease_id)
+        ttl = target.policy.lease_ttl_ms if ttl_ms is None else ttl_ms
         reply = await self._call(
             self.lua_renew(
-                keys=redis_keys(ref.tenant, ref.api, ref.key, policy)[:4],
+                keys=target.keys[:4],
                 args=["" if now is None else now, ref.member, ttl],
             )
         )
@@ -294,12 +316,12 @@ class Engine:
         return int(reply[2]) - int(reply[1])
 
     async def usage(self, tenant: str, api: str, key: str = "", *, now: int | None = None) -> Usage:
-        validate_scope(tenant, key)
-        policy = self.policy(tenant, api)
+        target = self.target(tenant, api, key)
+        policy = target.policy
         reply = await self._call(
             self.lua_usage(
-                keys=redis_keys(tenant, api, key, policy),
-                args=["" if now is None else now, _limit_spec(policy.limits)],
+                keys=target.keys,
+                args=("" if now is None else now, *target.limit_args),
             )
         )
         limits = tuple(
@@ -308,14 +330,14 @@ class Engine:
         )
         return Usage(tenant, api, key, limits, int(reply[2]), int(reply[1]), int(reply[0]))
 
-    def _lease(self, lease_id: str) -> tuple[LeaseRef, Policy]:
+    def _lease(self, lease_id: str) -> tuple[LeaseRef, Target]:
         ref = LeaseRef.parse(lease_id)
         if ref is None:
             raise UnknownLease("unknown")
-        policy = self.policies.resolve(ref.tenant, ref.api)
-        if policy is None:
-            raise UnknownLease("unknown")
-        return ref, policy
+        try:
+            return ref, self.target(ref.tenant, ref.api, ref.key)
+        except (UnknownApi, InvalidRequest):
+            raise UnknownLease("unknown") from None
 
     @staticmethod
     async def _call(awaitable: Any) -> Any:

@@ -85,10 +85,10 @@ def redis_keys(tenant: str, api: str, key: str, policy: Policy) -> tuple[str, ..
     return tuple(keys)
 
 
-def limit_spec(limits: tuple[Limit, ...]) -> str:
-    """The limits as one ARGV value (format in `lua/lib.lua`)."""
-    return ",".join(
-        f"{lim.kind.value}:{lim.amount}:{lim.window_ms}:{lim.granularity_ms}:"
-        f"{lim.margin_ms}:{lim.scope.value}"
+def limit_args(limits: tuple[Limit, ...]) -> tuple[str | int, ...]:
+    """The limits as the scripts take them, closing ARGV (format in `lua/lib.lua`)."""
+    return tuple(
+        value
         for lim in limits
+        for value in (lim.kind.value, lim.amount, lim.window_ms, lim.granularity_ms, lim.margin_ms)
     )

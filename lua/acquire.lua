@@ -5,14 +5,15 @@
 -- Epoch: when the caller names the store epoch it knows and this (tenant, api) carries
 -- another stamp (or none), the script changes nothing and asks the caller to check the
 -- epoch first (reply {2, now_ms}): the store may have lost its state. With `verified`, the
--- caller has just checked, and a grant stamps the epoch.
+-- caller has just checked, and a grant stamps the epoch for stamp_ttl_ms (once it lapses,
+-- the next acquire makes the caller check again: one more round trip per stamp_ttl_ms).
 -- Recovery: after a loss, a windowed limit whose window still overlaps the loss grants at
 -- most share_permille / 1000 of its amount.
 -- KEYS: the layout in lib.lua.
 -- ARGV: now_ms ("" = Redis TIME), token, cost (call units), estimate_ms (runtime
---       reserved), ttl_ms, track_key (1 = register in KEYS[4] too), epoch ("" = no
---       check), verified ("1" or ""), stamp_ttl_ms, recovery ("since_ms:share_permille"
---       or ""), limits (see lib.lua).
+--       reserved), epoch ("" = no check), verified ("1" or ""), recovery
+--       ("since_ms:share_permille" or ""), then what the policy fixes: ttl_ms, track_key
+--       (1 = register in KEYS[4] too), stamp_ttl_ms, and the limits (see lib.lua).
 -- Reply: {1, now_ms, expiry_ms} granted; {0, now_ms, retry_ms, bound} denied, where
 --        bound is the 1-based limit that bound the wait, 0 for the cooldown, and
 --        retry_ms -1 when no wait can ever grant it; {2, now_ms} check the epoch.
@@ -21,14 +22,14 @@ local now = clock(ARGV[1])
 local token = ARGV[2]
 local cost = tonumber(ARGV[3])
 local estimate = tonumber(ARGV[4])
-local ttl = tonumber(ARGV[5])
-local track_key = ARGV[6] == '1'
-local epoch = ARGV[7]
-local verified = ARGV[8] == '1'
-local stamp_ttl = tonumber(ARGV[9])
-local since, share = string.match(ARGV[10], '^(%d+):(%d+)$')
+local epoch = ARGV[5]
+local verified = ARGV[6] == '1'
+local since, share = string.match(ARGV[7], '^(%d+):(%d+)$')
 since, share = tonumber(since), tonumber(share)
-local limits = read_limits(ARGV[11])
+local ttl = tonumber(ARGV[8])
+local track_key = ARGV[9] == '1'
+local stamp_ttl = tonumber(ARGV[10])
+local limits = read_limits(11)
 
 if epoch ~= '' and not verified and redis.call('GET', KEYS[5]) ~= epoch then
   return {2, now}
@@ -52,7 +53,7 @@ if cooldown > now then
   retry = cooldown - now
 end
 
-local counted = {}
+local counted, sums, heres = {}, {}, {}
 for i, lim in ipairs(limits) do
   local wait
   if lim.kind == 'concurrent' then
@@ -70,7 +71,8 @@ for i, lim in ipairs(limits) do
       room = math.floor(lim.amount * share / 1000)
     end
     local live, used
-    if prune(lim, now) + need <= room then
+    sums[i], heres[i] = prune(lim, now)
+    if sums[i] + need <= room then
       wait = 0
     elseif recovering then
       -- The lost history may still fill this window upstream: grant only a share,
@@ -103,11 +105,11 @@ end
 
 for i, lim in ipairs(limits) do
   if counted[i] then
-    charge(lim, now, counted[i])
+    charge(lim, now, counted[i], sums[i], heres[i])
   end
 end
 
-if epoch ~= '' then
+if verified then
   redis.call('SET', KEYS[5], epoch, 'PX', stamp_ttl)
 end
 local expiry = now + ttl

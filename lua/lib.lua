@@ -2,7 +2,9 @@
 -- of each script, so one EVALSHA carries both.
 --
 -- Units: every time and duration is integer milliseconds; runtime amounts are
--- milliseconds; calls amounts are call units.
+-- milliseconds; calls amounts are call units. Integers go to redis.call as Lua numbers,
+-- which Redis writes as plain digits (below 1e15, as all of ours are), more cheaply
+-- than Lua's own tostring.
 --
 -- Key layout, shared by all scripts (all keys carry one hash tag {<tenant>|<api>}):
 --   KEYS[1]      cooldown: string, the end of the fleet-wide pause (ms since epoch)
@@ -15,10 +17,10 @@
 --   KEYS[5 + i]  limit i: for calls/runtime a hash, bucket index -> units charged in it,
 --                plus the fields `lo` and `sum` (see below); for concurrent the in-flight
 --                zset of its scope (KEYS[3] or KEYS[4])
--- The limits are one ARGV value, each limit written as
--- "kind:amount:window_ms:granularity_ms:margin_ms:scope" and separated by commas, with
--- kind "calls" | "runtime" | "concurrent" and scope "api" | "key" (one argument rather
--- than six per limit: fewer arguments to pack on every call).
+-- The limits close ARGV, five values each: kind ("calls" | "runtime" | "concurrent"),
+-- amount, window_ms, granularity_ms, margin_ms; there are as many as KEYS after KEYS[5].
+-- (Separate values, not one string: Lua parses a string dearer than the client packs
+-- arguments.)
 
 local function clock(arg)
   if arg ~= nil and arg ~= '' then
@@ -28,14 +30,14 @@ local function clock(arg)
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
-local function read_limits(spec)
+-- The limits from ARGV[first] on.
+local function read_limits(first)
   local limits = {}
-  for kind, amount, window, gran, margin, scope in
-      string.gmatch(spec, '(%a+):(%d+):(%d+):(%d+):(%d+):(%a+)') do
-    local i = #limits + 1
+  for i = 1, #KEYS - 5 do
+    local at = first + 5 * (i - 1)
     limits[i] = {
-      kind = kind, amount = tonumber(amount), window = tonumber(window),
-      gran = tonumber(gran), margin = tonumber(margin), scope = scope, key = KEYS[5 + i],
+      kind = ARGV[at], amount = tonumber(ARGV[at + 1]), window = tonumber(ARGV[at + 2]),
+      gran = tonumber(ARGV[at + 3]), margin = tonumber(ARGV[at + 4]), key = KEYS[5 + i],
     }
   end
   return limits
@@ -62,34 +64,34 @@ local function live_buckets(lim, now)
   return live, used
 end
 
--- Drop the buckets that no longer count at `now` (expired state: even a denial may);
--- returns the units still counted.
+-- Drop the buckets that no longer count at `now` (expired state: even a denial may).
+-- Returns the units still counted, and the units in the bucket of `now` (a grant adds to
+-- it knowing both, see charge).
 local function prune(lim, now)
-  local meta = redis.call('HMGET', lim.key, 'lo', 'sum')
+  local meta = redis.call('HMGET', lim.key, 'lo', 'sum', math.floor(now / lim.gran))
   local lo, sum = tonumber(meta[1]), tonumber(meta[2])
   if not lo or not sum then
-    return 0
+    return 0, 0
   end
   local horizon = now - lim.window - lim.margin
   local moved = false
   while sum > 0 and (lo + 1) * lim.gran <= horizon do
-    local field = tostring(lo)
-    local units = tonumber(redis.call('HGET', lim.key, field))
+    local units = tonumber(redis.call('HGET', lim.key, lo))
     if units then
       sum = sum - units
-      redis.call('HDEL', lim.key, field)
+      redis.call('HDEL', lim.key, lo)
     end
     lo = lo + 1
     moved = true
   end
   if sum <= 0 then
     redis.call('DEL', lim.key)
-    return 0
+    return 0, 0
   end
   if moved then
-    redis.call('HSET', lim.key, 'lo', tostring(lo), 'sum', sum)
+    redis.call('HSET', lim.key, 'lo', lo, 'sum', sum)
   end
-  return sum
+  return sum, tonumber(meta[3]) or 0
 end
 
 -- When a bucket stops counting: once (index + 1) * gran <= now - window - margin.
@@ -115,11 +117,12 @@ end
 
 -- Milliseconds until one more lease fits under a concurrent limit.
 local function wait_for_slot(lim, now)
-  local live = redis.call('ZCOUNT', lim.key, '(' .. now, '+inf')
+  local after = string.format('(%d', now)  -- scores above now: live leases
+  local live = redis.call('ZCOUNT', lim.key, after, '+inf')
   if live < lim.amount then
     return 0, live
   end
-  local kth = redis.call('ZRANGEBYSCORE', lim.key, '(' .. now, '+inf', 'WITHSCORES',
+  local kth = redis.call('ZRANGEBYSCORE', lim.key, after, '+inf', 'WITHSCORES',
     'LIMIT', live - lim.amount, 1)
   return tonumber(kth[2]) - now, live
 end
@@ -157,7 +160,7 @@ local function uncharge(lim, at_ms, units)
   if units <= 0 then
     return
   end
-  local field = tostring(math.floor(at_ms / lim.gran))
+  local field = math.floor(at_ms / lim.gran)
   local have = tonumber(redis.call('HGET', lim.key, field))
   if not have then
     return
@@ -173,15 +176,19 @@ local function uncharge(lim, at_ms, units)
   end
 end
 
-local function charge(lim, now, units)
+-- Add `units` to the bucket of `now`, given what prune(lim, now) just returned: the
+-- counter's sum and that bucket's units. One write, whatever the counter held.
+local function charge(lim, now, units, sum, here)
   if units <= 0 then
     return
   end
-  local field = tostring(math.floor(now / lim.gran))
-  if redis.call('HINCRBY', lim.key, 'sum', units) == units then
-    redis.call('HSET', lim.key, 'lo', field)  -- the only bucket with units
+  local field = math.floor(now / lim.gran)
+  if sum == 0 then
+    redis.call('HSET', lim.key, field, units, 'sum', units, 'lo', field)
+  else
+    redis.call('HSET', lim.key, field, here + units, 'sum', sum + units)
   end
-  if redis.call('HINCRBY', lim.key, field, units) == units then
+  if here == 0 then
     -- A new bucket is the newest, so its life is the counter's life; a bucket charged
     -- again needs no more, as it set that life when it began.
     redis.call('PEXPIRE', lim.key, lim.gran + lim.window + lim.margin)

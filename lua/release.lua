@@ -8,7 +8,7 @@
 -- Unknown, expired or released leases change nothing (an expired record is pruned).
 -- KEYS: the layout in lib.lua.
 -- ARGV: now_ms ("" = Redis TIME), token, outcome, retry_ms ("" = none),
---       runtime_ms ("" = keep the estimate), limits (see lib.lua).
+--       runtime_ms ("" = keep the estimate), then the limits (see lib.lua).
 -- Reply: {1, now_ms} released, or {0, now_ms, "unknown" | "expired"}.
 
 local now = clock(ARGV[1])
@@ -16,7 +16,7 @@ local token = ARGV[2]
 local outcome = ARGV[3]
 local retry = tonumber(ARGV[4])
 local runtime = tonumber(ARGV[5])
-local limits = read_limits(ARGV[6])
+local limits = read_limits(6)
 
 local record = redis.call('HGET', KEYS[2], token)
 if not record then
@@ -34,7 +34,8 @@ for _, lim in ipairs(limits) do
   elseif lim.kind == 'runtime' and (outcome == 'not_called' or runtime) then
     uncharge(lim, lease.grant, lease.estimate)
     if runtime and outcome ~= 'not_called' then
-      charge(lim, now, runtime)
+      local sum, here = prune(lim, now)
+      charge(lim, now, runtime, sum, here)
     end
   end
 end

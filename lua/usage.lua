@@ -1,23 +1,24 @@
 -- usage.lua: a read-only snapshot of one (tenant, api, key).
 --
 -- KEYS: the layout in lib.lua.
--- ARGV: now_ms ("" = Redis TIME), limits (see lib.lua).
+-- ARGV: now_ms ("" = Redis TIME), then the limits (see lib.lua).
 -- Reply: {now_ms, cooldown_ms, in_flight, used_1, resets_1, used_2, resets_2, ...}:
 --        used is call units, runtime ms or leases in flight; resets is the ms until used
 --        next drops (the oldest counted bucket leaves the window, or the earliest lease
 --        expires), 0 when nothing is used.
 
 local now = clock(ARGV[1])
-local limits = read_limits(ARGV[2])
+local limits = read_limits(2)
 
 local cooldown = tonumber(redis.call('GET', KEYS[1]) or '0') - now
-local reply = {now, math.max(cooldown, 0), redis.call('ZCOUNT', KEYS[3], '(' .. now, '+inf')}
+local after = string.format('(%d', now)  -- scores above now: live leases
+local reply = {now, math.max(cooldown, 0), redis.call('ZCOUNT', KEYS[3], after, '+inf')}
 for _, lim in ipairs(limits) do
   local used, resets = 0, 0
   if lim.kind == 'concurrent' then
-    used = redis.call('ZCOUNT', lim.key, '(' .. now, '+inf')
+    used = redis.call('ZCOUNT', lim.key, after, '+inf')
     if used > 0 then
-      local first = redis.call('ZRANGEBYSCORE', lim.key, '(' .. now, '+inf', 'WITHSCORES',
+      local first = redis.call('ZRANGEBYSCORE', lim.key, after, '+inf', 'WITHSCORES',
         'LIMIT', 0, 1)
       resets = tonumber(first[2]) - now
     end

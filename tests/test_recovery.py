@@ -69,6 +69,28 @@ async def test_another_coordinator_learns_of_the_loss(redis_client: Redis) -> No
     assert await grants(second, 10, T0 + 2) == 2  # sees another stamp, checks, recovers
 
 
+async def test_a_lapsed_stamp_costs_a_check_not_a_recovery(redis_client: Redis) -> None:
+    engine = Engine(redis_client, POLICIES, recovery_share=0.5)
+    checks = 0
+    check_epoch = engine.check_epoch
+
+    async def counted(*, now: int | None = None) -> None:
+        nonlocal checks
+        checks += 1
+        await check_epoch(now=now)
+
+    engine.check_epoch = counted  # type: ignore[method-assign]
+    assert await grants(engine, 4, T0) == 4
+    assert checks == 2  # the first epoch read, then the first stamp
+    stamp = "qg:{t|p}:ep"
+    assert 0 < await redis_client.pttl(stamp) <= 100_000  # the longest window
+    await redis_client.delete(stamp)  # as when it lapses: every counter still there
+    assert await grants(engine, 10, T0 + 1) == 6  # the whole limit, no recovery share
+    assert checks == 3
+    assert engine.recovery == ""
+    assert await redis_client.get(stamp) == engine.epoch.encode()
+
+
 async def test_the_append_only_file_keeps_everything_across_a_restart(tmp_path: Path) -> None:
     policies = load_policies()
     server = EmbeddedServer(data_dir=tmp_path).start()
