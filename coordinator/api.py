@@ -33,6 +33,7 @@ from .errors import (
 from .leases import LeaseRef
 from .policy import API_PATTERN, KEY_PATTERN, TENANT_PATTERN, Kind, PolicySet, load_policies
 from .settings import Settings
+from .store import connect
 from .waiting import WaitLines
 
 log = logging.getLogger("quotagate")
@@ -265,7 +266,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = redis or Redis.from_url(
+        client = redis or connect(
             settings.redis_url or "redis://127.0.0.1:6379/0",
             socket_timeout=timeout,
             socket_connect_timeout=min(timeout, 1.0),

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import httpx
 from fastapi import FastAPI, Request
-from redis.asyncio import Redis
 
 from quotagate.coordinator.embedded import EmbeddedServer, free_port
+from quotagate.coordinator.store import connect
 
 BENCH_POLICY = """
 apis:
@@ -59,9 +59,10 @@ wrk.body = '{"tenant":"bench/app","api":"bench"}'
 
 
 def bare_app() -> FastAPI:
-    """The baseline: parse a JSON body, one EVALSHA, a JSON reply."""
+    """The baseline: parse a JSON body, one EVALSHA, a JSON reply (over the same Redis
+    client as the service)."""
     app = FastAPI()
-    redis = Redis.from_url(os.environ["BENCH_REDIS_URL"])
+    redis = connect(os.environ["BENCH_REDIS_URL"])
     lua_noop = redis.register_script("return {1, redis.call('TIME')[1]}")
 
     @app.post("/bare")

@@ -40,6 +40,7 @@ from redis.asyncio import Redis
 from quotagate.coordinator.embedded import EmbeddedServer
 from quotagate.coordinator.engine import Engine, Grant
 from quotagate.coordinator.policy import parse_policies
+from quotagate.coordinator.store import connect
 
 DEFAULT_OUT = Path(__file__).parent / "results"
 POLICY = """
@@ -64,7 +65,7 @@ class Contender:
 
 
 async def quotagate(url: str) -> Contender:
-    redis = Redis.from_url(url)
+    redis = connect(url)
     engine = Engine(redis, parse_policies(POLICY, "<decisions>"))
     await engine.ready()
 
