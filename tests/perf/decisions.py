@@ -10,10 +10,12 @@ Each contender answers "may this tenant call now?" for both windows, as its API 
   (two EVALSHAs; the hour is hit only when the minute said yes);
 - `PyrateLimiter`: a `RedisBucket` with both rates (one EVALSHA), called through
   `bucket.put`: its `Limiter` adds a per-thread asyncio lock that would serialise the
-  concurrent callers;
+  concurrent callers; once over redis-py's own client, as its users run it, and once over
+  quotagate's (`coordinator/store.py`, hiredis packing), to show what the client is worth;
 - `throttled-py`: two sliding-window `Throttled` limiters, one per window (two EVALSHAs).
 
-All are asyncio with redis-py (hiredis) on one embedded Valkey. Every decision in the
+All are asyncio with redis-py (hiredis parser) on one embedded Valkey; quotagate runs
+over its own client (`connect`), the peers over `Redis.from_url`. Every decision in the
 throughput runs is a grant (the tenant changes every 40 decisions), the path that writes.
 Memory: one tenant's keys after 1,500 grants filled its hourly window (in virtual time
 where the library takes a timestamp), summed with `MEMORY USAGE`.
@@ -141,10 +143,10 @@ async def baseline(url: str) -> Contender:
     )  # fmt: skip
 
 
-async def pyrate(url: str) -> Contender:
+async def pyrate(url: str, packed: bool = False) -> Contender:
     from pyrate_limiter import Duration, Rate, RateItem, RedisBucket
 
-    redis = Redis.from_url(url)
+    redis = connect(url) if packed else Redis.from_url(url)
     rates = [Rate(50, Duration.MINUTE), Rate(1500, Duration.HOUR)]
     first = await RedisBucket.init(rates, redis, "pyrate:warm")
     buckets: dict[str, Any] = {}
@@ -167,6 +169,14 @@ async def pyrate(url: str) -> Contender:
         for i in range(1500):
             assert await b.put(RateItem("call", start + i * 2400))
 
+    if packed:
+        return Contender(
+            "PyrateLimiter, over quotagate's Redis client",
+            "1 EVALSHA: both rates",
+            decide,
+            fill,
+            redis.aclose,
+        )
     return Contender("PyrateLimiter", "1 EVALSHA: both rates", decide, fill, redis.aclose)
 
 
@@ -201,6 +211,7 @@ FACTORIES: dict[str, Callable[[str], Awaitable[Contender]]] = {
     "limits-moving-tested": lambda url: limits_library(url, "moving", charge_after_test=True),
     "limits-sliding": lambda url: limits_library(url, "sliding"),
     "pyrate": pyrate,
+    "pyrate-packed": lambda url: pyrate(url, packed=True),
     "throttled": throttled,
 }
 
@@ -262,8 +273,8 @@ async def memory(url: str, contender: Contender) -> int:
 async def measure(
     url: str, names: Sequence[str], seconds: float, callers: int, rounds: int
 ) -> list[dict[str, Any]]:
-    """Every contender, in turn, `rounds` times (the machine's noise spreads over all of
-    them alike); then each one's memory."""
+    """Every contender, in turn, `rounds` times, each round starting one further along
+    (the machine's noise spreads over all of them alike); then each one's memory."""
     flush = Redis.from_url(url)
     contenders = [await FACTORIES[name](url) for name in names]
     singles: dict[str, list[float]] = {name: [] for name in names}
@@ -274,9 +285,13 @@ async def measure(
         for name, contender in zip(names, contenders, strict=True):
             await rate(contender, 1, min(0.3, seconds), f"warm-{name}")
         await flush.config_resetstat()
+        pairs = list(zip(names, contenders, strict=True))
         for round_ in range(rounds):
-            await flush.flushall()
-            for name, contender in zip(names, contenders, strict=True):
+            # The store emptied before the round, not in it; and each round starts with
+            # the next contender, so none always runs first.
+            await flush.execute_command("FLUSHALL", "SYNC")
+            start = round_ % len(pairs)
+            for name, contender in pairs[start:] + pairs[:start]:
                 print(f"decisions: round {round_ + 1}, {name} ...", file=sys.stderr, flush=True)
                 single, server = await rate(contender, 1, seconds, f"one{round_}-{name}", flush)
                 singles[name].append(single)
