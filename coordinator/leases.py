@@ -68,10 +68,9 @@ def _scope_id(tenant: str, api: str, key: str) -> str:
     return base64.urlsafe_b64encode(scope).decode().rstrip("=")
 
 
-@functools.lru_cache(maxsize=4096)
 def redis_keys(tenant: str, api: str, key: str, policy: Policy) -> tuple[str, ...]:
-    """KEYS for every script, in the layout documented in `lua/lib.lua` (cached: the
-    acquire path builds them for the same few scopes again and again)."""
+    """KEYS for every script, in the layout documented in `lua/lib.lua` (the engine keeps
+    them per (tenant, api, key) in its `Target`s)."""
     base = f"qg:{{{tenant}|{api}}}"
     inflight_api, inflight_key = f"{base}:fa", f"{base}:fk:{key}"
     keys = [f"{base}:cd", f"{base}:ls", inflight_api, inflight_key, f"{base}:ep"]

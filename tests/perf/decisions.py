@@ -169,15 +169,8 @@ async def pyrate(url: str, packed: bool = False) -> Contender:
         for i in range(1500):
             assert await b.put(RateItem("call", start + i * 2400))
 
-    if packed:
-        return Contender(
-            "PyrateLimiter, over quotagate's Redis client",
-            "1 EVALSHA: both rates",
-            decide,
-            fill,
-            redis.aclose,
-        )
-    return Contender("PyrateLimiter", "1 EVALSHA: both rates", decide, fill, redis.aclose)
+    name = "PyrateLimiter, over quotagate's Redis client" if packed else "PyrateLimiter"
+    return Contender(name, "1 EVALSHA: both rates", decide, fill, redis.aclose)
 
 
 async def throttled(url: str) -> Contender:
