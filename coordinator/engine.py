@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import BackendUnavailable, InvalidRequest, UnknownApi, UnknownLease
-from .leases import LeaseRef, limit_args, redis_keys
+from .leases import LeaseRef, policy_args, redis_keys
 from .policy import KEY_PATTERN, TENANT_PATTERN, Limit, Policy, PolicySet
 
 LUA_DIR = Path(__file__).parent.parent / "lua"
@@ -106,8 +106,7 @@ class Target:
 
     policy: Policy
     keys: tuple[str, ...]
-    limit_args: tuple[str | int, ...]  # the limits, as every script takes them
-    acquire_args: tuple[str | int, ...]  # acquire's ARGV after the per-call values
+    args: tuple[str | int, ...]  # every script's ARGV after its per-call values
 
 
 class Engine:
@@ -174,13 +173,7 @@ class Engine:
         without a policy (neither is cached)."""
         validate_scope(tenant, key)
         policy = self.policy(tenant, api)
-        limits = limit_args(policy.limits)
-        fixed = (
-            policy.lease_ttl_ms,
-            1 if policy.tracks_keys else 0,
-            max(policy.longest_window_ms, policy.lease_ttl_ms),
-        )
-        return Target(policy, redis_keys(tenant, api, key, policy), limits, fixed + limits)
+        return Target(policy, redis_keys(tenant, api, key, policy), policy_args(policy))
 
     async def ready(self) -> None:
         """Check that Redis answers and load every script into its cache (EVALSHA reloads
@@ -260,7 +253,7 @@ class Engine:
                     self.epoch,
                     "1" if verified else "",
                     self.recovery,
-                    *target.acquire_args,
+                    *target.args,
                 ),
             )
         )
@@ -291,7 +284,7 @@ class Engine:
                     outcome.value,
                     "" if retry_after_ms is None else retry_after_ms,
                     "" if runtime_ms is None else runtime_ms,
-                    *target.limit_args,
+                    *target.args,
                 ),
             )
         )
@@ -307,8 +300,8 @@ class Engine:
         ttl = target.policy.lease_ttl_ms if ttl_ms is None else ttl_ms
         reply = await self._call(
             self.lua_renew(
-                keys=target.keys[:4],
-                args=["" if now is None else now, ref.member, ttl],
+                keys=target.keys,
+                args=("" if now is None else now, ref.member, ttl, *target.args),
             )
         )
         if reply[0] != 1:
@@ -321,7 +314,7 @@ class Engine:
         reply = await self._call(
             self.lua_usage(
                 keys=target.keys,
-                args=("" if now is None else now, *target.limit_args),
+                args=("" if now is None else now, *target.args),
             )
         )
         limits = tuple(

@@ -15,7 +15,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from .policy import API_PATTERN, KEY_PATTERN, TENANT_PATTERN, Kind, Limit, Policy, Scope
+from .policy import API_PATTERN, KEY_PATTERN, TENANT_PATTERN, Kind, Policy, Scope
 
 _TOKEN = re.compile(r"^[0-9a-f]{32}$")
 
@@ -73,7 +73,7 @@ def redis_keys(tenant: str, api: str, key: str, policy: Policy) -> tuple[str, ..
     them per (tenant, api, key) in its `Target`s)."""
     base = f"qg:{{{tenant}|{api}}}"
     inflight_api, inflight_key = f"{base}:fa", f"{base}:fk:{key}"
-    keys = [f"{base}:cd", f"{base}:ls", inflight_api, inflight_key, f"{base}:ep"]
+    keys = [f"{base}:s", inflight_api, inflight_key]
     for lim in policy.limits:
         if lim.kind is Kind.CONCURRENT:
             keys.append(inflight_key if lim.scope is Scope.KEY else inflight_api)
@@ -84,10 +84,19 @@ def redis_keys(tenant: str, api: str, key: str, policy: Policy) -> tuple[str, ..
     return tuple(keys)
 
 
-def limit_args(limits: tuple[Limit, ...]) -> tuple[str | int, ...]:
-    """The limits as the scripts take them, closing ARGV (format in `lua/lib.lua`)."""
-    return tuple(
+def policy_args(policy: Policy) -> tuple[str | int, ...]:
+    """What the policy fixes, closing every script's ARGV (format in `lua/lib.lua`)."""
+    tracks_api = any(
+        lim.kind is Kind.CONCURRENT and lim.scope is Scope.API for lim in policy.limits
+    )
+    head = (
+        policy.lease_ttl_ms,
+        1 if tracks_api else 0,
+        1 if policy.tracks_keys else 0,
+        max(policy.longest_window_ms, policy.lease_ttl_ms),
+    )
+    return head + tuple(
         value
-        for lim in limits
+        for lim in policy.limits
         for value in (lim.kind.value, lim.amount, lim.window_ms, lim.granularity_ms, lim.margin_ms)
     )

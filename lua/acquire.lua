@@ -1,19 +1,21 @@
 -- acquire.lua: grant one lease if the cooldown is over and every limit has room.
 --
--- Checks everything first and writes only when all pass: a denial changes no count, lease
--- or cooldown (it may prune state that has already expired).
+-- Checks everything first and writes only when all pass: a denial changes no count,
+-- lease or cooldown (it may drop state that has already expired).
 -- Epoch: when the caller names the store epoch it knows and this (tenant, api) carries
--- another stamp (or none), the script changes nothing and asks the caller to check the
--- epoch first (reply {2, now_ms}): the store may have lost its state. With `verified`, the
--- caller has just checked, and a grant stamps the epoch for stamp_ttl_ms (once it lapses,
--- the next acquire makes the caller check again: one more round trip per stamp_ttl_ms).
+-- another stamp (or none, or a lapsed one), the script changes nothing and asks the
+-- caller to check the epoch first (reply {2, now_ms}): the store may have lost its
+-- state. With `verified`, the caller has just checked, and a grant stamps the epoch for
+-- stamp_ttl_ms (once it lapses, the next acquire makes the caller check again: one more
+-- round trip per stamp_ttl_ms).
 -- Recovery: after a loss, a windowed limit whose window still overlaps the loss grants at
 -- most share_permille / 1000 of its amount.
+-- A grant on an api without concurrent limits costs TIME, one HMGET of the state hash,
+-- one HMGET and one HSET per windowed limit, and one HSET of the state hash.
 -- KEYS: the layout in lib.lua.
 -- ARGV: now_ms ("" = Redis TIME), token, cost (call units), estimate_ms (runtime
 --       reserved), epoch ("" = no check), verified ("1" or ""), recovery
---       ("since_ms:share_permille" or ""), then what the policy fixes: ttl_ms, track_key
---       (1 = register in KEYS[4] too), stamp_ttl_ms, and the limits (see lib.lua).
+--       ("since_ms:share_permille" or ""), then what the policy fixes (see lib.lua).
 -- Reply: {1, now_ms, expiry_ms} granted; {0, now_ms, retry_ms, bound} denied, where
 --        bound is the 1-based limit that bound the wait, 0 for the cooldown, and
 --        retry_ms -1 when no wait can ever grant it; {2, now_ms} check the epoch.
@@ -26,34 +28,33 @@ local epoch = ARGV[5]
 local verified = ARGV[6] == '1'
 local since, share = string.match(ARGV[7], '^(%d+):(%d+)$')
 since, share = tonumber(since), tonumber(share)
-local ttl = tonumber(ARGV[8])
-local track_key = ARGV[9] == '1'
-local stamp_ttl = tonumber(ARGV[10])
-local limits = read_limits(11)
+local ttl, track_api, track_key, stamp_ttl, limits = read_policy(8)
 
-if epoch ~= '' and not verified and redis.call('GET', KEYS[5]) ~= epoch then
+local state = redis.call('HMGET', KEYS[1], 'cd', 'ep', 'et', 'px', 'tx')
+if epoch ~= '' and not verified and
+    (state[2] ~= epoch or (tonumber(state[3]) or 0) <= now) then
   return {2, now}
 end
 
--- Leases past their expiry free their slot; their charges stay.
-local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
-for _, token_gone in ipairs(expired) do
-  redis.call('HDEL', KEYS[2], token_gone)
-end
-if #expired > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+local purge_at = tonumber(state[4])
+if purge_at and purge_at <= now then
+  purge_at = purge_leases(now, ttl, track_api)
+  if purge_at then
+    redis.call('HSET', KEYS[1], 'px', purge_at)
+  else
+    redis.call('HDEL', KEYS[1], 'px')
+  end
 end
 if track_key then
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 end
 
 local retry, bound = 0, 0
-local cooldown = tonumber(redis.call('GET', KEYS[1]) or '0')
+local cooldown = tonumber(state[1]) or 0
 if cooldown > now then
   retry = cooldown - now
 end
 
-local counted, sums, heres = {}, {}, {}
 for i, lim in ipairs(limits) do
   local wait
   if lim.kind == 'concurrent' then
@@ -63,7 +64,7 @@ for i, lim in ipairs(limits) do
     if lim.kind == 'runtime' then
       need = estimate
     end
-    counted[i] = need
+    lim.need = need
     local recovered = since and since + lim.window + lim.margin
     local recovering = recovered and now < recovered
     local room = lim.amount
@@ -71,8 +72,8 @@ for i, lim in ipairs(limits) do
       room = math.floor(lim.amount * share / 1000)
     end
     local live, used
-    sums[i], heres[i] = prune(lim, now)
-    if sums[i] + need <= room then
+    lim.sum, lim.here = prune(lim, now)
+    if lim.sum + need <= room then
       wait = 0
     elseif recovering then
       -- The lost history may still fill this window upstream: grant only a share,
@@ -103,21 +104,38 @@ if retry > 0 then
   return {0, now, retry, bound}
 end
 
-for i, lim in ipairs(limits) do
-  if counted[i] then
-    charge(lim, now, counted[i], sums[i], heres[i])
+for _, lim in ipairs(limits) do
+  if lim.need then
+    charge(lim, now, lim.need, lim.sum, lim.here)
   end
 end
 
-if verified then
-  redis.call('SET', KEYS[5], epoch, 'PX', stamp_ttl)
-end
 local expiry = now + ttl
-redis.call('HSET', KEYS[2], token, string.format('%d:%d:%d:%d', now, cost, estimate, expiry))
-redis.call('ZADD', KEYS[3], expiry, token)
-keep_leases(ttl)
+local fields = {token, string.format('%d:%d:%d:%d', now, cost, estimate, expiry)}
+local deadline = expiry
+if verified then
+  fields[3], fields[4], fields[5], fields[6] = 'ep', epoch, 'et', now + stamp_ttl
+  deadline = math.max(deadline, now + stamp_ttl)
+end
+if not purge_at then
+  fields[#fields + 1] = 'px'
+  fields[#fields + 1] = expiry
+end
+local tx, expire_ms = plan_state_ttl(now, tonumber(state[5]) or 0, deadline, ttl)
+if tx then
+  fields[#fields + 1] = 'tx'
+  fields[#fields + 1] = tx
+end
+redis.call('HSET', KEYS[1], unpack(fields))
+if expire_ms then
+  redis.call('PEXPIRE', KEYS[1], expire_ms)
+end
+if track_api then
+  redis.call('ZADD', KEYS[2], expiry, token)
+  extend_ttl(KEYS[2], ttl)
+end
 if track_key then
-  redis.call('ZADD', KEYS[4], expiry, token)
-  extend_ttl(KEYS[4], ttl)
+  redis.call('ZADD', KEYS[3], expiry, token)
+  extend_ttl(KEYS[3], ttl)
 end
 return {1, now, expiry}

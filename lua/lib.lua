@@ -7,20 +7,29 @@
 -- than Lua's own tostring.
 --
 -- Key layout, shared by all scripts (all keys carry one hash tag {<tenant>|<api>}):
---   KEYS[1]      cooldown: string, the end of the fleet-wide pause (ms since epoch)
---   KEYS[2]      leases: hash, lease token (its random part and key) ->
---                "grant_ms:cost:estimate_ms:expiry_ms"
---   KEYS[3]      in flight (api): zset, lease token scored by expiry
---   KEYS[4]      in flight (key): zset, the same for the lease's key
---   KEYS[5]      epoch stamp: string, the store epoch this (tenant, api) was last
---                granted under (see epoch.lua), living as long as the longest window
---   KEYS[5 + i]  limit i: for calls/runtime a hash, bucket index -> units charged in it,
+--   KEYS[1]      state: hash of the (tenant, api). Its leases, lease token (its random
+--                part and key) -> "grant_ms:cost:estimate_ms:expiry_ms", and five fields
+--                that hold no ':' in their names:
+--                  cd  the end of the fleet-wide pause (cooldown)
+--                  ep  the store epoch the (tenant, api) was last granted under (see
+--                      epoch.lua), and et, until when that stamp holds
+--                  px  when to next drop the records of expired leases (absent: none left)
+--                  tx  a time the hash is sure to live until (its TTL ends no earlier):
+--                      a grant that needs no longer only reads it
+--                One hash, so that a grant reads all of it in one HMGET and writes it in
+--                one HSET.
+--   KEYS[2]      in flight (api): zset, lease token scored by expiry; kept only when a
+--                concurrent limit of api scope needs it (track_api)
+--   KEYS[3]      in flight (key): the same for the lease's key (track_key)
+--   KEYS[3 + i]  limit i: for calls/runtime a hash, bucket index -> units charged in it,
 --                plus the fields `lo` and `sum` (see below); for concurrent the in-flight
---                zset of its scope (KEYS[3] or KEYS[4])
--- The limits close ARGV, five values each: kind ("calls" | "runtime" | "concurrent"),
--- amount, window_ms, granularity_ms, margin_ms; there are as many as KEYS after KEYS[5].
--- (Separate values, not one string: Lua parses a string dearer than the client packs
--- arguments.)
+--                zset of its scope (KEYS[2] or KEYS[3])
+-- Every script's ARGV closes with what the policy fixes (read_policy): ttl_ms (a new
+-- lease's time to live), track_api and track_key ("1" or "0"), stamp_ttl_ms (how long an
+-- epoch stamp holds), then the limits, five values each: kind ("calls" | "runtime" |
+-- "concurrent"), amount, window_ms, granularity_ms, margin_ms; there are as many as KEYS
+-- after KEYS[3]. (Separate values, not one string: Lua parses a string dearer than the
+-- client packs arguments.)
 
 local function clock(arg)
   if arg ~= nil and arg ~= '' then
@@ -30,17 +39,19 @@ local function clock(arg)
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- The limits from ARGV[first] on.
-local function read_limits(first)
+-- What the policy fixes, from ARGV[first] on: ttl_ms, track_api, track_key, stamp_ttl_ms
+-- and the limits (tables: kind, amount, window, gran, margin, key).
+local function read_policy(first)
   local limits = {}
-  for i = 1, #KEYS - 5 do
-    local at = first + 5 * (i - 1)
+  for i = 1, #KEYS - 3 do
+    local at = first + 4 + 5 * (i - 1)
     limits[i] = {
       kind = ARGV[at], amount = tonumber(ARGV[at + 1]), window = tonumber(ARGV[at + 2]),
-      gran = tonumber(ARGV[at + 3]), margin = tonumber(ARGV[at + 4]), key = KEYS[5 + i],
+      gran = tonumber(ARGV[at + 3]), margin = tonumber(ARGV[at + 4]), key = KEYS[3 + i],
     }
   end
-  return limits
+  return tonumber(ARGV[first]), ARGV[first + 1] == '1', ARGV[first + 2] == '1',
+    tonumber(ARGV[first + 3]), limits
 end
 
 -- A counter hash holds its buckets (bucket index -> units) and two bookkeeping fields:
@@ -133,14 +144,19 @@ local function extend_ttl(key, ms)
   end
 end
 
--- The lease hash and the api's in-flight zset (which hold the same leases, so they are
--- created and emptied together) must outlive every lease in them: when less than `ms` is
--- left, give them twice that, so most grants only read the hash's TTL.
-local function keep_leases(ms)
-  if redis.call('PTTL', KEYS[2]) < ms then
-    redis.call('PEXPIRE', KEYS[2], 2 * ms)
-    redis.call('PEXPIRE', KEYS[3], 2 * ms)
+-- The state hash must live until `deadline` at least. When its `tx` field does not
+-- promise that already, returns the new `tx` and, when the TTL must grow, the ms to
+-- PEXPIRE the hash with once written (it never shortens the TTL); else nil.
+local function plan_state_ttl(now, tx, deadline, slack)
+  if tx >= deadline then
+    return nil, nil
   end
+  local want = deadline + slack - now
+  local left = redis.call('PTTL', KEYS[1])  -- -2: no hash yet, -1: no TTL
+  if left >= want then
+    return now + left, nil
+  end
+  return now + want, want
 end
 
 local function parse_lease(record)
@@ -149,10 +165,66 @@ local function parse_lease(record)
           expiry = tonumber(expiry)}
 end
 
-local function forget_lease(token)
-  redis.call('HDEL', KEYS[2], token)
-  redis.call('ZREM', KEYS[3], token)
-  redis.call('ZREM', KEYS[4], token)
+local function forget_lease(token, track_api, track_key)
+  redis.call('HDEL', KEYS[1], token)
+  if track_api then
+    redis.call('ZREM', KEYS[2], token)
+  end
+  if track_key then
+    redis.call('ZREM', KEYS[3], token)
+  end
+end
+
+-- HDEL in slices (Lua's unpack takes a few thousand values at most).
+local function hdel_all(key, fields)
+  for at = 1, #fields, 1000 do
+    redis.call('HDEL', key, unpack(fields, at, math.min(at + 999, #fields)))
+  end
+end
+
+-- The state hash's lease records as {token, lease} (expired ones too), and how many of
+-- them are live at `now`.
+local function lease_records(now)
+  local flat = redis.call('HGETALL', KEYS[1])
+  local found, live = {}, 0
+  for i = 1, #flat, 2 do
+    if string.find(flat[i], ':', 1, true) then
+      local lease = parse_lease(flat[i + 1])
+      found[#found + 1] = {flat[i], lease}
+      if lease.expiry > now then
+        live = live + 1
+      end
+    end
+  end
+  return found, live
+end
+
+-- Drop the records of leases past their expiry (their slots free; their charges stay).
+-- Returns when to purge next: now + ttl while leases are left (records outlive their
+-- expiry by at most that), nil when none is.
+local function purge_leases(now, ttl, track_api)
+  local gone, left = {}, 0
+  if track_api then
+    gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+    if #gone > 0 then
+      redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+    end
+    left = redis.call('ZCARD', KEYS[2])
+  else
+    local found = lease_records(now)
+    for _, entry in ipairs(found) do
+      if entry[2].expiry <= now then
+        gone[#gone + 1] = entry[1]
+      else
+        left = left + 1
+      end
+    end
+  end
+  hdel_all(KEYS[1], gone)
+  if left > 0 then
+    return now + ttl
+  end
+  return nil
 end
 
 -- Take back `units` from the bucket they were charged to, if it is still there.

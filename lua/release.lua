@@ -5,10 +5,10 @@
 -- the runtime reservation are refunded from the buckets they went into, if still there.
 -- A reported runtime replaces the estimate: the estimate is refunded and the runtime is
 -- charged in the release-time bucket (the conservative side).
--- Unknown, expired or released leases change nothing (an expired record is pruned).
+-- Unknown, expired or released leases change nothing (an expired record is dropped).
 -- KEYS: the layout in lib.lua.
 -- ARGV: now_ms ("" = Redis TIME), token, outcome, retry_ms ("" = none),
---       runtime_ms ("" = keep the estimate), then the limits (see lib.lua).
+--       runtime_ms ("" = keep the estimate), then what the policy fixes (see lib.lua).
 -- Reply: {1, now_ms} released, or {0, now_ms, "unknown" | "expired"}.
 
 local now = clock(ARGV[1])
@@ -16,14 +16,14 @@ local token = ARGV[2]
 local outcome = ARGV[3]
 local retry = tonumber(ARGV[4])
 local runtime = tonumber(ARGV[5])
-local limits = read_limits(6)
+local ttl, track_api, track_key, _, limits = read_policy(6)
 
-local record = redis.call('HGET', KEYS[2], token)
-if not record then
+local state = redis.call('HMGET', KEYS[1], token, 'cd')
+if not state[1] then
   return {0, now, 'unknown'}
 end
-local lease = parse_lease(record)
-forget_lease(token)
+local lease = parse_lease(state[1])
+forget_lease(token, track_api, track_key)
 if lease.expiry <= now then
   return {0, now, 'expired'}
 end
@@ -42,8 +42,14 @@ end
 
 if outcome == 'throttled' and retry and retry > 0 then
   local until_ms = now + retry
-  if tonumber(redis.call('GET', KEYS[1]) or '0') < until_ms then
-    redis.call('SET', KEYS[1], string.format('%d', until_ms), 'PX', retry)
+  if (tonumber(state[2]) or 0) < until_ms then
+    -- tx as if unknown: the HDEL above may have emptied the hash (a rare path, so one
+    -- PTTL more is cheap).
+    local tx, expire_ms = plan_state_ttl(now, 0, until_ms, ttl)
+    redis.call('HSET', KEYS[1], 'cd', until_ms, 'tx', tx)
+    if expire_ms then
+      redis.call('PEXPIRE', KEYS[1], expire_ms)
+    end
   end
 end
 return {1, now}

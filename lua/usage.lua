@@ -1,18 +1,19 @@
 -- usage.lua: a read-only snapshot of one (tenant, api, key).
 --
 -- KEYS: the layout in lib.lua.
--- ARGV: now_ms ("" = Redis TIME), then the limits (see lib.lua).
+-- ARGV: now_ms ("" = Redis TIME), then what the policy fixes (see lib.lua).
 -- Reply: {now_ms, cooldown_ms, in_flight, used_1, resets_1, used_2, resets_2, ...}:
 --        used is call units, runtime ms or leases in flight; resets is the ms until used
 --        next drops (the oldest counted bucket leaves the window, or the earliest lease
 --        expires), 0 when nothing is used.
 
 local now = clock(ARGV[1])
-local limits = read_limits(2)
+local _, _, _, _, limits = read_policy(2)
 
-local cooldown = tonumber(redis.call('GET', KEYS[1]) or '0') - now
+local cooldown = (tonumber(redis.call('HGET', KEYS[1], 'cd')) or 0) - now
+local _, in_flight = lease_records(now)
 local after = string.format('(%d', now)  -- scores above now: live leases
-local reply = {now, math.max(cooldown, 0), redis.call('ZCOUNT', KEYS[3], after, '+inf')}
+local reply = {now, math.max(cooldown, 0), in_flight}
 for _, lim in ipairs(limits) do
   local used, resets = 0, 0
   if lim.kind == 'concurrent' then

@@ -55,8 +55,12 @@ async def _snapshot(engine: Engine, tenant: str, now: int) -> object:
     """Everything a denial must leave alone: usage of every key, and the live leases."""
     views = [await engine.usage(tenant, "p", key, now=now) for key in KEYS]
     ref = LeaseRef(tenant, "p", "", "0" * 32)
-    records = await engine.redis.hgetall(f"qg:{{{ref.tenant}|p}}:ls")
-    live = {token: record for token, record in records.items() if int(record.split(b":")[3]) > now}
+    state = await engine.redis.hgetall(f"qg:{{{ref.tenant}|p}}:s")
+    live = {
+        token: record
+        for token, record in state.items()
+        if b":" in token and int(record.split(b":")[3]) > now  # a lease, still live
+    }
     return [(v.limits, v.in_flight, v.cooldown_ms) for v in views], live
 
 

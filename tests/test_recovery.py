@@ -82,13 +82,19 @@ async def test_a_lapsed_stamp_costs_a_check_not_a_recovery(redis_client: Redis) 
     engine.check_epoch = counted  # type: ignore[method-assign]
     assert await grants(engine, 4, T0) == 4
     assert checks == 2  # the first epoch read, then the first stamp
-    stamp = "qg:{t|p}:ep"
-    assert 0 < await redis_client.pttl(stamp) <= 100_000  # the longest window
-    await redis_client.delete(stamp)  # as when it lapses: every counter still there
+    state = "qg:{t|p}:s"
+    stamp, until = await redis_client.hmget(state, "ep", "et")
+    assert stamp == engine.epoch.encode()
+    assert T0 < int(until) <= T0 + 100_000  # the longest window
+    assert await redis_client.pttl(state) >= 100_000  # the hash outlives its stamp
+    await redis_client.hset(state, "et", T0 + 1)  # as when it lapses: every counter still there
     assert await grants(engine, 10, T0 + 1) == 6  # the whole limit, no recovery share
     assert checks == 3
     assert engine.recovery == ""
-    assert await redis_client.get(stamp) == engine.epoch.encode()
+    assert await redis_client.hmget(state, "ep", "et") == [
+        engine.epoch.encode(),
+        str(T0 + 1 + 100_000).encode(),
+    ]
 
 
 async def test_the_append_only_file_keeps_everything_across_a_restart(tmp_path: Path) -> None:

@@ -255,7 +255,7 @@ def check_store(store: redis.Redis, policy_file: Path) -> list[str]:
             policy = policies.resolve(tenant, api)
             assert policy is not None
             for key in api_keys or [""]:
-                names = redis_keys(tenant, api, key, policy)[5:]
+                names = redis_keys(tenant, api, key, policy)[-len(policy.limits) :]
                 for lim, name in zip(policy.limits, names, strict=True):
                     if lim.kind is not Kind.CONCURRENT:
                         span = lim.window_ms + lim.margin_ms
