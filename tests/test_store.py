@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from redis.asyncio.connection import Connection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import DataError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from quotagate.coordinator.embedded import EmbeddedServer
 from quotagate.coordinator.store import (
@@ -72,3 +77,28 @@ async def test_connect_talks_to_a_real_server(valkey_server: EmbeddedServer) -> 
     finally:
         await client.delete("qg:test:packed")
         await client.aclose()
+
+
+async def test_a_write_that_cannot_finish_times_out_and_the_client_recovers() -> None:
+    # A stopped server reads nothing: a command larger than the socket buffers can only
+    # be half written, and the write timeout (not a Task's) must end it.
+    with EmbeddedServer() as server:
+        client = connect(server.url, socket_timeout=0.3, retry=Retry(NoBackoff(), 0))
+        try:
+            assert await client.ping()
+            assert server.process is not None
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                with pytest.raises(RedisTimeoutError, match="writing"):
+                    await client.set("qg:test:big", b"x" * (64 << 20))
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            # The same connection object, connected anew (the half-written one was
+            # dropped), with its own timeout again for every read.
+            connection = await client.connection_pool.get_connection()
+            assert connection.socket_timeout == 0.3
+            await client.connection_pool.release(connection)
+            assert await client.ping()
+            assert await client.exists("qg:test:big") == 0
+        finally:
+            await client.aclose()
