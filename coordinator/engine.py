@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -22,12 +23,27 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .errors import BackendUnavailable, InvalidRequest, UnknownApi, UnknownLease
 from .leases import LeaseRef, policy_args, redis_keys
 from .policy import KEY_PATTERN, TENANT_PATTERN, Limit, Policy, PolicySet
+from .store import Script
 
 LUA_DIR = Path(__file__).parent.parent / "lua"
 
 
 def _script(name: str) -> str:
-    return (LUA_DIR / "lib.lua").read_text() + "\n" + (LUA_DIR / f"{name}.lua").read_text()
+    """`lua/<name>.lua` behind the helpers of `lua/lib.lua` that it calls, directly or
+    through another helper: each EVALSHA runs the whole text, and every helper defined is a
+    closure made on every call."""
+    body = (LUA_DIR / f"{name}.lua").read_text()
+    head, *parts = re.split(r"(?m)^(?=local function )", (LUA_DIR / "lib.lua").read_text())
+    helpers = {re.match(r"local function (\w+)", part)[1]: part for part in parts}  # type: ignore[index]
+    wanted: set[str] = set()
+    todo = [body]
+    while todo:
+        text = todo.pop()
+        for helper, source in helpers.items():
+            if helper not in wanted and re.search(rf"\b{helper}\(", text):
+                wanted.add(helper)
+                todo.append(source)
+    return head + "".join(source for helper, source in helpers.items() if helper in wanted) + body
 
 
 SCRIPT_ACQUIRE = _script("acquire")
@@ -132,11 +148,11 @@ class Engine:
         self.loss_on_start = loss_on_start
         self.epoch = ""  # start of the store's epoch (ms), as the scripts compare it
         self.recovery = ""  # "since_ms:share_permille" after a loss
-        self.lua_acquire = redis.register_script(SCRIPT_ACQUIRE)
-        self.lua_release = redis.register_script(SCRIPT_RELEASE)
-        self.lua_renew = redis.register_script(SCRIPT_RENEW)
-        self.lua_usage = redis.register_script(SCRIPT_USAGE)
-        self.lua_epoch = redis.register_script(SCRIPT_EPOCH)
+        self.lua_acquire = Script(redis, SCRIPT_ACQUIRE)
+        self.lua_release = Script(redis, SCRIPT_RELEASE)
+        self.lua_renew = Script(redis, SCRIPT_RENEW)
+        self.lua_usage = Script(redis, SCRIPT_USAGE)
+        self.lua_epoch = Script(redis, SCRIPT_EPOCH)
         # Resolved once per (tenant, api, key) seen lately: a decision then costs one
         # dictionary look-up before its round trip.
         self.target = functools.lru_cache(maxsize=4096)(self._resolve)

@@ -18,7 +18,8 @@ Two costs of redis-py's asyncio connections, per command, taken off here:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import hashlib
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import hiredis
@@ -30,6 +31,7 @@ from redis.asyncio.connection import (
     UnixDomainSocketConnection,
     parse_url,
 )
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
@@ -100,3 +102,22 @@ def connect(url: str, **options: Any) -> Redis:
     kind = options.get("connection_class", Connection)
     options["connection_class"] = _PACKED.get(kind, kind)
     return Redis.from_pool(ConnectionPool(**options))
+
+
+class Script:
+    """A Lua script run by EVALSHA, loaded again when the server has lost it (NOSCRIPT):
+    what redis-py's `AsyncScript` does, minus its per-call import and pipeline check
+    (about 14 µs a call here; the engine never runs scripts in a pipeline)."""
+
+    def __init__(self, redis: Redis, script: str) -> None:
+        self.redis = redis
+        self.script = script
+        self.sha = hashlib.sha1(script.encode()).hexdigest()
+
+    async def __call__(self, keys: Sequence[str], args: Sequence[EncodableT]) -> Any:
+        run = self.redis.execute_command
+        try:
+            return await run("EVALSHA", self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+        except NoScriptError:
+            self.sha = await self.redis.script_load(self.script)
+            return await run("EVALSHA", self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]

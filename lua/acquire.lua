@@ -26,8 +26,11 @@ local cost = tonumber(ARGV[3])
 local estimate = tonumber(ARGV[4])
 local epoch = ARGV[5]
 local verified = ARGV[6] == '1'
-local since, share = string.match(ARGV[7], '^(%d+):(%d+)$')
-since, share = tonumber(since), tonumber(share)
+local since, share
+if ARGV[7] ~= '' then
+  since, share = string.match(ARGV[7], '^(%d+):(%d+)$')
+  since, share = tonumber(since), tonumber(share)
+end
 local ttl, track_api, track_key, stamp_ttl, limits = read_policy(8)
 
 local state = redis.call('HMGET', KEYS[1], 'cd', 'ep', 'et', 'px', 'tx')

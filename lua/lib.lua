@@ -1,5 +1,5 @@
--- lib.lua: helpers shared by every quotagate script; the loader puts this file in front
--- of each script, so one EVALSHA carries both.
+-- lib.lua: helpers shared by every quotagate script; the loader puts the helpers a script
+-- calls in front of it, so one EVALSHA carries both.
 --
 -- Units: every time and duration is integer milliseconds; runtime amounts are
 -- milliseconds; calls amounts are call units. Integers go to redis.call as Lua numbers,
@@ -48,6 +48,7 @@ local function read_policy(first)
     limits[i] = {
       kind = ARGV[at], amount = tonumber(ARGV[at + 1]), window = tonumber(ARGV[at + 2]),
       gran = tonumber(ARGV[at + 3]), margin = tonumber(ARGV[at + 4]), key = KEYS[3 + i],
+      need = false, sum = 0, here = 0,  -- what acquire fills in (sized in, not grown)
     }
   end
   return tonumber(ARGV[first]), ARGV[first + 1] == '1', ARGV[first + 2] == '1',
