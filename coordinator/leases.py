@@ -86,12 +86,9 @@ def redis_keys(tenant: str, api: str, key: str, policy: Policy) -> tuple[str, ..
 
 def policy_args(policy: Policy) -> tuple[str | int, ...]:
     """What the policy fixes, closing every script's ARGV (format in `lua/lib.lua`)."""
-    tracks_api = any(
-        lim.kind is Kind.CONCURRENT and lim.scope is Scope.API for lim in policy.limits
-    )
     head = (
         policy.lease_ttl_ms,
-        1 if tracks_api else 0,
+        1 if policy.tracks_api else 0,
         1 if policy.tracks_keys else 0,
         max(policy.longest_window_ms, policy.lease_ttl_ms),
     )

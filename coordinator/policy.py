@@ -82,6 +82,12 @@ class Policy:
         return min(windows, default=60_000)
 
     @functools.cached_property
+    def tracks_api(self) -> bool:
+        """Whether leases must be registered in the api's in-flight set (an api-scoped
+        concurrent limit)."""
+        return any(lim.kind is Kind.CONCURRENT and lim.scope is Scope.API for lim in self.limits)
+
+    @functools.cached_property
     def tracks_keys(self) -> bool:
         """Whether leases must also be registered per key (a key-scoped concurrent limit)."""
         return any(lim.kind is Kind.CONCURRENT and lim.scope is Scope.KEY for lim in self.limits)
