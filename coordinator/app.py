@@ -2,10 +2,75 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
-from .api import create_app
-from .settings import get_settings
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from .auth import Authorizer
+from .engine import Engine
+from .errors import BackendUnavailable
+from .handlers import EXCEPTION_HANDLERS
+from .middleware import BodyLimit
+from .policy import PolicySet, load_policies
+from .routers import health, leases, usage
+from .routers import policies as policy_routes
+from .settings import Settings, get_settings
+from .store import connect
+from .waiting import LocalLines
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    policies: PolicySet | None = None,
+    redis: Redis | None = None,
+) -> FastAPI:
+    """The service. Without `redis`, it connects to `settings.redis_url` at start-up (and
+    closes that client at shutdown); without `policies`, it loads `settings.policies` on
+    top of the built-in catalog."""
+    settings = settings or get_settings()
+    effective = policies or load_policies(settings.policies)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = redis or connect(
+            settings.redis_url or DEFAULT_REDIS_URL, timeout=settings.request_timeout
+        )
+        engine = Engine(
+            client,
+            effective,
+            recovery_share=settings.recovery_share,
+            loss_on_start=settings.recover_on_start,
+            timeout=settings.request_timeout,
+        )
+        app.state.engine = engine
+        app.state.waiting = LocalLines(engine)
+        with contextlib.suppress(BackendUnavailable):
+            await engine.check_epoch()  # else the first acquire does it
+        try:
+            yield
+        finally:
+            if redis is None:
+                await client.aclose()
+
+    app = FastAPI(
+        title="quotagate",
+        version="1",
+        lifespan=lifespan,
+        exception_handlers=EXCEPTION_HANDLERS,
+    )
+    app.state.settings = settings
+    app.state.policies = effective
+    app.state.authorizer = Authorizer(settings.all_tokens())
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    for router in (leases.router, usage.router, policy_routes.router, health.router):
+        app.include_router(router)
+    return app
 
 
 def app_from_environment() -> FastAPI:

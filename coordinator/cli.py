@@ -53,7 +53,7 @@ def serve(
     """Run the coordinator."""
     import uvicorn
 
-    from .api import create_app
+    from .app import create_app
     from .embedded import EmbeddedServer, EmbeddedServerError
 
     logging.basicConfig(

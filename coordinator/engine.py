@@ -7,50 +7,51 @@ through the scripts; without it the scripts read Redis `TIME`.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-import re
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal, TypeVar
 
 from redis.asyncio import Redis
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from . import codec
+from .codec import AcquireArgs, EpochArgs, ReleaseArgs, RenewArgs, UsageArgs
 from .errors import BackendUnavailable, InvalidRequest, UnknownApi, UnknownLease
-from .leases import LeaseRef, policy_args, redis_keys
+from .leases import LeaseRef
 from .policy import KEY_PATTERN, TENANT_PATTERN, Limit, Policy, PolicySet
-from .store import Script
 
-LUA_DIR = Path(__file__).parent.parent / "lua"
+T = TypeVar("T")
 
+SCRIPT_ACQUIRE = codec.script_source(AcquireArgs)
+SCRIPT_RELEASE = codec.script_source(ReleaseArgs)
+SCRIPT_RENEW = codec.script_source(RenewArgs)
+SCRIPT_USAGE = codec.script_source(UsageArgs)
+SCRIPT_EPOCH = codec.script_source(EpochArgs)
 
-def _script(name: str) -> str:
-    """`lua/<name>.lua` behind the helpers of `lua/lib.lua` that it calls, directly or
-    through another helper: each EVALSHA runs the whole text, and every helper defined is a
-    closure made on every call."""
-    body = (LUA_DIR / f"{name}.lua").read_text()
-    head, *parts = re.split(r"(?m)^(?=local function )", (LUA_DIR / "lib.lua").read_text())
-    helpers = {re.match(r"local function (\w+)", part)[1]: part for part in parts}  # type: ignore[index]
-    wanted: set[str] = set()
-    todo = [body]
-    while todo:
-        text = todo.pop()
-        for helper, source in helpers.items():
-            if helper not in wanted and re.search(rf"\b{helper}\(", text):
-                wanted.add(helper)
-                todo.append(source)
-    return head + "".join(source for helper, source in helpers.items() if helper in wanted) + body
-
-
-SCRIPT_ACQUIRE = _script("acquire")
-SCRIPT_RELEASE = _script("release")
-SCRIPT_RENEW = _script("renew")
-SCRIPT_USAGE = _script("usage")
-SCRIPT_EPOCH = _script("epoch")
+# Store errors that mean "again" or "elsewhere" (a failover, a restart, a resharding):
+# the caller gets 503 and tries again; anything else is a bug and is not hidden.
+TRANSIENT = (
+    RedisConnectionError,  # includes BusyLoadingError (LOADING)
+    RedisTimeoutError,
+    OSError,
+    TimeoutError,
+    ReadOnlyError,
+    NoScriptError,  # the reload itself raced a flush
+    ClusterDownError,  # includes MasterDownError
+    TryAgainError,
+)
 
 EPOCH_KEY = "qg:epoch"
 log = logging.getLogger("quotagate")
@@ -118,15 +119,19 @@ def validate_scope(tenant: str, key: str) -> None:
 @dataclass(frozen=True)
 class Target:
     """What one (tenant, api, key) resolves to: its policy, the keys of its state, and the
-    script arguments that its policy fixes."""
+    policy block that closes every script's ARGV."""
 
     policy: Policy
     keys: tuple[str, ...]
-    args: tuple[str | int, ...]  # every script's ARGV after its per-call values
+    args: tuple[str | int, ...]
 
 
 class Engine:
     """Acquire, release, renew and read usage of leases against one Redis deployment.
+
+    Every store call is bounded by `timeout` seconds (None: unbounded, for tests that
+    freeze time) and a store that does not answer, or answers "again" or "elsewhere",
+    raises BackendUnavailable.
 
     With `recovery_share` set, the engine tracks the store's epoch (`lua/epoch.lua`): when
     the store loses its state, every windowed limit grants at most that share of its
@@ -141,18 +146,20 @@ class Engine:
         *,
         recovery_share: float | None = None,
         loss_on_start: bool = False,
+        timeout: float | None = None,
     ) -> None:
         self.redis = redis
         self.policies = policies
         self.recovery_share = recovery_share
         self.loss_on_start = loss_on_start
+        self.timeout = timeout
         self.epoch = ""  # start of the store's epoch (ms), as the scripts compare it
         self.recovery = ""  # "since_ms:share_permille" after a loss
-        self.lua_acquire = Script(redis, SCRIPT_ACQUIRE)
-        self.lua_release = Script(redis, SCRIPT_RELEASE)
-        self.lua_renew = Script(redis, SCRIPT_RENEW)
-        self.lua_usage = Script(redis, SCRIPT_USAGE)
-        self.lua_epoch = Script(redis, SCRIPT_EPOCH)
+        self.lua_acquire = redis.register_script(SCRIPT_ACQUIRE)
+        self.lua_release = redis.register_script(SCRIPT_RELEASE)
+        self.lua_renew = redis.register_script(SCRIPT_RENEW)
+        self.lua_usage = redis.register_script(SCRIPT_USAGE)
+        self.lua_epoch = redis.register_script(SCRIPT_EPOCH)
         # Resolved once per (tenant, api, key) seen lately: a decision then costs one
         # dictionary look-up before its round trip.
         self.target = functools.lru_cache(maxsize=4096)(self._resolve)
@@ -160,15 +167,13 @@ class Engine:
     async def check_epoch(self, *, now: int | None = None) -> None:
         """Read (or start) the store's epoch, and enter recovery if it began with a loss."""
         known = self.epoch
-        reply = await self._call(
-            self.lua_epoch(
-                keys=[EPOCH_KEY],
-                args=["" if now is None else now, known, "1" if self.loss_on_start else ""],
-            )
+        args = EpochArgs(now_ms=now, known=known, loss_on_start=self.loss_on_start)
+        reply = codec.decode_epoch(
+            await self._call(self.lua_epoch(keys=[EPOCH_KEY], args=args.argv()))
         )
-        start, kind = str(int(reply[0])), _text(reply[1])
+        start = str(reply.start_ms)
         self.epoch = start
-        if kind == "loss" and self.recovery_share is not None:
+        if reply.kind == "loss" and self.recovery_share is not None:
             if start != known:
                 log.warning(
                     "the quota store lost its state at %s ms: granting %.0f%% of each limit "
@@ -189,7 +194,9 @@ class Engine:
         without a policy (neither is cached)."""
         validate_scope(tenant, key)
         policy = self.policy(tenant, api)
-        return Target(policy, redis_keys(tenant, api, key, policy), policy_args(policy))
+        return Target(
+            policy, codec.redis_keys(tenant, api, key, policy), codec.policy_block(policy)
+        )
 
     async def ready(self) -> None:
         """Check that Redis answers and load every script into its cache (EVALSHA reloads
@@ -197,7 +204,7 @@ class Engine:
         await self._call(self.redis.ping())
         scripts = (self.lua_acquire, self.lua_release, self.lua_renew, self.lua_usage)
         for script in (*scripts, self.lua_epoch):
-            script.sha = await self._call(self.redis.script_load(script.script))
+            await self._call(self.redis.script_load(script.script))
 
     async def acquire(
         self,
@@ -235,17 +242,18 @@ class Engine:
         if tracked and not self.epoch:
             await self.check_epoch(now=now)
         reply = await self._acquire(ref, target, cost, estimate, now, verified=False)
-        if reply[0] == 2:  # this (tenant, api) carries no stamp of the epoch we know
+        if isinstance(reply, codec.CheckEpoch):
             await self.check_epoch(now=now)
             reply = await self._acquire(ref, target, cost, estimate, now, verified=True)
-        if reply[0] == 1:
-            return Grant(ref.lease_id, tenant, api, key, cost, int(reply[1]), int(reply[2]))
-        bound = int(reply[3])
+        if isinstance(reply, codec.Granted):
+            return Grant(ref.lease_id, tenant, api, key, cost, reply.now_ms, reply.expiry_ms)
+        if isinstance(reply, codec.CheckEpoch):  # a verified acquire never asks again
+            raise BackendUnavailable("the store's epoch changed during the acquire")
         return Denial(
-            "cooling_down" if bound == 0 else "quota_exhausted",
-            int(reply[2]),
-            policy.limits[bound - 1] if bound else None,
-            int(reply[1]),
+            "cooling_down" if reply.bound == 0 else "quota_exhausted",
+            reply.retry_ms,
+            policy.limits[reply.bound - 1] if reply.bound else None,
+            reply.now_ms,
         )
 
     async def _acquire(
@@ -257,22 +265,18 @@ class Engine:
         now: int | None,
         *,
         verified: bool,
-    ) -> Any:
-        return await self._call(
-            self.lua_acquire(
-                keys=target.keys,
-                args=(
-                    "" if now is None else now,
-                    ref.member,
-                    cost,
-                    estimate,
-                    self.epoch,
-                    "1" if verified else "",
-                    self.recovery,
-                    *target.args,
-                ),
-            )
+    ) -> codec.Granted | codec.Denied | codec.CheckEpoch:
+        args = AcquireArgs(
+            now_ms=now,
+            token=ref.member,
+            cost=cost,
+            estimate_ms=estimate,
+            epoch=self.epoch,
+            verified=verified,
+            recovery=self.recovery,
         )
+        reply = await self._call(self.lua_acquire(keys=target.keys, args=args.argv(target.args)))
+        return codec.decode_acquire(reply)
 
     async def release(
         self,
@@ -291,21 +295,18 @@ class Engine:
             # Upstream said 429 without a time: pause for its shortest window, the
             # span after which Defender's own counters have certainly moved on.
             retry_after_ms = policy.shortest_calls_window_ms
-        reply = await self._call(
-            self.lua_release(
-                keys=target.keys,
-                args=(
-                    "" if now is None else now,
-                    ref.member,
-                    outcome.value,
-                    "" if retry_after_ms is None else retry_after_ms,
-                    "" if runtime_ms is None else runtime_ms,
-                    *target.args,
-                ),
-            )
+        args = ReleaseArgs(
+            now_ms=now,
+            token=ref.member,
+            outcome=outcome.value,
+            retry_ms=retry_after_ms,
+            runtime_ms=runtime_ms,
         )
-        if reply[0] != 1:
-            raise UnknownLease(_text(reply[2]))
+        reply = codec.decode_release(
+            await self._call(self.lua_release(keys=target.keys, args=args.argv(target.args)))
+        )
+        if not reply.found:
+            raise UnknownLease(reply.reason)
         return ref
 
     async def renew(
@@ -314,30 +315,25 @@ class Engine:
         """Extend a live lease; returns ms until its new expiry."""
         ref, target = self._lease(lease_id)
         ttl = target.policy.lease_ttl_ms if ttl_ms is None else ttl_ms
-        reply = await self._call(
-            self.lua_renew(
-                keys=target.keys,
-                args=("" if now is None else now, ref.member, ttl, *target.args),
-            )
+        args = RenewArgs(now_ms=now, token=ref.member, renew_ttl_ms=ttl)
+        reply = codec.decode_renew(
+            await self._call(self.lua_renew(keys=target.keys, args=args.argv(target.args)))
         )
-        if reply[0] != 1:
-            raise UnknownLease(_text(reply[2]))
-        return int(reply[2]) - int(reply[1])
+        if not reply.found or reply.expiry_ms is None:
+            raise UnknownLease(reply.reason)
+        return reply.expiry_ms - reply.now_ms
 
     async def usage(self, tenant: str, api: str, key: str = "", *, now: int | None = None) -> Usage:
         target = self.target(tenant, api, key)
-        policy = target.policy
-        reply = await self._call(
-            self.lua_usage(
-                keys=target.keys,
-                args=("" if now is None else now, *target.args),
-            )
+        args = UsageArgs(now_ms=now)
+        reply = codec.decode_usage(
+            await self._call(self.lua_usage(keys=target.keys, args=args.argv(target.args)))
         )
         limits = tuple(
-            LimitUsage(lim, int(reply[3 + 2 * i]), int(reply[4 + 2 * i]))
-            for i, lim in enumerate(policy.limits)
+            LimitUsage(lim, used, resets)
+            for lim, (used, resets) in zip(target.policy.limits, reply.limits, strict=True)
         )
-        return Usage(tenant, api, key, limits, int(reply[2]), int(reply[1]), int(reply[0]))
+        return Usage(tenant, api, key, limits, reply.in_flight, reply.cooldown_ms, reply.now_ms)
 
     def _lease(self, lease_id: str) -> tuple[LeaseRef, Target]:
         ref = LeaseRef.parse(lease_id)
@@ -348,20 +344,20 @@ class Engine:
         except (UnknownApi, InvalidRequest):
             raise UnknownLease("unknown") from None
 
-    @staticmethod
-    async def _call(awaitable: Any) -> Any:
+    async def _call(self, awaitable: Awaitable[T]) -> T:
         try:
-            return await awaitable
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            async with asyncio.timeout(self.timeout):
+                return await awaitable
+        except TimeoutError as exc:
+            raise BackendUnavailable(f"no answer from Redis within {self.timeout:g} s") from exc
+        except TRANSIENT as exc:
             raise BackendUnavailable(str(exc) or type(exc).__name__) from exc
         except RedisError as exc:
-            if "NOSCRIPT" in str(exc) or "LOADING" in str(exc) or "READONLY" in str(exc):
+            # A reply that redis-py knows no class for, e.g. MASTERDOWN from a replica
+            # that lost its master (replica-serve-stale-data no).
+            if str(exc).startswith(("MASTERDOWN", "LOADING", "READONLY")):
                 raise BackendUnavailable(str(exc)) from exc
             raise
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 __all__ = [

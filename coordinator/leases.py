@@ -15,7 +15,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from .policy import API_PATTERN, KEY_PATTERN, TENANT_PATTERN, Kind, Policy, Scope
+from .policy import API_PATTERN, KEY_PATTERN, TENANT_PATTERN
 
 _TOKEN = re.compile(r"^[0-9a-f]{32}$")
 
@@ -66,34 +66,3 @@ class LeaseRef:
 def _scope_id(tenant: str, api: str, key: str) -> str:
     scope = f"{tenant}|{api}|{key}".encode()
     return base64.urlsafe_b64encode(scope).decode().rstrip("=")
-
-
-def redis_keys(tenant: str, api: str, key: str, policy: Policy) -> tuple[str, ...]:
-    """KEYS for every script, in the layout documented in `lua/lib.lua` (the engine keeps
-    them per (tenant, api, key) in its `Target`s)."""
-    base = f"qg:{{{tenant}|{api}}}"
-    inflight_api, inflight_key = f"{base}:fa", f"{base}:fk:{key}"
-    keys = [f"{base}:s", inflight_api, inflight_key]
-    for lim in policy.limits:
-        if lim.kind is Kind.CONCURRENT:
-            keys.append(inflight_key if lim.scope is Scope.KEY else inflight_api)
-        else:
-            # Named by what it counts, so a changed amount keeps its history.
-            name = f"{base}:{lim.kind.value[0]}{lim.window_ms}/{lim.granularity_ms}"
-            keys.append(f"{name}:k:{key}" if lim.scope is Scope.KEY else name)
-    return tuple(keys)
-
-
-def policy_args(policy: Policy) -> tuple[str | int, ...]:
-    """What the policy fixes, closing every script's ARGV (format in `lua/lib.lua`)."""
-    head = (
-        policy.lease_ttl_ms,
-        1 if policy.tracks_api else 0,
-        1 if policy.tracks_keys else 0,
-        max(policy.longest_window_ms, policy.lease_ttl_ms),
-    )
-    return head + tuple(
-        value
-        for lim in policy.limits
-        for value in (lim.kind.value, lim.amount, lim.window_ms, lim.granularity_ms, lim.margin_ms)
-    )

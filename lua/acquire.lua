@@ -12,31 +12,36 @@
 -- most share_permille / 1000 of its amount.
 -- A grant on an api without concurrent limits costs TIME, one HMGET of the state hash,
 -- one HMGET and one HSET per windowed limit, and one HSET of the state hash.
--- KEYS: the layout in lib.lua.
--- ARGV: now_ms ("" = Redis TIME), token, cost (call units), estimate_ms (runtime
---       reserved), epoch ("" = no check), verified ("1" or ""), recovery
---       ("since_ms:share_permille" or ""), then what the policy fixes (see lib.lua).
--- Reply: {1, now_ms, expiry_ms} granted; {0, now_ms, retry_ms, bound} denied, where
---        bound is the 1-based limit that bound the wait, 0 for the cooldown, and
---        retry_ms -1 when no wait can ever grant it; {2, now_ms} check the epoch.
+-- KEYS: state, inflight_api, inflight_key; then one per limit (lib.lua).
+-- ARGV: now_ms, token, cost, estimate_ms, epoch, verified, recovery; then the policy block.
+--   now_ms       "" = Redis TIME
+--   token        the lease's random part and key
+--   cost         call units
+--   estimate_ms  run time reserved
+--   epoch        the store epoch the caller knows, "" = no check
+--   verified     "1" or ""
+--   recovery     "since_ms:share_permille" or ""
+-- Reply: {GRANTED, now_ms, expiry_ms}; {DENIED, now_ms, retry_ms, bound}, where bound is
+--        the 1-based limit that bound the wait, 0 for the cooldown, and retry_ms -1 when
+--        no wait can ever grant it; {CHECK_EPOCH, now_ms}.
 
-local now = clock(ARGV[1])
-local token = ARGV[2]
-local cost = tonumber(ARGV[3])
-local estimate = tonumber(ARGV[4])
-local epoch = ARGV[5]
-local verified = ARGV[6] == '1'
+local now = clock(ARGV[ARG.now_ms])
+local token = ARGV[ARG.token]
+local cost = tonumber(ARGV[ARG.cost])
+local estimate = tonumber(ARGV[ARG.estimate_ms])
+local epoch = ARGV[ARG.epoch]
+local verified = ARGV[ARG.verified] == '1'
 local since, share
-if ARGV[7] ~= '' then
-  since, share = string.match(ARGV[7], '^(%d+):(%d+)$')
+if ARGV[ARG.recovery] ~= '' then
+  since, share = string.match(ARGV[ARG.recovery], '^(%d+):(%d+)$')
   since, share = tonumber(since), tonumber(share)
 end
-local ttl, track_api, track_key, stamp_ttl, limits = read_policy(8)
+local ttl, track_api, track_key, stamp_ttl, limits = read_policy()
 
 local state = redis.call('HMGET', KEYS[1], 'cd', 'ep', 'et', 'px', 'tx')
 if epoch ~= '' and not verified and
     (state[2] ~= epoch or (tonumber(state[3]) or 0) <= now) then
-  return {2, now}
+  return {REPLY.CHECK_EPOCH, now}
 end
 
 local purge_at = tonumber(state[4])
@@ -96,7 +101,7 @@ for i, lim in ipairs(limits) do
     end
   end
   if wait < 0 then
-    return {0, now, -1, i}
+    return {REPLY.DENIED, now, -1, i}
   end
   if wait > retry then
     retry, bound = wait, i
@@ -104,7 +109,7 @@ for i, lim in ipairs(limits) do
 end
 
 if retry > 0 then
-  return {0, now, retry, bound}
+  return {REPLY.DENIED, now, retry, bound}
 end
 
 for _, lim in ipairs(limits) do
@@ -141,4 +146,4 @@ if track_key then
   redis.call('ZADD', KEYS[3], expiry, token)
   extend_ttl(KEYS[3], ttl)
 end
-return {1, now, expiry}
+return {REPLY.GRANTED, now, expiry}

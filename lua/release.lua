@@ -6,26 +6,30 @@
 -- A reported runtime replaces the estimate: the estimate is refunded and the runtime is
 -- charged in the release-time bucket (the conservative side).
 -- Unknown, expired or released leases change nothing (an expired record is dropped).
--- KEYS: the layout in lib.lua.
--- ARGV: now_ms ("" = Redis TIME), token, outcome, retry_ms ("" = none),
---       runtime_ms ("" = keep the estimate), then what the policy fixes (see lib.lua).
--- Reply: {1, now_ms} released, or {0, now_ms, "unknown" | "expired"}.
+-- KEYS: state, inflight_api, inflight_key; then one per limit (lib.lua).
+-- ARGV: now_ms, token, outcome, retry_ms, runtime_ms; then the policy block.
+--   now_ms      "" = Redis TIME
+--   token       the lease's random part and key
+--   outcome     ok | failed | throttled | not_called
+--   retry_ms    the upstream's retry time, "" = none
+--   runtime_ms  the reported run time, "" = keep the estimate
+-- Reply: {GRANTED, now_ms} released, or {DENIED, now_ms, "unknown" | "expired"}.
 
-local now = clock(ARGV[1])
-local token = ARGV[2]
-local outcome = ARGV[3]
-local retry = tonumber(ARGV[4])
-local runtime = tonumber(ARGV[5])
-local ttl, track_api, track_key, _, limits = read_policy(6)
+local now = clock(ARGV[ARG.now_ms])
+local token = ARGV[ARG.token]
+local outcome = ARGV[ARG.outcome]
+local retry = tonumber(ARGV[ARG.retry_ms])
+local runtime = tonumber(ARGV[ARG.runtime_ms])
+local ttl, track_api, track_key, _, limits = read_policy()
 
 local state = redis.call('HMGET', KEYS[1], token, 'cd')
 if not state[1] then
-  return {0, now, 'unknown'}
+  return {REPLY.DENIED, now, 'unknown'}
 end
 local lease = parse_lease(state[1])
 forget_lease(token, track_api, track_key)
 if lease.expiry <= now then
-  return {0, now, 'expired'}
+  return {REPLY.DENIED, now, 'expired'}
 end
 
 for _, lim in ipairs(limits) do
@@ -52,4 +56,4 @@ if outcome == 'throttled' and retry and retry > 0 then
     end
   end
 end
-return {1, now}
+return {REPLY.GRANTED, now}

@@ -1,23 +1,25 @@
 -- renew.lua: extend a live lease so that it expires no earlier than now + ttl_ms.
 --
--- KEYS: the layout in lib.lua.
--- ARGV: now_ms ("" = Redis TIME), token, renew_ttl_ms, then what the policy fixes (see
---       lib.lua).
--- Reply: {1, now_ms, expiry_ms} renewed, or {0, now_ms, "unknown" | "expired"}.
+-- KEYS: state, inflight_api, inflight_key; then one per limit (lib.lua).
+-- ARGV: now_ms, token, renew_ttl_ms; then the policy block.
+--   now_ms        "" = Redis TIME
+--   token         the lease's random part and key
+--   renew_ttl_ms  the lease expires no earlier than now + this
+-- Reply: {GRANTED, now_ms, expiry_ms} renewed, or {DENIED, now_ms, "unknown" | "expired"}.
 
-local now = clock(ARGV[1])
-local token = ARGV[2]
-local renew_ttl = tonumber(ARGV[3])
-local ttl, track_api, track_key = read_policy(4)
+local now = clock(ARGV[ARG.now_ms])
+local token = ARGV[ARG.token]
+local renew_ttl = tonumber(ARGV[ARG.renew_ttl_ms])
+local ttl, track_api, track_key = read_policy()
 
 local state = redis.call('HMGET', KEYS[1], token, 'tx')
 if not state[1] then
-  return {0, now, 'unknown'}
+  return {REPLY.DENIED, now, 'unknown'}
 end
 local lease = parse_lease(state[1])
 if lease.expiry <= now then
   forget_lease(token, track_api, track_key)
-  return {0, now, 'expired'}
+  return {REPLY.DENIED, now, 'expired'}
 end
 
 local expiry = math.max(lease.expiry, now + renew_ttl)
@@ -39,4 +41,4 @@ if track_key then
   redis.call('ZADD', KEYS[3], 'XX', expiry, token)
   extend_ttl(KEYS[3], expiry - now)
 end
-return {1, now, expiry}
+return {REPLY.GRANTED, now, expiry}

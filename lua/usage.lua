@@ -1,14 +1,15 @@
 -- usage.lua: a read-only snapshot of one (tenant, api, key).
 --
--- KEYS: the layout in lib.lua.
--- ARGV: now_ms ("" = Redis TIME), then what the policy fixes (see lib.lua).
+-- KEYS: state, inflight_api, inflight_key; then one per limit (lib.lua).
+-- ARGV: now_ms; then the policy block.
+--   now_ms  "" = Redis TIME
 -- Reply: {now_ms, cooldown_ms, in_flight, used_1, resets_1, used_2, resets_2, ...}:
 --        used is call units, runtime ms or leases in flight; resets is the ms until used
 --        next drops (the oldest counted bucket leaves the window, or the earliest lease
 --        expires), 0 when nothing is used.
 
-local now = clock(ARGV[1])
-local _, _, _, _, limits = read_policy(2)
+local now = clock(ARGV[ARG.now_ms])
+local _, _, _, _, limits = read_policy()
 
 local cooldown = (tonumber(redis.call('HGET', KEYS[1], 'cd')) or 0) - now
 local _, in_flight = lease_records(now)

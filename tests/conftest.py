@@ -79,7 +79,7 @@ apis:
 def coordinator_url(valkey_server: EmbeddedServer, tmp_path: Path) -> Iterator[str]:
     """A real coordinator under uvicorn on a free port: the built-in catalog plus the short
     test policies `fast` and `sessions`, open to every tenant (no tokens)."""
-    from quotagate.coordinator.api import create_app
+    from quotagate.coordinator.app import create_app
     from quotagate.coordinator.settings import Settings
 
     from .service import serve_in_thread

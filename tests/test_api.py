@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from quotagate.coordinator.api import create_app
+from quotagate.coordinator.app import create_app
 from quotagate.coordinator.embedded import EmbeddedServer
 from quotagate.coordinator.settings import Settings
 

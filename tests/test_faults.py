@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from quotagate.client import QuotaClient, QuotaExhausted
-from quotagate.coordinator.api import create_app
+from quotagate.coordinator.app import create_app
 from quotagate.coordinator.embedded import EmbeddedServer, free_port
 from quotagate.coordinator.leases import LeaseRef
 from quotagate.coordinator.settings import Settings

@@ -36,7 +36,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from quotagate.coordinator import auth
-from quotagate.coordinator.api import create_app
+from quotagate.coordinator.app import create_app
 from quotagate.coordinator.auth import Authorizer
 from quotagate.coordinator.embedded import EmbeddedServer
 from quotagate.coordinator.errors import Unauthorized

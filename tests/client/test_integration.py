@@ -32,7 +32,7 @@ from quotagate.client import (
     UnknownApi,
     UnknownLease,
 )
-from quotagate.coordinator.api import create_app
+from quotagate.coordinator.app import create_app
 from quotagate.coordinator.embedded import EmbeddedServer
 from quotagate.coordinator.settings import Settings
 

@@ -10,12 +10,12 @@ Each contender answers "may this tenant call now?" for both windows, as its API 
   (two EVALSHAs; the hour is hit only when the minute said yes);
 - `PyrateLimiter`: a `RedisBucket` with both rates (one EVALSHA), called through
   `bucket.put`: its `Limiter` adds a per-thread asyncio lock that would serialise the
-  concurrent callers; once over redis-py's own client, as its users run it, and once over
-  quotagate's (`coordinator/store.py`, hiredis packing), to show what the client is worth;
+  concurrent callers;
 - `throttled-py`: two sliding-window `Throttled` limiters, one per window (two EVALSHAs).
 
 All are asyncio with redis-py (hiredis parser) on one embedded Valkey; quotagate runs
-over its own client (`connect`), the peers over `Redis.from_url`. Every decision in the
+over the coordinator's client (`coordinator/store.py`: redis-py's own, with its socket
+timeouts set, as the service runs it), the peers over `Redis.from_url`. Every decision in the
 throughput runs is a grant (the tenant changes every 40 decisions), the path that writes.
 Memory: one tenant's keys after 1,500 grants filled its hourly window (in virtual time
 where the library takes a timestamp), summed with `MEMORY USAGE`.
@@ -67,8 +67,8 @@ class Contender:
 
 
 async def quotagate(url: str) -> Contender:
-    redis = connect(url)
-    engine = Engine(redis, parse_policies(POLICY, "<decisions>"))
+    redis = connect(url, timeout=2.0)
+    engine = Engine(redis, parse_policies(POLICY, "<decisions>"), timeout=2.0)
     await engine.ready()
 
     async def decide(tenant: str) -> bool:
@@ -143,10 +143,10 @@ async def baseline(url: str) -> Contender:
     )  # fmt: skip
 
 
-async def pyrate(url: str, packed: bool = False) -> Contender:
+async def pyrate(url: str) -> Contender:
     from pyrate_limiter import Duration, Rate, RateItem, RedisBucket
 
-    redis = connect(url) if packed else Redis.from_url(url)
+    redis = Redis.from_url(url)
     rates = [Rate(50, Duration.MINUTE), Rate(1500, Duration.HOUR)]
     first = await RedisBucket.init(rates, redis, "pyrate:warm")
     buckets: dict[str, Any] = {}
@@ -169,8 +169,7 @@ async def pyrate(url: str, packed: bool = False) -> Contender:
         for i in range(1500):
             assert await b.put(RateItem("call", start + i * 2400))
 
-    name = "PyrateLimiter, over quotagate's Redis client" if packed else "PyrateLimiter"
-    return Contender(name, "1 EVALSHA: both rates", decide, fill, redis.aclose)
+    return Contender("PyrateLimiter", "1 EVALSHA: both rates", decide, fill, redis.aclose)
 
 
 async def throttled(url: str) -> Contender:
@@ -204,7 +203,6 @@ FACTORIES: dict[str, Callable[[str], Awaitable[Contender]]] = {
     "limits-moving-tested": lambda url: limits_library(url, "moving", charge_after_test=True),
     "limits-sliding": lambda url: limits_library(url, "sliding"),
     "pyrate": pyrate,
-    "pyrate-packed": lambda url: pyrate(url, packed=True),
     "throttled": throttled,
 }
 

@@ -469,7 +469,7 @@ def emulator_app(options: Options) -> Any:
 
 
 def coordinator_app(redis_url: str, policies: str, max_wait: float) -> Any:
-    from quotagate.coordinator.api import create_app
+    from quotagate.coordinator.app import create_app
     from quotagate.coordinator.policy import parse_policies
     from quotagate.coordinator.settings import Settings
 

@@ -35,8 +35,8 @@ from pathlib import Path
 import httpx
 import redis
 
+from quotagate.coordinator.codec import redis_keys
 from quotagate.coordinator.embedded import EmbeddedServer, free_port
-from quotagate.coordinator.leases import redis_keys
 from quotagate.coordinator.policy import Kind, load_policies
 
 SOAK_POLICIES = """

@@ -1,0 +1,299 @@
+"""The contract between Python and the Lua scripts, by name: KEYS, ARGV and replies.
+
+Every script's arguments are a frozen dataclass here; its fields, in order, are the
+script's ARGV, and each script receives their positions as a Lua table built from the
+same dataclass (`ARG.token` is `ARGV[2]` for acquire), so a position is written once.
+Every script's ARGV then closes with the policy block (`POLICY_FIELDS`, then
+`LIMIT_FIELDS` per limit), and its KEYS follow `KEY_LAYOUT`. Replies are decoded into
+named values; their codes are the constants below, which the scripts receive too.
+
+Encoding: integers as digits, booleans as "1" or "", None as "" (the scripts read ""
+as "not given": Redis `TIME` for `now_ms`, no check for `epoch`, ...).
+Times are integer milliseconds, as Redis stores them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .policy import Kind, Policy, Scope
+
+LUA_DIR = Path(__file__).parent.parent / "lua"
+
+# Reply codes: the first element of every acquire, release and renew reply.
+DENIED = 0  # acquire: no grant; release/renew: no such live lease
+GRANTED = 1  # acquire: granted; release: released; renew: renewed
+CHECK_EPOCH = 2  # acquire: this (tenant, api) carries no stamp of the epoch the caller knows
+REPLY_CODES = {"DENIED": DENIED, "GRANTED": GRANTED, "CHECK_EPOCH": CHECK_EPOCH}
+
+# KEYS of every quota script (all share the hash tag {<tenant>|<api>}); one more per limit.
+KEY_LAYOUT = ("state", "inflight_api", "inflight_key")
+POLICY_FIELDS = ("ttl_ms", "track_api", "track_key", "stamp_ttl_ms")
+LIMIT_FIELDS = ("kind", "amount", "window_ms", "granularity_ms", "margin_ms")
+
+
+def _encode(value: object) -> str | int:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else ""
+    if isinstance(value, int | str):
+        return value
+    raise TypeError(f"cannot pass {value!r} to a script")
+
+
+@dataclass(frozen=True)
+class ScriptArgs:
+    """Base of every script's arguments: `script` names the Lua file; `policy` says whether
+    the policy block closes ARGV."""
+
+    script: ClassVar[str]
+    policy: ClassVar[bool] = True
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def argv(self, policy_block: Sequence[str | int] = ()) -> list[str | int]:
+        values = [_encode(getattr(self, name)) for name in self.names()]
+        return values + list(policy_block) if self.policy else values
+
+
+@dataclass(frozen=True)
+class AcquireArgs(ScriptArgs):
+    script: ClassVar[str] = "acquire"
+
+    now_ms: int | None  # None: Redis TIME (only tests pass a time)
+    token: str  # the lease's member in Redis (LeaseRef.member)
+    cost: int  # call units
+    estimate_ms: int  # run time reserved
+    epoch: str  # the store epoch the caller knows; "" = no check
+    verified: bool  # the caller has just checked the epoch
+    recovery: str  # "since_ms:share_permille" after a loss, else ""
+
+
+@dataclass(frozen=True)
+class ReleaseArgs(ScriptArgs):
+    script: ClassVar[str] = "release"
+
+    now_ms: int | None
+    token: str
+    outcome: str  # ok | failed | throttled | not_called
+    retry_ms: int | None  # the upstream's retry time, for throttled
+    runtime_ms: int | None  # the reported run time; None keeps the estimate
+
+
+@dataclass(frozen=True)
+class RenewArgs(ScriptArgs):
+    script: ClassVar[str] = "renew"
+
+    now_ms: int | None
+    token: str
+    renew_ttl_ms: int  # the lease expires no earlier than now + this
+
+
+@dataclass(frozen=True)
+class UsageArgs(ScriptArgs):
+    script: ClassVar[str] = "usage"
+
+    now_ms: int | None
+
+
+@dataclass(frozen=True)
+class EpochArgs(ScriptArgs):
+    script: ClassVar[str] = "epoch"
+    policy: ClassVar[bool] = False
+
+    now_ms: int | None
+    known: str  # the epoch the caller saw before; "" = none
+    loss_on_start: bool  # a missing epoch counts as a loss even for a caller that knew none
+
+
+SCRIPTS: tuple[type[ScriptArgs], ...] = (AcquireArgs, ReleaseArgs, RenewArgs, UsageArgs, EpochArgs)
+
+
+def _lua_table(name: str, fields: dict[str, int]) -> str:
+    body = ", ".join(f"{key} = {value}" for key, value in fields.items())
+    return f"local {name} = {{{body}}}\n"
+
+
+def prelude(args: type[ScriptArgs]) -> str:
+    """What a script learns of the contract: its ARGV positions (`ARG`), where the policy
+    block starts (`POLICY_AT`) and the reply codes (`REPLY`)."""
+    names = args.names()
+    return (
+        _lua_table("ARG", {name: at for at, name in enumerate(names, 1)})
+        + f"local POLICY_AT = {len(names) + 1}\n"
+        + _lua_table("REPLY", REPLY_CODES)
+    )
+
+
+def script_source(args: type[ScriptArgs]) -> str:
+    """The text one EVALSHA runs: the contract's prelude, the shared helpers of
+    `lua/lib.lua` whole, then the script."""
+    lib = (LUA_DIR / "lib.lua").read_text()
+    return prelude(args) + lib + (LUA_DIR / f"{args.script}.lua").read_text()
+
+
+# ---- KEYS and the policy block -------------------------------------------------------
+
+
+def redis_keys(tenant: str, api: str, key: str, policy: Policy) -> tuple[str, ...]:
+    """KEYS for every quota script: `KEY_LAYOUT`, then one per limit (the layout is
+    documented in `lua/lib.lua`)."""
+    base = f"qg:{{{tenant}|{api}}}"
+    inflight_api, inflight_key = f"{base}:fa", f"{base}:fk:{key}"
+    keys = [f"{base}:s", inflight_api, inflight_key]
+    for lim in policy.limits:
+        if lim.kind is Kind.CONCURRENT:
+            keys.append(inflight_key if lim.scope is Scope.KEY else inflight_api)
+        else:
+            # Named by what it counts, so a changed amount keeps its history.
+            name = f"{base}:{lim.kind.value[0]}{lim.window_ms}/{lim.granularity_ms}"
+            keys.append(f"{name}:k:{key}" if lim.scope is Scope.KEY else name)
+    return tuple(keys)
+
+
+def policy_block(policy: Policy) -> tuple[str | int, ...]:
+    """What the policy fixes, closing every quota script's ARGV: `POLICY_FIELDS`, then
+    `LIMIT_FIELDS` for each limit."""
+    head: tuple[str | int, ...] = (
+        policy.lease_ttl_ms,
+        1 if policy.tracks_api else 0,
+        1 if policy.tracks_keys else 0,
+        max(policy.longest_window_ms, policy.lease_ttl_ms),
+    )
+    return head + tuple(
+        value
+        for lim in policy.limits
+        for value in (lim.kind.value, lim.amount, lim.window_ms, lim.granularity_ms, lim.margin_ms)
+    )
+
+
+# ---- Replies -------------------------------------------------------------------------
+
+
+def _int(value: Any) -> int:
+    return int(value)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True)
+class Granted:
+    now_ms: int
+    expiry_ms: int
+
+
+@dataclass(frozen=True)
+class Denied:
+    now_ms: int
+    retry_ms: int  # -1: no wait can ever grant it
+    bound: int  # 1-based index of the limit that bound the wait; 0 for the cooldown
+
+
+@dataclass(frozen=True)
+class CheckEpoch:
+    now_ms: int
+
+
+def decode_acquire(reply: Sequence[Any]) -> Granted | Denied | CheckEpoch:
+    """acquire.lua: {GRANTED, now_ms, expiry_ms} | {DENIED, now_ms, retry_ms, bound} |
+    {CHECK_EPOCH, now_ms}."""
+    code = _int(reply[0])
+    if code == GRANTED:
+        return Granted(_int(reply[1]), _int(reply[2]))
+    if code == DENIED:
+        return Denied(_int(reply[1]), _int(reply[2]), _int(reply[3]))
+    if code == CHECK_EPOCH:
+        return CheckEpoch(_int(reply[1]))
+    raise ValueError(f"acquire.lua replied with an unknown code {code}")
+
+
+@dataclass(frozen=True)
+class LeaseReply:
+    """release.lua and renew.lua: `found` false with `reason` "unknown" | "expired"."""
+
+    found: bool
+    now_ms: int
+    expiry_ms: int | None = None  # renew: the new expiry
+    reason: str = ""
+
+
+def decode_release(reply: Sequence[Any]) -> LeaseReply:
+    """release.lua: {GRANTED, now_ms} | {DENIED, now_ms, reason}."""
+    if _int(reply[0]) == GRANTED:
+        return LeaseReply(True, _int(reply[1]))
+    return LeaseReply(False, _int(reply[1]), reason=_text(reply[2]))
+
+
+def decode_renew(reply: Sequence[Any]) -> LeaseReply:
+    """renew.lua: {GRANTED, now_ms, expiry_ms} | {DENIED, now_ms, reason}."""
+    if _int(reply[0]) == GRANTED:
+        return LeaseReply(True, _int(reply[1]), _int(reply[2]))
+    return LeaseReply(False, _int(reply[1]), reason=_text(reply[2]))
+
+
+@dataclass(frozen=True)
+class UsageReply:
+    now_ms: int
+    cooldown_ms: int
+    in_flight: int
+    limits: tuple[tuple[int, int], ...]  # (used, resets_in_ms) per limit, in policy order
+
+
+def decode_usage(reply: Sequence[Any]) -> UsageReply:
+    """usage.lua: {now_ms, cooldown_ms, in_flight, used_1, resets_1, used_2, ...}."""
+    rest = [_int(value) for value in reply[3:]]
+    pairs = tuple(zip(rest[::2], rest[1::2], strict=True))
+    return UsageReply(_int(reply[0]), _int(reply[1]), _int(reply[2]), pairs)
+
+
+@dataclass(frozen=True)
+class EpochReply:
+    start_ms: int
+    kind: str  # "fresh" | "loss"
+    now_ms: int
+
+
+def decode_epoch(reply: Sequence[Any]) -> EpochReply:
+    """epoch.lua: {start_ms, kind, now_ms}."""
+    return EpochReply(_int(reply[0]), _text(reply[1]), _int(reply[2]))
+
+
+__all__ = [
+    "CHECK_EPOCH",
+    "DENIED",
+    "GRANTED",
+    "KEY_LAYOUT",
+    "LIMIT_FIELDS",
+    "POLICY_FIELDS",
+    "SCRIPTS",
+    "AcquireArgs",
+    "CheckEpoch",
+    "Denied",
+    "EpochArgs",
+    "EpochReply",
+    "Granted",
+    "LeaseReply",
+    "ReleaseArgs",
+    "RenewArgs",
+    "ScriptArgs",
+    "UsageArgs",
+    "UsageReply",
+    "decode_acquire",
+    "decode_epoch",
+    "decode_release",
+    "decode_renew",
+    "decode_usage",
+    "policy_block",
+    "prelude",
+    "redis_keys",
+    "script_source",
+]

@@ -1,0 +1,1 @@
+"""One router per resource of HTTP API v1."""

@@ -1,0 +1,45 @@
+"""`/v1/usage`: what a tenant has used of an api."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+
+from ..deps import EngineDep, PrincipalDep
+from ..policy import Kind
+from ..schemas import documented
+
+router = APIRouter(prefix="/v1/usage", tags=["usage"])
+
+
+@router.get("/{tenant:path}/{api}", responses=documented(401, 403, 404, 422, 503))
+async def usage(
+    tenant: str,
+    api: str,
+    who: PrincipalDep,
+    engine: EngineDep,
+    key: Annotated[str | None, Query(max_length=256)] = None,
+) -> dict[str, Any]:
+    who.check(tenant)
+    view = await engine.usage(tenant, api, key or "")
+    limits = []
+    for item in view.limits:
+        seconds = item.limit.kind is Kind.RUNTIME  # runtime is reported in seconds
+        limits.append(
+            {
+                **item.limit.describe(),
+                "scope": item.limit.scope.value,
+                "used": item.used / 1000 if seconds else item.used,
+                "remaining": item.remaining / 1000 if seconds else item.remaining,
+                "resets_in": item.resets_in_ms / 1000,
+            }
+        )
+    return {
+        "tenant": tenant,
+        "api": api,
+        "key": key,
+        "limits": limits,
+        "in_flight": view.in_flight,
+        "cooldown": view.cooldown_ms / 1000,
+    }

@@ -1,0 +1,102 @@
+"""The Python↔Lua contract: every script's header agrees with the codec, and the scripts
+take their positions and reply codes from it."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from quotagate.coordinator import codec
+from quotagate.coordinator.codec import LUA_DIR, SCRIPTS, ScriptArgs
+
+CODE_NAMES = set(codec.REPLY_CODES)
+
+
+def _header(name: str) -> str:
+    text = (LUA_DIR / f"{name}.lua").read_text()
+    return "\n".join(line for line in text.splitlines() if line.startswith("--"))
+
+
+def _listed(header: str, label: str) -> list[str]:
+    match = re.search(rf"^-- {label}: ([^;.\n]+)", header, re.M)
+    assert match, f"no '-- {label}:' line"
+    return [name.strip() for name in match[1].split(",")]
+
+
+@pytest.mark.parametrize("args", SCRIPTS, ids=lambda a: a.script)
+def test_the_argv_line_names_the_codecs_fields_in_order(args: type[ScriptArgs]) -> None:
+    header = _header(args.script)
+    assert _listed(header, "ARGV") == list(args.names())
+    argv_line = next(line for line in header.splitlines() if line.startswith("-- ARGV:"))
+    assert ("then the policy block" in argv_line) is args.policy
+    for name in args.names():  # each field explained on a line of its own
+        assert re.search(rf"^--\s+{name}\s+\S", header, re.M), name
+
+
+@pytest.mark.parametrize("args", [a for a in SCRIPTS if a.policy], ids=lambda a: a.script)
+def test_quota_scripts_name_the_key_layout(args: type[ScriptArgs]) -> None:
+    assert _listed(_header(args.script), "KEYS")[: len(codec.KEY_LAYOUT)] == list(codec.KEY_LAYOUT)
+
+
+def test_lib_documents_the_policy_block_and_key_layout_as_the_codec_builds_them() -> None:
+    header = _header("lib")
+    assert _listed(header, "KEYS")[: len(codec.KEY_LAYOUT)] == list(codec.KEY_LAYOUT)
+    block = re.search(r"^--\s+(ttl_ms, .+?); then per limit: (.+?)\.\n", header, re.M | re.S)
+    assert block, "lib.lua does not spell out the policy block"
+    assert [n.strip() for n in block[1].split(",")] == list(codec.POLICY_FIELDS)
+    per_limit = re.sub(r"\s*--\s*", " ", block[2])
+    assert [n.strip() for n in per_limit.split(",")] == list(codec.LIMIT_FIELDS)
+
+
+@pytest.mark.parametrize("args", SCRIPTS, ids=lambda a: a.script)
+def test_scripts_use_names_not_positions(args: type[ScriptArgs]) -> None:
+    body = (LUA_DIR / f"{args.script}.lua").read_text()
+    code = "\n".join(line for line in body.splitlines() if not line.startswith("--"))
+    assert not re.search(r"ARGV\[\d", code), "an ARGV position written as a number"
+    assert not re.search(r"return \{\d", code), "a reply code written as a number"
+    used = set(re.findall(r"ARG\.(\w+)", code))
+    assert used <= set(args.names())
+    replied = set(re.findall(r"REPLY\.(\w+)", code))
+    assert replied <= CODE_NAMES
+    named = set(re.findall(r"\b(" + "|".join(CODE_NAMES) + r")\b", _header(args.script)))
+    assert replied == named, "the header's Reply line and the returns disagree"
+
+
+def test_the_prelude_numbers_the_fields_from_one() -> None:
+    text = codec.prelude(codec.ReleaseArgs)
+    assert "local ARG = {now_ms = 1, token = 2, outcome = 3, retry_ms = 4, runtime_ms = 5}" in text
+    assert "local POLICY_AT = 6" in text
+    assert "GRANTED = 1" in text and "DENIED = 0" in text and "CHECK_EPOCH = 2" in text
+
+
+def test_every_script_carries_the_whole_library_and_its_prelude() -> None:
+    lib = (LUA_DIR / "lib.lua").read_text()
+    for args in SCRIPTS:
+        source = codec.script_source(args)
+        assert source.startswith(codec.prelude(args))
+        assert lib in source
+
+
+def test_arguments_encode_none_and_booleans_as_the_scripts_read_them() -> None:
+    args = codec.AcquireArgs(
+        now_ms=None, token="t:k", cost=2, estimate_ms=0, epoch="", verified=True, recovery=""
+    )
+    assert args.argv(("x", 1)) == ["", "t:k", 2, 0, "", "1", "", "x", 1]
+    assert codec.EpochArgs(now_ms=5, known="", loss_on_start=False).argv(("ignored",)) == [
+        5,
+        "",
+        "",
+    ]
+
+
+def test_replies_decode_by_code() -> None:
+    assert codec.decode_acquire([codec.GRANTED, 10, 70]) == codec.Granted(10, 70)
+    assert codec.decode_acquire([codec.DENIED, 10, 5, 2]) == codec.Denied(10, 5, 2)
+    assert codec.decode_acquire([codec.CHECK_EPOCH, 10]) == codec.CheckEpoch(10)
+    with pytest.raises(ValueError, match="unknown code"):
+        codec.decode_acquire([7, 10])
+    assert codec.decode_release([codec.DENIED, 3, b"expired"]).reason == "expired"
+    assert codec.decode_renew([codec.GRANTED, 3, 9]).expiry_ms == 9
+    usage = codec.decode_usage([1, 2, 3, 4, 5, 6, 7])
+    assert usage.limits == ((4, 5), (6, 7)) and usage.in_flight == 3
