@@ -1,9 +1,10 @@
 """What an upstream answer says about quota: 429 retry times and limits, hunting run time.
 
-Microsoft's throttled answers come in several shapes (see `defender-limits.md`): a
-`Retry-After` header in float seconds or as an HTTP date, or only a sentence in the
-body ("... send requests again in 8 seconds", "run queries again in 00:00:37"). The
-functions here are pure; the ones that depend on the clock take `now`.
+Microsoft's throttled answers come in several shapes (`coordinator/defender.md`, "Throttled
+answers"; the Stats of hunting answers under "Advanced hunting answers"): a `Retry-After`
+header in float seconds or as an HTTP date, or only a sentence in the body ("... send
+requests again in 8 seconds", "run queries again in 00:00:37"). The functions here are
+pure; the ones that depend on the clock take `now`.
 """
 
 from __future__ import annotations

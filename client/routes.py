@@ -3,7 +3,8 @@
 Microsoft counts each endpoint of an app+tenant separately, so the route table maps a
 request's (method, host, path) to the api of the catalog and, where the api is counted
 per key, to a key: the machine id for live response, the endpoint for `mde.api`. Routes
-are tried in order, first match wins; a user's routes come before the defaults.
+are tried in order, first match wins; a user's routes come before the defaults. The
+hosts and the default routes are those of `coordinator/defender.md`, "Endpoints and hosts".
 
 Path patterns: `{name}` matches one segment and captures it, `*` matches within one
 segment, `**` matches any number of segments. Matching ignores case, as the Defender

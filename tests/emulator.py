@@ -1,15 +1,18 @@
-"""A Defender API emulator: the throttling of `defender-limits.md`, on a clock that can run fast.
+"""The Defender fake of the test suite: the APIs of `coordinator/defender.md`, throttling as
+they do, on a clock that can run fast, and scriptable by a test.
 
     emulator = DefenderEmulator(speed=60)          # one emulated minute per real second
     with serve_in_thread(emulator.app) as url:
         httpx.get(url + "/api/incidents", headers={"Authorization": "Bearer contoso-app1"})
+        emulator.throttle("/api/incidents", retry_after=2)   # the next answer is a 429
+        emulator.times("/api/incidents")                     # arrival times, monotonic
 
-What it does, as the Defender APIs do:
+What it does, as the Defender APIs do (defender.md, "Counting" and "Catalog"):
 
 - Who calls is the bearer token (the upstream's app + tenant), "anonymous" without one.
   Each caller has its own counters per endpoint: `incidents`, `advancedhunting`, ...,
   and for the other MDE endpoints one counter per method and path template (ids
-  replaced), as "Destination+TenantID+AppID" says.
+  replaced), as "Destination+TenantID+AppID" says. Paths compare case-blind.
 - Calls limits are exact sliding windows counted at arrival: a request passes when fewer
   than N requests of that caller and endpoint arrived in the last W.
 - Every attempt counts, throttled ones included ("the calculated request rate stays
@@ -18,14 +21,26 @@ What it does, as the Defender APIs do:
 - Advanced hunting also has run-time budgets (10 min per hour, 4 h per day for Defender
   XDR). A query is admitted while the caller's run time in each window is below the
   budget, then its run time is charged at arrival. The run time is simulated: the
-  `x-emulator-runtime` header (emulated seconds) or a random draw between `runtime_min`
-  and `runtime_max`; the answer comes after that time and carries `Stats.ExecutionTime`.
-- A throttled answer is a 429 with `Retry-After` and the bodies quoted in
-  defender-limits.md: code `"429"` and "Maximum allowed N per hh:mm:ss for the key
+  `x-emulator-runtime` header (emulated seconds), else `execution_time` when set, else a
+  random draw between `runtime_min` and `runtime_max`. The answer comes after that time
+  (at once with `run_queries=False`) and carries it as `Stats.ExecutionTime`, in the
+  shape of defender.md, "Advanced hunting answers".
+- A throttled answer is a 429 with `Retry-After` and the bodies of defender.md,
+  "Throttled answers": code `"429"` and "Maximum allowed N per hh:mm:ss for the key
   Destination+TenantID+AppID. You can send requests again in N seconds." for calls,
   code `"TooManyRequests"` and "You have exceeded processing resources allocated to this
   tenant. You can run queries again in hh:mm:ss." for run time.
 - Other answers are 200 with `{"value": [...]}`, after `latency` emulated seconds.
+
+What a test can script, on top (times in real seconds, as the answers say them):
+
+- `throttle(path, retry_after, times=1)`: the next `times` requests of `path` (None: all,
+  until `clear()`) get a calls 429, whatever the counters say; they count as attempts.
+- `delay(path, seconds)`: answers to `path` come `seconds` later (a slow call).
+- `hold(path)`: answers to `path` wait until the returned event is set.
+- `execution_time`: the run time of every hunting query (emulated seconds).
+
+What it saw: `arrivals(path, caller)`, `times(path, caller)` and `wait_for(count, path)`.
 
 Time scale: limits, run times and latency are written in emulated seconds (the Defender
 figures); `speed` emulated seconds pass per real second. Everything the emulator says
@@ -107,7 +122,7 @@ def _endpoint(
     return Endpoint(name, pattern, frozenset(methods), limits, **extra)
 
 
-# The figures of defender-limits.md, newest documented one for each.
+# The figures of defender.md, "Catalog" (tests/perf/test_emulator.py checks them).
 DEFENDER_ENDPOINTS: tuple[Endpoint, ...] = (
     _endpoint(
         "incidents",
@@ -261,6 +276,8 @@ class Decision:
 class Arrival:
     at: float  # real seconds on the emulator's clock
     caller: str
+    method: str
+    path: str  # lower case
     endpoint: str  # the counter's key, "" for an unthrottled path
     status: int
     runtime: float  # real seconds of simulated run time (hunting), else 0
@@ -333,8 +350,19 @@ def _first(pair: tuple[float, Limit | None]) -> float:
     return pair[0]
 
 
+@dataclass(slots=True)
+class _Throttle:
+    """A scripted calls 429 (real seconds, as written in the answer)."""
+
+    retry_after: float
+    times: int | None  # answers still to throttle; None: until cleared
+    limit: int
+    window: float
+
+
 class DefenderEmulator:
-    """The ASGI app (`.app`) and what it saw; safe to read from any thread.
+    """The ASGI app (`.app`), what it saw and what a test scripted; safe to use from any
+    thread.
 
     `clock` (real seconds) and `sleep` can be replaced to drive it in virtual time.
     """
@@ -347,6 +375,8 @@ class DefenderEmulator:
         latency: float = 0.3,  # emulated seconds before a plain answer
         runtime_min: float = 1.0,  # emulated seconds, simulated hunting run time
         runtime_max: float = 20.0,
+        execution_time: float | None = None,  # emulated seconds; None: a draw
+        run_queries: bool = True,  # False: hunting answers come at once
         seed: int | None = 0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -358,11 +388,16 @@ class DefenderEmulator:
         self.latency = latency
         self.runtime_min = runtime_min
         self.runtime_max = runtime_max
+        self.execution_time = execution_time
+        self.run_queries = run_queries
         self.clock = clock
         self.sleep = sleep
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         self._arrivals: list[Arrival] = []
+        self._throttles: dict[str, _Throttle] = {}
+        self._delays: dict[str, float] = {}
+        self._gates: dict[str, threading.Event] = {}
         self.app = Starlette(
             routes=[
                 Route("/_emulator/health", self._health, methods=["GET"]),
@@ -372,13 +407,68 @@ class DefenderEmulator:
             ]
         )
 
+    # -- what a test scripts ------------------------------------------------------------
+
+    def throttle(
+        self,
+        path: str,
+        retry_after: float = 2.0,
+        *,
+        times: int | None = 1,
+        limit: int = 50,
+        window: float = 60.0,
+    ) -> None:
+        """Answer the next `times` requests of `path` (None: all) with a calls 429 that
+        says "maximum allowed `limit` per `window`", and `retry_after`."""
+        with self._lock:
+            self._throttles[path.lower()] = _Throttle(retry_after, times, limit, window)
+
+    def delay(self, path: str, seconds: float) -> None:
+        """Answer requests of `path` only after `seconds` more."""
+        with self._lock:
+            self._delays[path.lower()] = seconds
+
+    def hold(self, path: str) -> threading.Event:
+        """Hold answers to `path` until the returned event is set."""
+        gate = threading.Event()
+        with self._lock:
+            self._gates[path.lower()] = gate
+        return gate
+
+    def clear(self) -> None:
+        """Forget throttles, delays and holds (held requests are let go)."""
+        with self._lock:
+            for gate in self._gates.values():
+                gate.set()
+            self._throttles.clear()
+            self._delays.clear()
+            self._gates.clear()
+
     # -- what it saw --------------------------------------------------------------------
 
-    def arrivals(self, caller: str | None = None) -> list[Arrival]:
+    def arrivals(self, path: str | None = None, caller: str | None = None) -> list[Arrival]:
+        """Every request, in arrival order; of `path` and `caller` when given."""
+        wanted = None if path is None else path.lower()
         with self._lock:
-            return [a for a in self._arrivals if caller in (None, a.caller)]
+            return [
+                a for a in self._arrivals if wanted in (None, a.path) and caller in (None, a.caller)
+            ]
+
+    def times(self, path: str | None = None, caller: str | None = None) -> list[float]:
+        """Arrival times (real seconds on the emulator's clock), in order."""
+        return sorted(a.at for a in self.arrivals(path, caller))
+
+    def wait_for(self, count: int, path: str | None = None, timeout: float = 10.0) -> None:
+        """Block until `count` requests of `path` arrived (from a thread other than the
+        app's)."""
+        deadline = time.monotonic() + timeout
+        while len(self.arrivals(path)) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{count} arrivals at {path or 'any path'} never came")
+            time.sleep(0.005)
 
     def reset(self) -> None:
+        """Forget what it saw and counted (not what a test scripted)."""
         with self._lock:
             self._arrivals.clear()
             self.throttler.reset()
@@ -390,27 +480,50 @@ class DefenderEmulator:
         asked = request.headers.get("x-emulator-runtime")
         if asked is not None:
             return max(float(asked), 0.0)
+        if self.execution_time is not None:
+            return self.execution_time
         return self._random.uniform(self.runtime_min, self.runtime_max)
 
+    def _scripted_throttle(self, path: str) -> _Throttle | None:
+        """The scripted 429 for this request, used up by it (under the lock)."""
+        throttle = self._throttles.get(path)
+        if throttle is not None and throttle.times is not None:
+            throttle.times -= 1
+            if throttle.times <= 0:
+                del self._throttles[path]
+        return throttle
+
     async def _handle(self, request: Request) -> JSONResponse:
-        method, path = request.method, request.url.path
-        auth = request.headers.get("authorization", "")
-        caller = auth.removeprefix("Bearer ").strip() or "anonymous"
+        method, path = request.method, request.url.path.lower()
+        caller = caller_of(request.headers.get("authorization", ""))
         with self._lock:
             now = self.clock()
+            scripted = self._scripted_throttle(path)
             endpoint = self.throttler.endpoint(method, path)
-            hunting = endpoint is not None and endpoint.hunting
+            hunting = endpoint is not None and endpoint.hunting and scripted is None
             run = self._run_time(request) / self.speed if hunting else 0.0
             decision = self.throttler.admit(caller, method, path, now, run)
-            status = 200 if decision.admitted else 429
+            admitted = decision.admitted and scripted is None
+            status = 200 if admitted else 429
             self._arrivals.append(
-                Arrival(now, caller, decision.key, status, run if decision.admitted else 0.0)
+                Arrival(now, caller, method, path, decision.key, status, run if admitted else 0.0)
             )
+            delay = self._delays.get(path, 0.0)
+            gate = self._gates.get(path)
+        if gate is not None:
+            while not gate.is_set():
+                await asyncio.sleep(0.005)  # the test's thread sets it, in real time
+        if delay:
+            await self.sleep(delay)
         target = str(uuid.uuid4())
-        if not decision.admitted:
+        if scripted is not None:
+            body = calls_body(scripted.limit, scripted.window, scripted.retry_after, target)
+            return _throttled(body, scripted.retry_after)
+        if not admitted:
             return self._throttled(decision, target)
         if hunting:
-            await self.sleep(run)
+            if self.run_queries:
+                await self.sleep(run)
             return JSONResponse(hunting_answer(run))
         await self.sleep(self.latency / self.speed)
         return JSONResponse({"@odata.context": f"{path}/$metadata", "value": []})
@@ -423,7 +536,7 @@ class DefenderEmulator:
             body = runtime_body(retry, target)
         else:
             body = calls_body(int(limit.amount), limit.per / self.speed, retry, target)
-        return JSONResponse(body, 429, headers={"Retry-After": seconds_text(retry)})
+        return _throttled(body, retry)
 
     async def _health(self, request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "speed": self.speed})
@@ -435,6 +548,15 @@ class DefenderEmulator:
     async def _reset(self, request: Request) -> JSONResponse:
         self.reset()
         return JSONResponse({"reset": True})
+
+
+def caller_of(authorization: str) -> str:
+    """Who calls: the bearer token (the upstream's app + tenant), or "anonymous"."""
+    return authorization.removeprefix("Bearer ").strip() or "anonymous"
+
+
+def _throttled(body: dict[str, Any], retry_after: float) -> JSONResponse:
+    return JSONResponse(body, 429, headers={"Retry-After": seconds_text(retry_after)})
 
 
 def hunting_answer(run: float) -> dict[str, Any]:

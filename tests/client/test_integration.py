@@ -36,8 +36,8 @@ from quotagate.coordinator.app import create_app
 from quotagate.coordinator.embedded import EmbeddedServer
 from quotagate.coordinator.settings import Settings
 
+from ..emulator import DefenderEmulator as Upstream
 from ..service import serve_in_thread
-from ..upstream import Upstream
 
 pytestmark = pytest.mark.server
 
@@ -122,7 +122,7 @@ def calls(log: list[Exchange], suffix: str) -> list[Exchange]:
 
 @pytest.fixture
 def upstream() -> Upstream:
-    return Upstream()
+    return Upstream(latency=0, run_queries=False)
 
 
 @pytest.fixture

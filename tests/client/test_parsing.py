@@ -1,4 +1,5 @@
-"""Every throttled answer and Stats shape quoted in defender-limits.md, and their parts."""
+"""Every throttled answer and Stats shape quoted in coordinator/defender.md ("Throttled
+answers", "Advanced hunting answers"), and their parts."""
 
 from __future__ import annotations
 

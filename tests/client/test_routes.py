@@ -1,4 +1,5 @@
-"""The Defender route table: every endpoint of defender-limits.md on every host."""
+"""The Defender route table: every endpoint of coordinator/defender.md ("Endpoints and
+hosts") on every host."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ HOSTS = [
     "api.securitycenter.windows.com",
 ]
 
-# (method, path) -> (api, key) for every endpoint listed under "Endpoints".
+# (method, path) -> (api, key) for every endpoint listed under "Endpoints and hosts".
 DEFENDER_CASES = [
     ("GET", "/api/incidents", "m365d.incidents", ""),
     ("GET", "/api/incidents/924565", "m365d.incidents", ""),

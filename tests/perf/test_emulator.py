@@ -1,5 +1,6 @@
 """The Defender emulator in virtual time: exact windows counted at arrival, every attempt
-counted, run-time budgets, the quoted 429 bodies, and the time scale."""
+counted, run-time budgets, the quoted 429 bodies, the time scale, what a test scripts, and
+the catalog's figures (coordinator/defender.md)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,18 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from quotagate.client import parse_throttle
+from quotagate.client import execution_time, parse_throttle
+from quotagate.coordinator.policy import Kind, Scope, load_catalog
 
-from ..emulator import DefenderEmulator, Throttler, clock_text, path_template, seconds_text
+from ..emulator import (
+    DEFENDER_ENDPOINTS,
+    DefenderEmulator,
+    Endpoint,
+    Throttler,
+    clock_text,
+    path_template,
+    seconds_text,
+)
 
 CONTOSO = {"Authorization": "Bearer contoso-app1"}
 FABRIKAM = {"Authorization": "Bearer fabrikam-app2"}
@@ -168,7 +178,7 @@ async def test_hunting_run_time_budget(clock: VirtualClock) -> None:
         clock.now = 4600.0
         answer = await http.post("/api/advancedhunting/run", json=query, headers=FABRIKAM)
         assert 1.0 <= answer.json()["Stats"]["ExecutionTime"] <= 20.0
-    runs_seen = [(a.status, a.runtime) for a in emulator.arrivals("contoso-app1")]
+    runs_seen = [(a.status, a.runtime) for a in emulator.arrivals(caller="contoso-app1")]
     assert runs_seen == [(200, 150.0)] * 4 + [(429, 0.0)]
 
 
@@ -204,3 +214,105 @@ async def test_speed_scales_every_time(clock: VirtualClock) -> None:
         await http.get("/api/incidents", headers=CONTOSO)
         rows = (await http.get("/_emulator/arrivals")).json()["arrivals"]
         assert rows == [[clock.now, "contoso-app1", "incidents", 200, 0.0]]
+
+
+async def test_scripted_throttle_delay_and_hold(clock: VirtualClock) -> None:
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    emulator = DefenderEmulator(clock=clock, sleep=clock.sleep, latency=0)
+    async for http in client_of(emulator):
+        emulator.throttle("/API/Incidents", retry_after=2, times=2)
+        for _ in range(2):
+            answer = await http.get("/api/incidents", headers=CONTOSO)
+            assert answer.status_code == 429
+            assert answer.headers["Retry-After"] == "2"
+            seen = parse_throttle(429, answer.headers, answer.content)
+            assert seen is not None
+            assert (seen.retry_after, seen.calls, seen.window, seen.code) == (2.0, 50, 60.0, "429")
+        assert (await http.get("/api/incidents", headers=CONTOSO)).status_code == 200
+        # A scripted 429 is an attempt like any other: 3 of the minute's 50 are spent.
+        for _ in range(47):
+            assert (await http.get("/api/incidents", headers=CONTOSO)).status_code == 200
+        assert (await http.get("/api/incidents", headers=CONTOSO)).status_code == 429
+
+        emulator.throttle("/api/machines", retry_after=0.5, times=None, limit=100)
+        for _ in range(3):
+            answer = await http.get("/api/machines", headers=FABRIKAM)
+            assert answer.headers["Retry-After"] == "0.5"
+            assert "Maximum allowed 100 per 00:01:00" in answer.json()["error"]["message"]
+        emulator.clear()
+        assert (await http.get("/api/machines", headers=FABRIKAM)).status_code == 200
+
+        emulator.sleep = sleep
+        emulator.delay("/sessions/s1", 1.5)
+        gate = emulator.hold("/sessions/s1")
+        gate.set()  # already let go: the answer does not wait for it
+        assert (await http.get("/Sessions/S1")).status_code == 200
+        assert slept == [1.5, 0.0]  # the scripted delay, then the latency (0)
+
+    assert len(emulator.arrivals("/api/incidents")) == 51
+    assert len(emulator.arrivals("/api/machines", caller="fabrikam-app2")) == 4
+    assert [a.status for a in emulator.arrivals("/api/machines")] == [429] * 3 + [200]
+    (session,) = emulator.arrivals("/sessions/s1")
+    assert (session.caller, session.method, session.path, session.endpoint) == (
+        "anonymous",
+        "GET",
+        "/sessions/s1",
+        "",
+    )
+    assert emulator.times("/api/incidents") == [clock.now] * 51
+
+
+async def test_fixed_execution_time_answered_at_once(clock: VirtualClock) -> None:
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    emulator = DefenderEmulator(
+        clock=clock, sleep=sleep, execution_time=4.5, run_queries=False, speed=2
+    )
+    async for http in client_of(emulator):
+        answer = await http.post("/api/advancedqueries/run", json={}, headers=CONTOSO)
+        # In real seconds: 4.5 emulated seconds at speed 2; charged, not waited for.
+        assert answer.json()["Stats"]["ExecutionTime"] == 2.25
+        assert execution_time(answer.content) == 2.25
+        runs = {**CONTOSO, "x-emulator-runtime": "3"}
+        answer = await http.post("/api/advancedqueries/run", json={}, headers=runs)
+        assert answer.json()["Stats"]["ExecutionTime"] == 1.5  # the header wins
+    assert slept == []
+    assert [a.runtime for a in emulator.arrivals(caller="contoso-app1")] == [2.25, 1.5]
+
+
+# The emulator's endpoint -> the catalog's api with the same figures.
+CATALOG_API = {
+    "incidents": "m365d.incidents",
+    "advancedhunting": "m365d.advanced-hunting",
+    "advancedqueries": "mde.advanced-hunting",
+    "runliveresponse": "mde.live-response",
+    "alerts.batchupdate": "mde.alerts.batch-update",
+    "alerts.createalertbyreference": "mde.alerts.create",
+    "indicators.import": "mde.indicators.import",
+    "indicators.batchdelete": "mde.indicators.batch-delete",
+    "getpackageuri": "mde.package-sas",
+    "mde": "mde.api",
+}
+
+
+@pytest.mark.parametrize("endpoint", DEFENDER_ENDPOINTS, ids=lambda e: e.name)
+def test_endpoint_figures_are_the_catalogs(endpoint: Endpoint) -> None:
+    """The emulator throttles with the figures of coordinator/defender.md, "Catalog" (its
+    calls and run-time limits; concurrency is the coordinator's alone)."""
+    policy = load_catalog().apis[CATALOG_API[endpoint.name]]
+    windowed = [lim for lim in policy.limits if lim.kind is not Kind.CONCURRENT]
+    expected = [
+        (True, lim.amount / 1000, lim.window_ms / 1000)
+        if lim.kind is Kind.RUNTIME
+        else (False, lim.amount, lim.window_ms / 1000)
+        for lim in windowed
+    ]
+    assert [(lim.runtime, lim.amount, lim.per) for lim in endpoint.limits] == expected
+    assert endpoint.per_path == any(lim.scope is Scope.KEY for lim in windowed)
