@@ -17,7 +17,6 @@ from quotagate.coordinator.policy import (
     PolicyError,
     PolicySet,
     Scope,
-    default_granularity_ms,
     load_catalog,
     load_policies,
     parse_policies,
@@ -433,46 +432,3 @@ def test_tenant_runtime_estimate_too_large_names_tenant_and_api() -> None:
     text = 'tenants: {"c-*": {x: {runtime_estimate: 2m, limits: [{runtime: 1m, per: 1h}]}}}'
     with pytest.raises(PolicyError, match=r"^f\.yaml: tenants\.c-\*\.x: runtime_estimate 2m"):
         parse_policies(text, "f.yaml")
-
-
-# --- default granularity ----------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("window_ms", "expected"),
-    [
-        (MINUTE, SECOND),
-        (HOUR, MINUTE),
-        (DAY, 1_440_000),
-        (500, 500),
-        (90_000, 1_500),
-        (7_000, SECOND),
-        (1, 1),
-        (1_000, 1_000),
-        (59_999, 59_999),  # prime: the whole window is one bucket
-        (86_399_999, 12_342_857),  # 7 * 12342857: 7 buckets
-        (61_000, 1_220),  # ceil(61000/60) = 1017 -> divisor 1220 (50 buckets)
-    ],
-)
-def test_default_granularity_examples(window_ms: int, expected: int) -> None:
-    assert default_granularity_ms(window_ms) == expected
-
-
-@pytest.mark.parametrize(
-    "window_ms",
-    [1, 7, 999, 1_000, 1_001, 7_000, 59_999, 61_000, 90_000, 86_399_999, DAY, 10**18, 2**61 - 1],
-)
-def test_default_granularity_properties(window_ms: int) -> None:
-    granularity = default_granularity_ms(window_ms)
-    assert window_ms % granularity == 0
-    assert granularity >= min(1_000, window_ms)
-    assert granularity * 60 >= window_ms
-    if window_ms <= 10**7:  # it is the smallest such divisor
-        wanted = max(min(1_000, window_ms), -(-window_ms // 60))
-        assert all(window_ms % d for d in range(wanted, granularity))
-
-
-@pytest.mark.parametrize("window_ms", [0, -1])
-def test_default_granularity_needs_a_positive_window(window_ms: int) -> None:
-    with pytest.raises(ValueError, match="positive"):
-        default_granularity_ms(window_ms)
