@@ -79,6 +79,16 @@ INVALID: dict[str, list[str]] = {
     "invalid_yaml": ["not valid YAML", "line 4"],
     "unknown_scope": ["apis.acme.reports.limits[0].scope", "'api' or 'key'"],
     "duplicate_window": ["apis.acme.reports", "limits[2]", "same calls per 1m as limits[0]"],
+    "unknown_tenant_api": [
+        "tenants.contoso-*.acme.report:",
+        "neither this file nor the catalog defines",
+        "did you mean 'acme.reports'?",
+    ],
+    "unknown_tenant_catalog_api": [
+        "tenants.fabrikam.m365d.incident:",
+        "neither this file nor the catalog defines",
+        "did you mean 'm365d.incidents'?",
+    ],
 }
 
 
@@ -281,6 +291,25 @@ def test_resolve_override_replaces_the_api_as_a_whole(valid: PolicySet) -> None:
 def test_resolve_unknown_api_is_none(valid: PolicySet) -> None:
     assert valid.resolve("contoso-us", "acme.unknown") is None
     assert valid.resolve("woodgrove", "acme.unknown") is None
+
+
+def test_unknown_override_names_file_glob_and_api() -> None:
+    path = FIXTURES / "unknown_tenant_catalog_api.yaml"
+    with pytest.raises(PolicyError) as info:
+        load_policies(path)
+    assert str(info.value) == (
+        f"{path}: tenants.fabrikam.m365d.incident: overrides api 'm365d.incident', which "
+        "neither this file nor the catalog defines (did you mean 'm365d.incidents'?)"
+    )
+
+
+def test_override_of_a_catalog_api_needs_the_catalog(tmp_path: Path) -> None:
+    path = tmp_path / "policies.yaml"
+    path.write_text('tenants: {"c-*": {m365d.incidents: {limits: [{calls: 9, per: 1m}]}}}\n')
+    override = load_policies(path).resolve("c-1", "m365d.incidents")
+    assert override is not None and override.limits[0].amount == 9
+    with pytest.raises(PolicyError, match=r"tenants\.c-\*\.m365d\.incidents: .*catalog not loaded"):
+        load_policies(path, catalog=False)
 
 
 def test_tenant_override_of_api_missing_from_base() -> None:
