@@ -1,8 +1,11 @@
-"""Quota policies: the limits of each api, compiled to integer milliseconds for the scripts.
+"""Quota policy files: YAML compiled to the policy core's values (integer milliseconds).
 
 A policy file is YAML (see README, "Policy file"). The built-in Defender catalog
 (`catalog.yaml`) is loaded first; an api named in a user file replaces the catalog's
-definition of that api as a whole, and `tenants:` globs override apis per tenant.
+definition of that api as a whole, and `tenants:` globs override apis per tenant. The
+values, durations, names, defaults and the rules of a limit are the policy core's
+(`quotagate.client.policy_core`, shared with the client's local limiter), re-exported
+here; this module adds the file format and errors that name the file, api and field.
 """
 
 from __future__ import annotations
@@ -101,7 +104,8 @@ class _LimitSpec(BaseModel):
                 "each limit needs exactly one kind: calls, runtime or concurrent"
                 + (f" (got {', '.join(kinds)})" if kinds else "")
             )
-        self.compile(DEFAULT_MARGIN_MS)  # the rules every limit obeys, with this place named
+        # The core checks a limit's rules; raised here, pydantic names the limit's place.
+        self.compile(DEFAULT_MARGIN_MS)
         return self
 
     def compile(self, default_margin_ms: int) -> Limit:
