@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,11 +27,11 @@ from .lease import Lease, Outcome
 from .local import LocalLimiter
 from .parsing import parse_retry_after
 from .policies import parse_policies
+from .policy_core import TENANT_PATTERN
 
 logger = logging.getLogger("quotagate.client")
 
 OnUnavailable = Literal["fail", "local"]
-TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 LOCAL_POLL = 0.1  # seconds between local retries while waiting: a release may free a slot
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from .exceptions import BadRequest, QuotaExhausted
 from .lease import Lease
-from .policies import LocalLimit, LocalPolicy, PolicyBook
+from .policy_core import Kind, Limit, Policy, PolicySet, Scope
 
 
 @dataclass(slots=True)
@@ -40,9 +40,9 @@ class _Flight:
 
 
 class LocalLimiter:
-    def __init__(self, tenant: str, policies: PolicyBook | None = None) -> None:
+    def __init__(self, tenant: str, policies: PolicySet | None = None) -> None:
         self.tenant = tenant
-        self.policies = policies or PolicyBook()
+        self.policies = policies or PolicySet({})
         self._lock = threading.Lock()
         self._charges: dict[str, deque[_Charge]] = {}
         self._flights: dict[str, _Flight] = {}
@@ -64,27 +64,28 @@ class LocalLimiter:
         policy = self.policies.resolve(self.tenant, api)
         if policy is None:
             raise KeyError(api)
-        estimate = policy.runtime_estimate if runtime_estimate is None else runtime_estimate
+        if runtime_estimate is None:
+            runtime_estimate = policy.runtime_estimate_ms / 1000
+        ttl = policy.lease_ttl_ms / 1000
         with self._lock:
             self._prune(policy, now)
             charges = self._charges.setdefault(api, deque())
             cooldown = self._cooldowns.get(api, 0.0) - now
             retry_after, bound = max(cooldown, 0.0), None
             for limit in policy.limits:
-                wait = self._wait_for(limit, api, key, cost, estimate, now)
+                wait = self._wait_for(limit, api, key, cost, runtime_estimate, now)
                 if math.isinf(wait):
-                    raise BadRequest(
-                        f"{api}: no {limit.kind} limit of {limit.amount} can grant this"
-                    )
+                    amount = limit.describe()["amount"]
+                    raise BadRequest(f"{api}: no {limit.kind} limit of {amount} can grant this")
                 if wait > retry_after:
                     retry_after, bound = wait, limit
             if retry_after > 0:
                 code = "cooling_down" if bound is None else "quota_exhausted"
                 raise QuotaExhausted(retry_after, code, _describe(bound), status_code=None)
             lease_id = f"local.{secrets.token_hex(16)}"
-            charges.append(_Charge(now, lease_id, key, cost, estimate))
-            self._flights[lease_id] = _Flight(api, key, now + policy.lease_ttl, policy.lease_ttl)
-        return Lease(lease_id, self.tenant, api, key, cost, policy.lease_ttl, waited, local=True)
+            charges.append(_Charge(now, lease_id, key, cost, runtime_estimate))
+            self._flights[lease_id] = _Flight(api, key, now + ttl, ttl)
+        return Lease(lease_id, self.tenant, api, key, cost, ttl, waited, local=True)
 
     def release(self, lease: Lease, body: Mapping[str, Any], now: float) -> bool:
         """Apply a release body (see `Lease.release_body`); False for an unknown lease."""
@@ -122,27 +123,31 @@ class LocalLimiter:
             return flight.ttl
 
     def _wait_for(
-        self, limit: LocalLimit, api: str, key: str, cost: int, estimate: float, now: float
+        self, limit: Limit, api: str, key: str, cost: int, estimate: float, now: float
     ) -> float:
         """Seconds until `limit` would let this request pass; 0 now, inf never."""
-        if limit.kind == "concurrent":
+        if limit.kind is Kind.CONCURRENT:
             expiries = sorted(
                 f.expires_at
                 for f in self._flights.values()
-                if f.api == api and f.expires_at > now and (limit.scope == "api" or f.key == key)
+                if f.api == api
+                and f.expires_at > now
+                and (limit.scope is Scope.API or f.key == key)
             )
-            over = len(expiries) + 1 - int(limit.amount)
+            over = len(expiries) + 1 - limit.amount
             return 0.0 if over <= 0 else expiries[over - 1] - now
-        span = limit.window + limit.margin
+        span = limit.span_ms / 1000
+        calls = limit.kind is Kind.CALLS
         counted = [
-            (c.at, c.calls if limit.kind == "calls" else c.runtime)
+            (c.at, c.calls if calls else c.runtime)
             for c in self._charges.get(api, ())
-            if c.at > now - span and (limit.scope == "api" or c.key == key)
+            if c.at > now - span and (limit.scope is Scope.API or c.key == key)
         ]
-        need = cost if limit.kind == "calls" else estimate
-        if need > limit.amount:
+        # Run time is charged in seconds here; the policy holds milliseconds.
+        need, allowed = (cost, limit.amount) if calls else (estimate, limit.amount / 1000)
+        if need > allowed:
             return math.inf
-        excess = sum(amount for _, amount in counted) + need - limit.amount
+        excess = sum(amount for _, amount in counted) + need - allowed
         if excess <= 0:
             return 0.0
         for at, amount in counted:  # oldest first: they leave the window first
@@ -151,8 +156,8 @@ class LocalLimiter:
                 return at + span - now
         return 0.0  # not reached: need <= amount, so dropping every charge makes room
 
-    def _prune(self, policy: LocalPolicy, now: float) -> None:
-        span = max((lim.window + lim.margin for lim in policy.limits), default=0.0)
+    def _prune(self, policy: Policy, now: float) -> None:
+        span = policy.longest_window_ms / 1000
         charges = self._charges.get(policy.api)
         while charges and charges[0].at <= now - span:
             charges.popleft()
@@ -160,8 +165,5 @@ class LocalLimiter:
             del self._flights[lease_id]
 
 
-def _describe(limit: LocalLimit | None) -> dict[str, Any] | None:
-    if limit is None:
-        return None
-    window = limit.window if limit.kind != "concurrent" else None
-    return {"kind": limit.kind, "amount": limit.amount, "window": window, "scope": limit.scope}
+def _describe(limit: Limit | None) -> dict[str, Any] | None:
+    return None if limit is None else {**limit.describe(), "scope": limit.scope.value}

@@ -21,23 +21,26 @@ from typing import Any
 
 import httpx
 
+from .policy_core import parse_duration_seconds
+
 #: Error codes that mean "throttled" even when the status is not 429 (compared case-blind).
 THROTTLE_CODES = frozenset({"429", "toomanyrequests"})
 
-_UNIT_SECONDS = {
-    "ms": 0.001,
-    "millisecond": 0.001,
-    "s": 1.0,
-    "sec": 1.0,
-    "second": 1.0,
-    "m": 60.0,
-    "min": 60.0,
-    "minute": 60.0,
-    "h": 3600.0,
-    "hr": 3600.0,
-    "hour": 3600.0,
-    "d": 86400.0,
-    "day": 86400.0,
+# Spellings of the policy grammar's units (see `policy_core`) in Microsoft's sentences.
+_UNIT_SYMBOLS = {
+    "ms": "ms",
+    "millisecond": "ms",
+    "s": "s",
+    "sec": "s",
+    "second": "s",
+    "m": "m",
+    "min": "m",
+    "minute": "m",
+    "h": "h",
+    "hr": "h",
+    "hour": "h",
+    "d": "d",
+    "day": "d",
 }
 _NUMBER = r"\d+(?:\.\d+)?"
 # .NET TimeSpan text: [d.]hh:mm:ss[.fffffff]
@@ -64,24 +67,32 @@ class Throttle:
 
 
 def parse_duration(text: str) -> float | None:
-    """Seconds in `00:00:37`, `1.00:00:00`, `37 seconds`, `1 minute 30 seconds`, `1m`, `37`."""
+    """Seconds in `00:00:37`, `1.00:00:00`, `37 seconds`, `1 minute 30 seconds`, `1m`, `37`.
+
+    Each spelling is read as terms of the policy grammar (`policy_core`), so the units and
+    their sizes are defined once; None for anything else, or a term longer than a year.
+    """
     text = text.strip()
     clock = _CLOCK_RE.fullmatch(text)
     if clock is not None:
         days, hours, minutes, seconds = clock.groups()
-        return int(days or 0) * 86400 + int(hours) * 3600 + int(minutes) * 60 + float(seconds)
-    if re.fullmatch(_NUMBER, text):
-        return float(text)
-    if not re.fullmatch(_DURATION, text, re.IGNORECASE):
+        terms = [f"{days or 0}d", f"{hours}h", f"{minutes}m", f"{seconds}s"]
+    elif re.fullmatch(_NUMBER, text):
+        terms = [text]
+    elif re.fullmatch(_DURATION, text, re.IGNORECASE):
+        terms = []
+        for number, unit in _TERM_RE.findall(text):
+            unit = unit.lower()
+            symbol = _UNIT_SYMBOLS.get(unit) or _UNIT_SYMBOLS.get(unit.rstrip("s"))
+            if symbol is None:
+                return None
+            terms.append(number + symbol)
+    else:
         return None
-    total = 0.0
-    for number, unit in _TERM_RE.findall(text):
-        unit = unit.lower()
-        scale = _UNIT_SECONDS.get(unit) or _UNIT_SECONDS.get(unit.rstrip("s"))
-        if scale is None:
-            return None
-        total += float(number) * scale
-    return total
+    try:
+        return sum(parse_duration_seconds(term) for term in terms)
+    except ValueError:
+        return None
 
 
 def parse_retry_after(value: str, now: float | None = None) -> float | None:

@@ -19,6 +19,8 @@ from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from .policy_core import KEY_PATTERN as KEY_PATTERN  # the coordinator's, re-exported
+
 DEFENDER_HOSTS = frozenset(
     {
         "api.security.microsoft.com",
@@ -37,8 +39,6 @@ ENDPOINT = "{endpoint}"
 ID_PLACEHOLDER = "_id_"
 ARGS_PLACEHOLDER = "_args_"
 
-# The coordinator's key pattern: no spaces, braces or `|`.
-KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,255}$")
 _KEY_BAD_CHARS = re.compile(r"[^A-Za-z0-9._:@/-]")
 _CAPTURE = re.compile(r"\{(\w+)\}")
 # Endpoint names are letters (`runliveresponse`, `SoftwareInventoryByMachine`); ids have

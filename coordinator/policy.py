@@ -1,165 +1,69 @@
-"""Quota policies: the limits of each api, compiled to integer milliseconds for the scripts.
+"""Quota policy files: YAML compiled to the policy core's values (integer milliseconds).
 
 A policy file is YAML (see README, "Policy file"). The built-in Defender catalog
 (`catalog.yaml`) is loaded first; an api named in a user file replaces the catalog's
-definition of that api as a whole, and `tenants:` globs override apis per tenant.
+definition of that api as a whole, and `tenants:` globs override apis per tenant. The
+values, durations, names, defaults and the rules of a limit are the policy core's
+(`quotagate.client.policy_core`, shared with the client's local limiter), re-exported
+here; this module adds the file format and errors that name the file, api and field.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import functools
+import difflib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from .durations import format_duration, parse_duration_ms
+from quotagate.client.policy_core import (
+    API_PATTERN,
+    DEFAULT_LEASE_TTL_MS,
+    DEFAULT_MARGIN_MS,
+    DEFAULT_RUNTIME_ESTIMATE_MS,
+    KEY_PATTERN,
+    MAX_BUCKETS,
+    TENANT_PATTERN,
+    Kind,
+    Limit,
+    Policy,
+    PolicySet,
+    Scope,
+    default_granularity_ms,
+    format_duration,
+    make_limit,
+    make_policy,
+    parse_duration_ms,
+)
 
-API_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
-KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,255}$")
+__all__ = [
+    "API_PATTERN",
+    "CATALOG_PATH",
+    "DEFAULT_LEASE_TTL_MS",
+    "DEFAULT_MARGIN_MS",
+    "DEFAULT_RUNTIME_ESTIMATE_MS",
+    "KEY_PATTERN",
+    "MAX_BUCKETS",
+    "TENANT_PATTERN",
+    "Kind",
+    "Limit",
+    "Policy",
+    "PolicyError",
+    "PolicySet",
+    "Scope",
+    "default_granularity_ms",
+    "load_catalog",
+    "load_policies",
+    "parse_policies",
+]
 
 CATALOG_PATH = Path(__file__).parent / "catalog.yaml"
-
-DEFAULT_MARGIN_MS = 1_000
-DEFAULT_LEASE_TTL_MS = 60_000
-DEFAULT_RUNTIME_ESTIMATE_MS = 10_000
-MAX_BUCKETS = 3_600  # per window
-
-
-class Kind(StrEnum):
-    CALLS = "calls"
-    RUNTIME = "runtime"
-    CONCURRENT = "concurrent"
-
-
-class Scope(StrEnum):
-    API = "api"
-    KEY = "key"
-
-
-@dataclass(frozen=True)
-class Limit:
-    """One limit. `amount` is call units (calls), milliseconds (runtime) or leases (concurrent).
-
-    `window_ms`, `granularity_ms` and `margin_ms` are 0 for a concurrent limit.
-    """
-
-    kind: Kind
-    amount: int
-    window_ms: int = 0
-    granularity_ms: int = 0
-    margin_ms: int = 0
-    scope: Scope = Scope.API
-
-    def describe(self) -> dict[str, Any]:
-        """The limit as the HTTP API shows it: seconds, and runtime amounts in seconds."""
-        amount: float = self.amount / 1000 if self.kind is Kind.RUNTIME else self.amount
-        window = self.window_ms / 1000 if self.kind is not Kind.CONCURRENT else None
-        return {"kind": self.kind.value, "amount": amount, "window": window}
-
-
-@dataclass(frozen=True)
-class Policy:
-    api: str
-    limits: tuple[Limit, ...]
-    lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS
-    runtime_estimate_ms: int = 0
-
-    @functools.cached_property
-    def longest_window_ms(self) -> int:
-        return max((lim.window_ms + lim.margin_ms for lim in self.limits), default=0)
-
-    @functools.cached_property
-    def shortest_calls_window_ms(self) -> int:
-        windows = [lim.window_ms for lim in self.limits if lim.kind is Kind.CALLS]
-        return min(windows, default=60_000)
-
-    @functools.cached_property
-    def tracks_api(self) -> bool:
-        """Whether leases must be registered in the api's in-flight set (an api-scoped
-        concurrent limit)."""
-        return any(lim.kind is Kind.CONCURRENT and lim.scope is Scope.API for lim in self.limits)
-
-    @functools.cached_property
-    def tracks_keys(self) -> bool:
-        """Whether leases must also be registered per key (a key-scoped concurrent limit)."""
-        return any(lim.kind is Kind.CONCURRENT and lim.scope is Scope.KEY for lim in self.limits)
-
-    def impossible_cost(self, cost: int) -> Limit | None:
-        """The calls limit that could never grant `cost` units, if any."""
-        for lim in self.limits:
-            if lim.kind is Kind.CALLS and cost > lim.amount:
-                return lim
-        return None
-
-    def impossible_runtime(self, runtime_ms: int) -> Limit | None:
-        """The runtime limit that could never hold a reservation of `runtime_ms`, if any."""
-        for lim in self.limits:
-            if lim.kind is Kind.RUNTIME and runtime_ms > lim.amount:
-                return lim
-        return None
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "api": self.api,
-            "limits": [
-                {
-                    **lim.describe(),
-                    "scope": lim.scope.value,
-                    "granularity": lim.granularity_ms / 1000 if lim.window_ms else None,
-                    "margin": lim.margin_ms / 1000 if lim.window_ms else None,
-                }
-                for lim in self.limits
-            ],
-            "lease_ttl": self.lease_ttl_ms / 1000,
-            "runtime_estimate": self.runtime_estimate_ms / 1000,
-        }
-
-
-@dataclass(frozen=True)
-class PolicySet:
-    """The effective policies: apis by name, and per-tenant overrides (first glob wins)."""
-
-    apis: Mapping[str, Policy]
-    tenants: tuple[tuple[str, Mapping[str, Policy]], ...] = field(default=())
-
-    def resolve(self, tenant: str, api: str) -> Policy | None:
-        for pattern, overrides in self.tenants:
-            if api in overrides and fnmatch.fnmatchcase(tenant, pattern):
-                return overrides[api]
-        return self.apis.get(api)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "policies": {name: pol.describe() for name, pol in sorted(self.apis.items())},
-            "tenants": {
-                pattern: {name: pol.describe() for name, pol in sorted(overrides.items())}
-                for pattern, overrides in self.tenants
-            },
-        }
 
 
 class PolicyError(ValueError):
     """A policy file that cannot be used; the message names the file, the api and the field."""
-
-
-def default_granularity_ms(window_ms: int) -> int:
-    """`W/60`, at least 1 s (or the window, if shorter), rounded up to a divisor of `W`."""
-    if window_ms <= 0:
-        raise ValueError(f"a window must be positive, got {window_ms} ms")
-    wanted = max(-(-window_ms // 60), min(1_000, window_ms))
-    # The smallest divisor d >= wanted is W/q for the largest q <= W/wanted (<= 60) dividing W.
-    for buckets in range(window_ms // wanted, 0, -1):
-        if window_ms % buckets == 0:
-            return window_ms // buckets
-    raise AssertionError("unreachable: 1 divides every window")
 
 
 # --- the file format -------------------------------------------------------------------
@@ -194,53 +98,26 @@ class _LimitSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> _LimitSpec:
-        kinds = [k for k in ("calls", "runtime", "concurrent") if getattr(self, k) is not None]
+        kinds = [kind for kind in Kind if getattr(self, kind.value) is not None]
         if len(kinds) != 1:
             raise ValueError(
                 "each limit needs exactly one kind: calls, runtime or concurrent"
                 + (f" (got {', '.join(kinds)})" if kinds else "")
             )
-        kind = kinds[0]
-        amount = getattr(self, kind)
-        if amount <= 0:
-            raise ValueError(f"{kind} must be positive, got {amount}")
-        if kind == "concurrent":
-            for name in ("per", "granularity", "margin"):
-                if getattr(self, name) is not None:
-                    raise ValueError(f"{name} does not apply to a concurrent limit")
-            return self
-        if self.per is None:
-            raise ValueError(f"a {kind} limit needs `per` (its window)")
-        if self.per <= 0:
-            raise ValueError("per must be a positive duration")
-        if self.granularity is not None and (self.granularity <= 0 or self.per % self.granularity):
-            raise ValueError(
-                f"granularity {format_duration(self.granularity)} does not divide "
-                f"the window {format_duration(self.per)}"
-            )
-        if self.granularity is not None and self.per // self.granularity > MAX_BUCKETS:
-            # Each decision may walk the buckets of a window: keep that walk short.
-            raise ValueError(
-                f"granularity {format_duration(self.granularity)} makes more than "
-                f"{MAX_BUCKETS} buckets in the window {format_duration(self.per)}"
-            )
+        # The core checks a limit's rules; raised here, pydantic names the limit's place.
+        self.compile(DEFAULT_MARGIN_MS)
         return self
 
     def compile(self, default_margin_ms: int) -> Limit:
-        if self.concurrent is not None:
-            return Limit(Kind.CONCURRENT, self.concurrent, scope=self.scope)
-        assert self.per is not None
-        kind, amount = (
-            (Kind.CALLS, self.calls) if self.calls is not None else (Kind.RUNTIME, self.runtime)
-        )
-        assert amount is not None
-        return Limit(
+        kind = next(kind for kind in Kind if getattr(self, kind.value) is not None)
+        return make_limit(
             kind,
-            amount,
-            window_ms=self.per,
-            granularity_ms=self.granularity or default_granularity_ms(self.per),
-            margin_ms=default_margin_ms if self.margin is None else self.margin,
+            getattr(self, kind.value),
+            per_ms=self.per,
+            granularity_ms=self.granularity,
+            margin_ms=self.margin,
             scope=self.scope,
+            default_margin_ms=default_margin_ms,
         )
 
 
@@ -284,16 +161,10 @@ class _ApiSpec(BaseModel):
                     f"{format_duration(lim.window_ms)} as limits[{first}] (same granularity "
                     "and scope): keep the smaller one"
                 )
-        has_runtime = any(lim.kind is Kind.RUNTIME for lim in limits)
-        estimate = self.runtime_estimate
-        if estimate is None:
-            estimate = DEFAULT_RUNTIME_ESTIMATE_MS if has_runtime else 0
-        policy = Policy(
-            api,
-            limits,
-            lease_ttl_ms=self.lease_ttl or DEFAULT_LEASE_TTL_MS,
-            runtime_estimate_ms=estimate,
+        policy = make_policy(
+            api, limits, lease_ttl_ms=self.lease_ttl, runtime_estimate_ms=self.runtime_estimate
         )
+        estimate = policy.runtime_estimate_ms
         too_big = policy.impossible_runtime(estimate)
         if too_big is not None:
             raise PolicyError(
@@ -386,11 +257,27 @@ def _compile(
 
 
 def parse_policies(text: str, source: str = "<policies>") -> PolicySet:
-    """Policies from one YAML document alone (no catalog)."""
+    """Policies from one YAML document alone (no catalog); its tenant overrides may name
+    apis that it does not define (`load_policies` checks them against the catalog)."""
     spec = _parse(text, source)
     margin_ms = DEFAULT_MARGIN_MS if spec.margin is None else spec.margin
     apis, tenants = _compile(spec, source, margin_ms)
     return PolicySet(apis=apis, tenants=tuple(tenants))
+
+
+def _check_overrides(
+    extra: PolicySet, known: Mapping[str, Policy], source: str, where: str
+) -> None:
+    """Refuse an override of an api that is defined nowhere: most often a typo."""
+    for pattern, overrides in extra.tenants:
+        for name in overrides:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise PolicyError(
+                    f"{source}: tenants.{pattern}.{name}: overrides api {name!r}, which "
+                    f"neither {where} defines{hint}"
+                )
 
 
 def load_catalog() -> PolicySet:
@@ -398,7 +285,9 @@ def load_catalog() -> PolicySet:
 
 
 def load_policies(path: Path | str | None = None, *, catalog: bool = True) -> PolicySet:
-    """The built-in catalog, with the apis and tenant overrides of `path` on top."""
+    """The built-in catalog, with the apis and tenant overrides of `path` on top.
+
+    A tenant override must name an api of the file or of the catalog."""
     base = load_catalog() if catalog else PolicySet(apis={})
     if path is None:
         return base
@@ -408,4 +297,7 @@ def load_policies(path: Path | str | None = None, *, catalog: bool = True) -> Po
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read the policy file: {exc.strerror}") from exc
     extra = parse_policies(text, str(path))
-    return PolicySet(apis={**base.apis, **extra.apis}, tenants=base.tenants + extra.tenants)
+    effective = base.updated(extra)
+    where = "this file nor the catalog" if catalog else "this file (catalog not loaded)"
+    _check_overrides(extra, effective.apis, str(path), where)
+    return effective

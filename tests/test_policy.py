@@ -17,7 +17,6 @@ from quotagate.coordinator.policy import (
     PolicyError,
     PolicySet,
     Scope,
-    default_granularity_ms,
     load_catalog,
     load_policies,
     parse_policies,
@@ -80,6 +79,16 @@ INVALID: dict[str, list[str]] = {
     "invalid_yaml": ["not valid YAML", "line 4"],
     "unknown_scope": ["apis.acme.reports.limits[0].scope", "'api' or 'key'"],
     "duplicate_window": ["apis.acme.reports", "limits[2]", "same calls per 1m as limits[0]"],
+    "unknown_tenant_api": [
+        "tenants.contoso-*.acme.report:",
+        "neither this file nor the catalog defines",
+        "did you mean 'acme.reports'?",
+    ],
+    "unknown_tenant_catalog_api": [
+        "tenants.fabrikam.m365d.incident:",
+        "neither this file nor the catalog defines",
+        "did you mean 'm365d.incidents'?",
+    ],
 }
 
 
@@ -284,6 +293,25 @@ def test_resolve_unknown_api_is_none(valid: PolicySet) -> None:
     assert valid.resolve("woodgrove", "acme.unknown") is None
 
 
+def test_unknown_override_names_file_glob_and_api() -> None:
+    path = FIXTURES / "unknown_tenant_catalog_api.yaml"
+    with pytest.raises(PolicyError) as info:
+        load_policies(path)
+    assert str(info.value) == (
+        f"{path}: tenants.fabrikam.m365d.incident: overrides api 'm365d.incident', which "
+        "neither this file nor the catalog defines (did you mean 'm365d.incidents'?)"
+    )
+
+
+def test_override_of_a_catalog_api_needs_the_catalog(tmp_path: Path) -> None:
+    path = tmp_path / "policies.yaml"
+    path.write_text('tenants: {"c-*": {m365d.incidents: {limits: [{calls: 9, per: 1m}]}}}\n')
+    override = load_policies(path).resolve("c-1", "m365d.incidents")
+    assert override is not None and override.limits[0].amount == 9
+    with pytest.raises(PolicyError, match=r"tenants\.c-\*\.m365d\.incidents: .*catalog not loaded"):
+        load_policies(path, catalog=False)
+
+
 def test_tenant_override_of_api_missing_from_base() -> None:
     policies = parse_policies('tenants: {"t-*": {acme.only: {limits: [{calls: 1, per: 1s}]}}}')
     assert policies.resolve("t-1", "acme.only") is not None
@@ -433,46 +461,3 @@ def test_tenant_runtime_estimate_too_large_names_tenant_and_api() -> None:
     text = 'tenants: {"c-*": {x: {runtime_estimate: 2m, limits: [{runtime: 1m, per: 1h}]}}}'
     with pytest.raises(PolicyError, match=r"^f\.yaml: tenants\.c-\*\.x: runtime_estimate 2m"):
         parse_policies(text, "f.yaml")
-
-
-# --- default granularity ----------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("window_ms", "expected"),
-    [
-        (MINUTE, SECOND),
-        (HOUR, MINUTE),
-        (DAY, 1_440_000),
-        (500, 500),
-        (90_000, 1_500),
-        (7_000, SECOND),
-        (1, 1),
-        (1_000, 1_000),
-        (59_999, 59_999),  # prime: the whole window is one bucket
-        (86_399_999, 12_342_857),  # 7 * 12342857: 7 buckets
-        (61_000, 1_220),  # ceil(61000/60) = 1017 -> divisor 1220 (50 buckets)
-    ],
-)
-def test_default_granularity_examples(window_ms: int, expected: int) -> None:
-    assert default_granularity_ms(window_ms) == expected
-
-
-@pytest.mark.parametrize(
-    "window_ms",
-    [1, 7, 999, 1_000, 1_001, 7_000, 59_999, 61_000, 90_000, 86_399_999, DAY, 10**18, 2**61 - 1],
-)
-def test_default_granularity_properties(window_ms: int) -> None:
-    granularity = default_granularity_ms(window_ms)
-    assert window_ms % granularity == 0
-    assert granularity >= min(1_000, window_ms)
-    assert granularity * 60 >= window_ms
-    if window_ms <= 10**7:  # it is the smallest such divisor
-        wanted = max(min(1_000, window_ms), -(-window_ms // 60))
-        assert all(window_ms % d for d in range(wanted, granularity))
-
-
-@pytest.mark.parametrize("window_ms", [0, -1])
-def test_default_granularity_needs_a_positive_window(window_ms: int) -> None:
-    with pytest.raises(ValueError, match="positive"):
-        default_granularity_ms(window_ms)

@@ -16,14 +16,24 @@ from quotagate.client import (
     QuotaExhausted,
 )
 from quotagate.client.local import LocalLimiter
-from quotagate.client.policies import LocalLimit, LocalPolicy, PolicyBook, parse_policies
+from quotagate.client.policies import parse_policies
+from quotagate.client.policy_core import Kind, Limit, Policy, PolicySet, Scope
 
 from .fakes import POLICIES, TENANT, URL, FakeCoordinator
 
 
-def limiter(*limits: LocalLimit, ttl: float = 60.0, estimate: float = 0.0) -> LocalLimiter:
-    policy = LocalPolicy("api", limits, lease_ttl=ttl, runtime_estimate=estimate)
-    return LocalLimiter(TENANT, PolicyBook({"api": policy}))
+def limiter(*limits: Limit, ttl: float = 60.0, estimate: float = 0.0) -> LocalLimiter:
+    policy = Policy(
+        "api", limits, lease_ttl_ms=round(ttl * 1000), runtime_estimate_ms=round(estimate * 1000)
+    )
+    return LocalLimiter(TENANT, PolicySet({"api": policy}))
+
+
+def calls(amount: int, window: float, margin: float = 0.0, scope: Scope = Scope.API) -> Limit:
+    """A calls limit, in seconds."""
+    return Limit(
+        Kind.CALLS, amount, round(window * 1000), margin_ms=round(margin * 1000), scope=scope
+    )
 
 
 def grant(local: LocalLimiter, now: float, key: str = "", cost: int = 1) -> Lease:
@@ -38,7 +48,7 @@ def denial(local: LocalLimiter, now: float, key: str = "", cost: int = 1) -> Quo
 
 class TestLimiter:
     def test_calls_in_an_exact_window_widened_by_the_margin(self) -> None:
-        local = limiter(LocalLimit("calls", 2, 60.0, "api", 1.0))
+        local = limiter(calls(2, 60.0, 1.0))
         grant(local, 0.0)
         grant(local, 1.0)
         refused = denial(local, 2.0)
@@ -49,7 +59,7 @@ class TestLimiter:
         grant(local, 61.0)
 
     def test_cost_counts_units(self) -> None:
-        local = limiter(LocalLimit("calls", 5, 10.0, "api", 0.0))
+        local = limiter(calls(5, 10.0))
         grant(local, 0.0, cost=3)
         grant(local, 1.0, cost=1)
         assert denial(local, 2.0, cost=2).retry_after == pytest.approx(8.0)
@@ -57,13 +67,13 @@ class TestLimiter:
             grant(local, 2.0, cost=6)
 
     def test_key_scope_counts_per_key(self) -> None:
-        local = limiter(LocalLimit("calls", 1, 60.0, "key", 1.0))
+        local = limiter(calls(1, 60.0, 1.0, Scope.KEY))
         grant(local, 0.0, "a")
         grant(local, 0.0, "b")
         denial(local, 0.5, "a")
 
     def test_not_called_refunds(self) -> None:
-        local = limiter(LocalLimit("calls", 1, 60.0, "api", 1.0))
+        local = limiter(calls(1, 60.0, 1.0))
         lease = grant(local, 0.0)
         assert local.release(lease, {"outcome": "not_called"}, 0.5)
         grant(local, 0.6)
@@ -71,7 +81,7 @@ class TestLimiter:
 
     def test_concurrency_per_key_and_api(self) -> None:
         local = limiter(
-            LocalLimit("concurrent", 2), LocalLimit("concurrent", 1, scope="key"), ttl=30.0
+            Limit(Kind.CONCURRENT, 2), Limit(Kind.CONCURRENT, 1, scope=Scope.KEY), ttl=30.0
         )
         first = grant(local, 0.0, "m1")
         assert denial(local, 1.0, "m1").retry_after == pytest.approx(29.0)
@@ -82,21 +92,21 @@ class TestLimiter:
         grant(local, 31.5, "m3")  # the m2 lease expired
 
     def test_renew_extends_the_lease(self) -> None:
-        local = limiter(LocalLimit("concurrent", 1), ttl=10.0)
+        local = limiter(Limit(Kind.CONCURRENT, 1), ttl=10.0)
         lease = grant(local, 0.0)
         assert local.renew(lease, 9.0) == 10.0
         denial(local, 15.0)
         assert local.renew(lease, 25.0) is None
 
     def test_runtime_reported_replaces_the_estimate(self) -> None:
-        local = limiter(LocalLimit("runtime", 10.0, 60.0, "api", 0.0), estimate=6.0)
+        local = limiter(Limit(Kind.RUNTIME, 10_000, 60_000), estimate=6.0)
         lease = grant(local, 0.0)
         assert denial(local, 1.0).retry_after == pytest.approx(59.0)
         local.release(lease, {"outcome": "ok", "runtime": 1.0}, 2.0)
         grant(local, 3.0)
 
     def test_throttled_release_cools_the_api_down(self) -> None:
-        local = limiter(LocalLimit("calls", 100, 60.0, "api", 0.0))
+        local = limiter(calls(100, 60.0))
         lease = grant(local, 0.0)
         local.release(lease, {"outcome": "throttled", "retry_after": 5.0}, 1.0)
         refused = denial(local, 2.0)
@@ -104,7 +114,7 @@ class TestLimiter:
         grant(local, 6.0)
 
     def test_unknown_api(self) -> None:
-        local = limiter(LocalLimit("calls", 1, 1.0))
+        local = limiter(calls(1, 1.0))
         assert not local.knows("other")
         with pytest.raises(KeyError):
             local.acquire("other", "", 1, None, 0.0)
@@ -154,18 +164,19 @@ class TestPolicies:
         }
         book = parse_policies(reply)
         policy = book.resolve("fabrikam", "mde.live-response")
-        assert policy == LocalPolicy(
+        assert policy == Policy(
             "mde.live-response",
             (
-                LocalLimit("calls", 10, 60.0, "api", 1.0),
-                LocalLimit("concurrent", 25),
-                LocalLimit("concurrent", 1, scope="key"),
+                Limit(Kind.CALLS, 10, 60_000, granularity_ms=1_000, margin_ms=1_000),
+                Limit(Kind.CONCURRENT, 25),
+                Limit(Kind.CONCURRENT, 1, scope=Scope.KEY),
             ),
-            lease_ttl=600.0,
+            lease_ttl_ms=600_000,
         )
+        # What the policy file would compile to: the core's defaults (granularity, margin).
         override = book.resolve("contoso/app1", "mde.live-response")
         assert override is not None and override.limits == (
-            LocalLimit("calls", 20, 60.0, "api", 1.0),
+            Limit(Kind.CALLS, 20, 60_000, granularity_ms=1_000, margin_ms=1_000),
         )
 
     def test_file_spelling_single_policy_and_list(self) -> None:
@@ -176,10 +187,10 @@ class TestPolicies:
         policy = parse_policies(spelled).resolve(TENANT, "x")
         assert policy is not None
         assert policy.limits == (
-            LocalLimit("calls", 50, 60.0, "api", 1.0),
-            LocalLimit("runtime", 600.0, 3600.0, "api", 1.0),
+            Limit(Kind.CALLS, 50, 60_000, granularity_ms=1_000, margin_ms=1_000),
+            Limit(Kind.RUNTIME, 600_000, 3_600_000, granularity_ms=60_000, margin_ms=1_000),
         )
-        assert policy.runtime_estimate == 10.0
+        assert policy.runtime_estimate_ms == 10_000
         assert parse_policies([spelled]).resolve(TENANT, "x") == policy
 
     @pytest.mark.parametrize(

@@ -1,0 +1,295 @@
+"""The policy core: the rules the coordinator and the client's local limiter share.
+
+Durations (one grammar, read as milliseconds or as seconds), the name patterns, the
+defaults, the limit and policy values with the rules every limit obeys, and per-tenant
+overrides. Plain Python: the client installs with httpx alone, and the coordinator's
+policy file loader (`quotagate.coordinator.policy`) builds on this module.
+
+Units: policies hold integer milliseconds, the unit Redis stores; their `describe()`
+shows seconds, the unit of the HTTP API.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from fractions import Fraction
+from typing import Any
+
+# --- names ------------------------------------------------------------------------------
+
+API_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# Tenants and keys: no spaces, braces or `|`, so they fit in a hash tag `{<tenant>|<api>}`.
+TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,255}$")
+
+# --- durations: `500ms`, `1.5s`, `1m`, `4h`, `1d` or plain seconds ----------------------
+
+UNIT_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+MAX_MS = 366 * UNIT_MS["d"]  # a year: far past any upstream window, far below 2**53
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+
+
+def _exact_seconds(value: object) -> Fraction:
+    """Seconds in `value`, exactly: `2.007 * 1000` is 2007.0000000000002 in floats."""
+    seconds: Fraction | None = None
+    if isinstance(value, bool):
+        pass
+    elif isinstance(value, int | float):
+        if (isinstance(value, float) and not math.isfinite(value)) or value < 0:
+            raise ValueError(f"bad duration {value!r}: must be a finite number of seconds >= 0")
+        seconds = Fraction(repr(value))
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        number, unit = match.groups()
+        seconds = Fraction(number) * UNIT_MS[unit or "s"] / 1000
+    if seconds is None:
+        raise ValueError(
+            f"bad duration {value!r}: use ms, s, m, h, d or plain seconds (e.g. 1m, 500ms)"
+        )
+    if seconds * 1000 > MAX_MS:
+        raise ValueError(f"bad duration {value!r}: longer than a year ({MAX_MS} ms)")
+    return seconds
+
+
+def parse_duration_ms(value: object) -> int:
+    """Milliseconds in `value`; a bare number is seconds. Fractions of a millisecond round up.
+
+    Raises ValueError ("bad duration ...") for anything else, negative or longer than a year.
+    """
+    return math.ceil(_exact_seconds(value) * 1000)
+
+
+def parse_duration_seconds(value: object) -> float:
+    """Seconds in `value`, in the grammar of `parse_duration_ms`, without rounding."""
+    return float(_exact_seconds(value))
+
+
+def format_duration(ms: int) -> str:
+    """The shortest exact spelling of `ms` in the units above (`60000` -> `1m`)."""
+    for unit in ("d", "h", "m", "s"):
+        size = UNIT_MS[unit]
+        if ms and ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
+
+
+# --- defaults ---------------------------------------------------------------------------
+
+DEFAULT_MARGIN_MS = 1_000
+DEFAULT_LEASE_TTL_MS = 60_000
+DEFAULT_RUNTIME_ESTIMATE_MS = 10_000  # reserved per lease of an api with a runtime limit
+MAX_BUCKETS = 3_600  # per window: each decision may walk the buckets of a window
+
+
+def default_granularity_ms(window_ms: int) -> int:
+    """`W/60`, at least 1 s (or the window, if shorter), rounded up to a divisor of `W`."""
+    if window_ms <= 0:
+        raise ValueError(f"a window must be positive, got {window_ms} ms")
+    wanted = max(-(-window_ms // 60), min(1_000, window_ms))
+    # The smallest divisor d >= wanted is W/q for the largest q <= W/wanted (<= 60) dividing W.
+    for buckets in range(window_ms // wanted, 0, -1):
+        if window_ms % buckets == 0:
+            return window_ms // buckets
+    raise AssertionError("unreachable: 1 divides every window")
+
+
+# --- limits and policies ----------------------------------------------------------------
+
+
+class Kind(StrEnum):
+    CALLS = "calls"
+    RUNTIME = "runtime"
+    CONCURRENT = "concurrent"
+
+
+class Scope(StrEnum):
+    API = "api"
+    KEY = "key"
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One limit. `amount` is call units (calls), milliseconds (runtime) or leases (concurrent).
+
+    `window_ms`, `granularity_ms` and `margin_ms` are 0 for a concurrent limit.
+    """
+
+    kind: Kind
+    amount: int
+    window_ms: int = 0
+    granularity_ms: int = 0
+    margin_ms: int = 0
+    scope: Scope = Scope.API
+
+    @property
+    def span_ms(self) -> int:
+        """How far back a windowed limit counts: its window widened by its margin."""
+        return self.window_ms + self.margin_ms
+
+    def describe(self) -> dict[str, Any]:
+        """The limit as the HTTP API shows it: seconds, and runtime amounts in seconds."""
+        amount: float = self.amount / 1000 if self.kind is Kind.RUNTIME else self.amount
+        window = self.window_ms / 1000 if self.kind is not Kind.CONCURRENT else None
+        return {"kind": self.kind.value, "amount": amount, "window": window}
+
+
+def make_limit(
+    kind: Kind,
+    amount: int,
+    *,
+    per_ms: int | None = None,
+    granularity_ms: int | None = None,
+    margin_ms: int | None = None,
+    scope: Scope = Scope.API,
+    default_margin_ms: int = DEFAULT_MARGIN_MS,
+) -> Limit:
+    """A limit with the defaults applied (granularity `W/60`, `default_margin_ms`), or a
+    ValueError that names the rule it breaks."""
+    if amount <= 0:
+        raise ValueError(f"{kind} must be positive, got {amount}")
+    if kind is Kind.CONCURRENT:
+        for name, value in (
+            ("per", per_ms),
+            ("granularity", granularity_ms),
+            ("margin", margin_ms),
+        ):
+            if value is not None:
+                raise ValueError(f"{name} does not apply to a concurrent limit")
+        return Limit(kind, amount, scope=scope)
+    if per_ms is None:
+        raise ValueError(f"a {kind} limit needs `per` (its window)")
+    if per_ms <= 0:
+        raise ValueError("per must be a positive duration")
+    if granularity_ms is not None:
+        if granularity_ms <= 0 or per_ms % granularity_ms:
+            raise ValueError(
+                f"granularity {format_duration(granularity_ms)} does not divide "
+                f"the window {format_duration(per_ms)}"
+            )
+        if per_ms // granularity_ms > MAX_BUCKETS:
+            raise ValueError(
+                f"granularity {format_duration(granularity_ms)} makes more than "
+                f"{MAX_BUCKETS} buckets in the window {format_duration(per_ms)}"
+            )
+    return Limit(
+        kind,
+        amount,
+        window_ms=per_ms,
+        granularity_ms=granularity_ms or default_granularity_ms(per_ms),
+        margin_ms=default_margin_ms if margin_ms is None else margin_ms,
+        scope=scope,
+    )
+
+
+@dataclass(frozen=True)
+class Policy:
+    api: str
+    limits: tuple[Limit, ...]
+    lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS
+    runtime_estimate_ms: int = 0
+
+    @functools.cached_property
+    def longest_window_ms(self) -> int:
+        return max((lim.span_ms for lim in self.limits), default=0)
+
+    @functools.cached_property
+    def shortest_calls_window_ms(self) -> int:
+        windows = [lim.window_ms for lim in self.limits if lim.kind is Kind.CALLS]
+        return min(windows, default=60_000)
+
+    @functools.cached_property
+    def tracks_api(self) -> bool:
+        """Whether leases must be registered in the api's in-flight set (an api-scoped
+        concurrent limit)."""
+        return any(lim.kind is Kind.CONCURRENT and lim.scope is Scope.API for lim in self.limits)
+
+    @functools.cached_property
+    def tracks_keys(self) -> bool:
+        """Whether leases must also be registered per key (a key-scoped concurrent limit)."""
+        return any(lim.kind is Kind.CONCURRENT and lim.scope is Scope.KEY for lim in self.limits)
+
+    def impossible_cost(self, cost: int) -> Limit | None:
+        """The calls limit that could never grant `cost` units, if any."""
+        for lim in self.limits:
+            if lim.kind is Kind.CALLS and cost > lim.amount:
+                return lim
+        return None
+
+    def impossible_runtime(self, runtime_ms: int) -> Limit | None:
+        """The runtime limit that could never hold a reservation of `runtime_ms`, if any."""
+        for lim in self.limits:
+            if lim.kind is Kind.RUNTIME and runtime_ms > lim.amount:
+                return lim
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "api": self.api,
+            "limits": [
+                {
+                    **lim.describe(),
+                    "scope": lim.scope.value,
+                    "granularity": lim.granularity_ms / 1000 if lim.window_ms else None,
+                    "margin": lim.margin_ms / 1000 if lim.window_ms else None,
+                }
+                for lim in self.limits
+            ],
+            "lease_ttl": self.lease_ttl_ms / 1000,
+            "runtime_estimate": self.runtime_estimate_ms / 1000,
+        }
+
+
+def make_policy(
+    api: str,
+    limits: tuple[Limit, ...],
+    *,
+    lease_ttl_ms: int | None = None,
+    runtime_estimate_ms: int | None = None,
+) -> Policy:
+    """A policy with the defaults applied: `DEFAULT_LEASE_TTL_MS`, and a runtime estimate of
+    `DEFAULT_RUNTIME_ESTIMATE_MS` when the api has a runtime limit (else none)."""
+    if runtime_estimate_ms is None:
+        has_runtime = any(lim.kind is Kind.RUNTIME for lim in limits)
+        runtime_estimate_ms = DEFAULT_RUNTIME_ESTIMATE_MS if has_runtime else 0
+    return Policy(
+        api,
+        limits,
+        lease_ttl_ms=lease_ttl_ms or DEFAULT_LEASE_TTL_MS,
+        runtime_estimate_ms=runtime_estimate_ms,
+    )
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    """The effective policies: apis by name, and per-tenant overrides (first glob wins).
+
+    An override replaces the api as a whole for the tenants its glob matches (the whole
+    tenant id, case-sensitively).
+    """
+
+    apis: Mapping[str, Policy]
+    tenants: tuple[tuple[str, Mapping[str, Policy]], ...] = field(default=())
+
+    def resolve(self, tenant: str, api: str) -> Policy | None:
+        for pattern, overrides in self.tenants:
+            if api in overrides and fnmatch.fnmatchcase(tenant, pattern):
+                return overrides[api]
+        return self.apis.get(api)
+
+    def updated(self, newer: PolicySet) -> PolicySet:
+        """`newer` on top of these: its apis replace, its tenant overrides come first."""
+        return PolicySet({**self.apis, **newer.apis}, newer.tenants + self.tenants)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "policies": {name: pol.describe() for name, pol in sorted(self.apis.items())},
+            "tenants": {
+                pattern: {name: pol.describe() for name, pol in sorted(overrides.items())}
+                for pattern, overrides in self.tenants
+            },
+        }
