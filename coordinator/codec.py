@@ -194,8 +194,9 @@ class Granted:
 @dataclass(frozen=True)
 class Denied:
     now_ms: int
-    retry_ms: int  # -1: no wait can ever grant it
+    retry_ms: int  # the wait if nothing else happens; -1: no wait can ever grant it
     bound: int  # 1-based index of the limit that bound the wait; 0 for the cooldown
+    soonest_ms: int  # the wait if every lease in flight were released now
 
 
 @dataclass(frozen=True)
@@ -204,13 +205,13 @@ class CheckEpoch:
 
 
 def decode_acquire(reply: Sequence[Any]) -> Granted | Denied | CheckEpoch:
-    """acquire.lua: {GRANTED, now_ms, expiry_ms} | {DENIED, now_ms, retry_ms, bound} |
-    {CHECK_EPOCH, now_ms}."""
+    """acquire.lua: {GRANTED, now_ms, expiry_ms} | {DENIED, now_ms, retry_ms, bound,
+    soonest_ms} | {CHECK_EPOCH, now_ms}."""
     code = _int(reply[0])
     if code == GRANTED:
         return Granted(_int(reply[1]), _int(reply[2]))
     if code == DENIED:
-        return Denied(_int(reply[1]), _int(reply[2]), _int(reply[3]))
+        return Denied(_int(reply[1]), _int(reply[2]), _int(reply[3]), _int(reply[4]))
     if code == CHECK_EPOCH:
         return CheckEpoch(_int(reply[1]))
     raise ValueError(f"acquire.lua replied with an unknown code {code}")

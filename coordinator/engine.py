@@ -85,6 +85,9 @@ class Denial:
     retry_after_ms: int  # exact: the earliest time the same request passes, if nothing changes
     limit: Limit | None  # the limit that bound the wait; None for the cooldown
     now_ms: int
+    # The earliest it could pass if every lease in flight were released at once: a waiter
+    # whose wait ends before this cannot be granted, one whose wait ends after may be.
+    soonest_ms: int = -1
 
 
 @dataclass(frozen=True)
@@ -254,6 +257,7 @@ class Engine:
             reply.retry_ms,
             policy.limits[reply.bound - 1] if reply.bound else None,
             reply.now_ms,
+            reply.soonest_ms,
         )
 
     async def _acquire(

@@ -1,17 +1,20 @@
 -- acquire.lua: grant one lease if the cooldown is over and every limit has room.
 --
+-- A windowed limit counts its charged buckets and every lease in flight (lib.lua,
+-- "counter hash"); a grant puts the lease's cost (calls) and estimate (runtime) in flight.
 -- Checks everything first and writes only when all pass: a denial changes no count,
 -- lease or cooldown (it may drop state that has already expired).
 -- Epoch: when the caller names the store epoch it knows and this (tenant, api) carries
 -- another stamp (or none, or a lapsed one), the script changes nothing and asks the
--- caller to check the epoch first (reply {2, now_ms}): the store may have lost its
+-- caller to check the epoch first (reply CHECK_EPOCH): the store may have lost its
 -- state. With `verified`, the caller has just checked, and a grant stamps the epoch for
 -- stamp_ttl_ms (once it lapses, the next acquire makes the caller check again: one more
 -- round trip per stamp_ttl_ms).
 -- Recovery: after a loss, a windowed limit whose window still overlaps the loss grants at
 -- most share_permille / 1000 of its amount.
 -- A grant on an api without concurrent limits costs TIME, one HMGET of the state hash,
--- one HMGET and one HSET per windowed limit, and one HSET of the state hash.
+-- one HMGET and one HSET per windowed limit (and a PTTL once per bucket of expiries), and
+-- one HSET of the state hash.
 -- KEYS: state, inflight_api, inflight_key; then one per limit (lib.lua).
 -- ARGV: now_ms, token, cost, estimate_ms, epoch, verified, recovery; then the policy block.
 --   now_ms       "" = Redis TIME
@@ -21,9 +24,11 @@
 --   epoch        the store epoch the caller knows, "" = no check
 --   verified     "1" or ""
 --   recovery     "since_ms:share_permille" or ""
--- Reply: {GRANTED, now_ms, expiry_ms}; {DENIED, now_ms, retry_ms, bound}, where bound is
---        the 1-based limit that bound the wait, 0 for the cooldown, and retry_ms -1 when
---        no wait can ever grant it; {CHECK_EPOCH, now_ms}.
+-- Reply: {GRANTED, now_ms, expiry_ms}; {DENIED, now_ms, retry_ms, bound, soonest_ms},
+--        where retry_ms is the wait if nothing else happens (leases in flight expire
+--        unreleased), bound the 1-based limit that bound it (0 for the cooldown), and
+--        soonest_ms the wait if every lease in flight were released now; both -1 when no
+--        wait can ever grant it; {CHECK_EPOCH, now_ms}.
 
 local now = clock(ARGV[ARG.now_ms])
 local token = ARGV[ARG.token]
@@ -57,68 +62,75 @@ if track_key then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 end
 
-local retry, bound = 0, 0
+local expiry = now + ttl
+local retry, bound, soonest = 0, 0, 0
 local cooldown = tonumber(state[1]) or 0
 if cooldown > now then
-  retry = cooldown - now
+  retry, soonest = cooldown - now, cooldown - now
 end
 
 for i, lim in ipairs(limits) do
-  local wait
+  local wait, soon = 0, 0
   if lim.kind == 'concurrent' then
-    wait = wait_for_slot(lim, now)
+    wait = wait_for_slot(lim, now)  -- soon stays 0: a release frees a slot at once
   else
     local need = cost
     if lim.kind == 'runtime' then
       need = estimate
     end
     lim.need = need
+    lim.field = expiry_field(lim, expiry)
+    local c, values = open_counter(lim, now, {lim.field})
+    lim.c, lim.here = c, values[1]
+    -- After a loss the lost history may still fill this window upstream: grant only a
+    -- share, until the window no longer overlaps the loss.
     local recovered = since and since + lim.window + lim.margin
-    local recovering = recovered and now < recovered
     local room = lim.amount
-    if recovering then
+    if recovered and now < recovered then
       room = math.floor(lim.amount * share / 1000)
     end
-    local live, used
-    lim.sum, lim.here = prune(lim, now)
-    if lim.sum + need <= room then
-      wait = 0
-    elseif recovering then
-      -- The lost history may still fill this window upstream: grant only a share,
-      -- until the window no longer overlaps the loss.
-      live, used = live_buckets(lim, now)
-      local full = lim.amount
-      lim.amount = math.floor(full * share / 1000)
-      local reduced = wait_for_units(lim, live, used, need, now)
-      lim.amount = full
-      wait = math.max(recovered - now, wait_for_units(lim, live, used, need, now))
-      if reduced >= 0 and reduced < wait then
-        wait = reduced
+    if c.sum + c.fl + need > room then
+      local live, used = live_buckets(lim, now)
+      wait = window_wait(lim, live, used, need, now, recovered, share)
+      soon = wait
+      if c.fl > 0 and wait > 0 then
+        soon = window_wait(lim, released_now(lim, live, now), used, need, now, recovered, share)
       end
-    else
-      live, used = live_buckets(lim, now)
-      wait = wait_for_units(lim, live, used, need, now)
     end
   end
   if wait < 0 then
-    return {REPLY.DENIED, now, -1, i}
+    return {REPLY.DENIED, now, -1, i, -1}
   end
   if wait > retry then
     retry, bound = wait, i
   end
-end
-
-if retry > 0 then
-  return {REPLY.DENIED, now, retry, bound}
-end
-
-for _, lim in ipairs(limits) do
-  if lim.need then
-    charge(lim, now, lim.need, lim.sum, lim.here)
+  if soon > soonest then
+    soonest = soon
   end
 end
 
-local expiry = now + ttl
+if retry > 0 then
+  return {REPLY.DENIED, now, retry, bound, soonest}
+end
+
+-- The lease's units go in flight in every windowed limit, filed under its expiry.
+for _, lim in ipairs(limits) do
+  if lim.need and lim.need > 0 then
+    local c = lim.c
+    local index = math.floor(expiry / lim.gran)
+    c.fl = c.fl + lim.need
+    if not c.xl or index < c.xl then
+      c.xl = index
+    end
+    save_counter(lim, c, {lim.field, lim.here + lim.need})
+    if lim.here == 0 then
+      -- Until this expiry is settled and its bucket has left the window; a renewed lease
+      -- may have made the counter live longer already.
+      extend_ttl(lim.key, bucket_end(lim, index) - now)
+    end
+  end
+end
+
 local fields = {token, string.format('%d:%d:%d:%d', now, cost, estimate, expiry)}
 local deadline = expiry
 if verified then

@@ -54,62 +54,136 @@ local function read_policy()
     limits[i] = {
       kind = ARGV[at], amount = tonumber(ARGV[at + 1]), window = tonumber(ARGV[at + 2]),
       gran = tonumber(ARGV[at + 3]), margin = tonumber(ARGV[at + 4]), key = KEYS[3 + i],
-      need = false, sum = 0, here = 0,  -- what acquire fills in (sized in, not grown)
+      need = false, here = 0, c = false, field = false,  -- what acquire fills in
     }
   end
   return tonumber(ARGV[first]), ARGV[first + 1] == '1', ARGV[first + 2] == '1',
     tonumber(ARGV[first + 3]), limits
 end
 
--- A counter hash holds its buckets (bucket index -> units) and two bookkeeping fields:
--- `lo`, the oldest bucket that may still hold units, and `sum`, the units of all its
--- buckets. A grant reads those two and drops only the buckets that left the window since
--- the last call; a denial (for its exact wait) and usage read every bucket.
+-- A counter hash (one per windowed limit and scope) holds:
+--   <index>   units charged in bucket <index>: released calls and settled expiries
+--   lo, sum   the oldest bucket that may still hold units, and the units of all buckets
+--   x<index>  units of leases in flight whose expiry falls in bucket <index>
+--   fl, xl    the units of every lease in flight, and the lowest x<index> that may hold
+--             units
+-- Design rule 3: a call reaches the upstream somewhere between its grant and its release,
+-- so a lease's units count in full while it is in flight, whatever its age; at release
+-- they move to the bucket of the release time; a lease that expires unreleased is settled
+-- into the bucket of its expiry. A grant reads the bookkeeping and its x<index> in one
+-- HMGET and writes them in one HSET; a denial (for its exact wait) and usage read every
+-- field.
 
--- Buckets that still count at `now`: every bucket overlapping (now - window - margin, now].
--- Returns them as {index, units} (unsorted) and their sum.
+-- Buckets that count at `now`, as {index, units, in_flight} (unsorted), and their sum:
+-- every charged
+-- bucket overlapping (now - window - margin, now], every lease in flight, and leases that
+-- expired unreleased but are not settled yet, as if they were (read-only).
 local function live_buckets(lim, now)
   local flat = redis.call('HGETALL', lim.key)
   local horizon = now - lim.window - lim.margin
   local live, used = {}, 0
   for i = 1, #flat, 2 do
-    local index = tonumber(flat[i])
-    if index and (index + 1) * lim.gran > horizon then
-      live[#live + 1] = {index, tonumber(flat[i + 1])}
-      used = used + tonumber(flat[i + 1])
+    local name = flat[i]
+    local index = tonumber(name)
+    local in_flight = false
+    if not index and string.byte(name, 1) == 120 then  -- 'x'
+      index = tonumber(string.sub(name, 2))
+      in_flight = index and (index + 1) * lim.gran > now
+    end
+    if index and (in_flight or (index + 1) * lim.gran > horizon) then
+      local units = tonumber(flat[i + 1])
+      live[#live + 1] = {index, units, in_flight}
+      used = used + units
     end
   end
   return live, used
 end
 
--- Drop the buckets that no longer count at `now` (expired state: even a denial may).
--- Returns the units still counted, and the units in the bucket of `now` (a grant adds to
--- it knowing both, see charge).
-local function prune(lim, now)
-  local meta = redis.call('HMGET', lim.key, 'lo', 'sum', math.floor(now / lim.gran))
-  local lo, sum = tonumber(meta[1]), tonumber(meta[2])
-  if not lo or not sum then
-    return 0, 0
+-- Write a counter's bookkeeping (`c` from open_counter), with `extra` fields; an empty
+-- counter is deleted.
+local function save_counter(lim, c, extra)
+  if c.sum <= 0 and c.fl <= 0 then
+    redis.call('DEL', lim.key)
+    return
+  end
+  local fields = extra or {}
+  fields[#fields + 1] = 'sum'
+  fields[#fields + 1] = math.max(c.sum, 0)
+  fields[#fields + 1] = 'fl'
+  fields[#fields + 1] = math.max(c.fl, 0)
+  if c.lo then
+    fields[#fields + 1] = 'lo'
+    fields[#fields + 1] = c.lo
+  end
+  if c.xl then
+    fields[#fields + 1] = 'xl'
+    fields[#fields + 1] = c.xl
+  end
+  redis.call('HSET', lim.key, unpack(fields))
+end
+
+-- A counter's bookkeeping at `now` (a table: lo, sum, fl, xl), with the values of the
+-- `wanted` fields (a list) read in the same HMGET. Leases that expired unreleased are
+-- settled into the bucket of their expiry, and buckets that no longer count are dropped
+-- (expired state: even a denial may); when that changed anything it is written at once.
+local function open_counter(lim, now, wanted)
+  local meta = redis.call('HMGET', lim.key, 'lo', 'sum', 'fl', 'xl', unpack(wanted))
+  local c = {lo = tonumber(meta[1]), sum = tonumber(meta[2]) or 0, fl = tonumber(meta[3]) or 0,
+             xl = tonumber(meta[4])}
+  local values = {}
+  for i = 1, #wanted do
+    values[i] = tonumber(meta[4 + i]) or 0
+  end
+  if c.sum <= 0 then
+    c.sum, c.lo = 0, nil
   end
   local horizon = now - lim.window - lim.margin
-  local moved = false
-  while sum > 0 and (lo + 1) * lim.gran <= horizon do
-    local units = tonumber(redis.call('HGET', lim.key, lo))
-    if units then
-      sum = sum - units
-      redis.call('HDEL', lim.key, lo)
+  local changed = false
+  if c.fl > 0 and c.xl and (c.xl + 1) * lim.gran <= now then
+    local b = c.xl
+    while c.fl > 0 and (b + 1) * lim.gran <= now do
+      local units = tonumber(redis.call('HGET', lim.key, 'x' .. b))
+      if units then
+        redis.call('HDEL', lim.key, 'x' .. b)
+        c.fl = c.fl - units
+        if (b + 1) * lim.gran > horizon then
+          redis.call('HINCRBY', lim.key, b, units)
+          c.sum = c.sum + units
+          if not c.lo or b < c.lo then
+            c.lo = b
+          end
+        end
+      end
+      b = b + 1
     end
-    lo = lo + 1
-    moved = true
+    c.xl = b
+    changed = true
   end
-  if sum <= 0 then
-    redis.call('DEL', lim.key)
-    return 0, 0
+  if c.fl <= 0 then
+    c.fl, c.xl = 0, nil
   end
-  if moved then
-    redis.call('HSET', lim.key, 'lo', lo, 'sum', sum)
+  while c.lo and c.sum > 0 and (c.lo + 1) * lim.gran <= horizon do
+    local units = tonumber(redis.call('HGET', lim.key, c.lo))
+    if units then
+      c.sum = c.sum - units
+      redis.call('HDEL', lim.key, c.lo)
+    end
+    c.lo = c.lo + 1
+    changed = true
   end
-  return sum, tonumber(meta[3]) or 0
+  if c.sum <= 0 then
+    c.sum, c.lo = 0, nil
+  end
+  if changed then
+    redis.call('HDEL', lim.key, 'lo', 'xl')
+    save_counter(lim, c)
+  end
+  return c, values
+end
+
+-- The x<index> field of a lease that expires at `expiry`.
+local function expiry_field(lim, expiry)
+  return 'x' .. math.floor(expiry / lim.gran)
 end
 
 -- When a bucket stops counting: once (index + 1) * gran <= now - window - margin.
@@ -131,6 +205,38 @@ local function wait_for_units(lim, live, used, need, now)
     end
   end
   return -1
+end
+
+-- Milliseconds until `need` more units fit under a windowed limit, if nothing else is
+-- granted; until `recovered` (after a loss of the store) under `share` permille of it.
+local function window_wait(lim, live, used, need, now, recovered, share)
+  if not (recovered and now < recovered) then
+    return wait_for_units(lim, live, used, need, now)
+  end
+  local full = lim.amount
+  lim.amount = math.floor(full * share / 1000)
+  local reduced = wait_for_units(lim, live, used, need, now)
+  lim.amount = full
+  local wait = math.max(recovered - now, wait_for_units(lim, live, used, need, now))
+  if reduced >= 0 and reduced < wait then
+    wait = reduced
+  end
+  return wait
+end
+
+-- The live buckets (from live_buckets) as if every lease in flight were released now:
+-- its units in the bucket of now, the soonest they can leave the window.
+local function released_now(lim, live, now)
+  local here = math.floor(now / lim.gran)
+  local moved = {}
+  for i, bucket in ipairs(live) do
+    if bucket[3] then
+      moved[i] = {here, bucket[2]}
+    else
+      moved[i] = bucket
+    end
+  end
+  return moved
 end
 
 -- Milliseconds until one more lease fits under a concurrent limit.
@@ -232,44 +338,4 @@ local function purge_leases(now, ttl, track_api)
     return now + ttl
   end
   return nil
-end
-
--- Take back `units` from the bucket they were charged to, if it is still there.
-local function uncharge(lim, at_ms, units)
-  if units <= 0 then
-    return
-  end
-  local field = math.floor(at_ms / lim.gran)
-  local have = tonumber(redis.call('HGET', lim.key, field))
-  if not have then
-    return
-  end
-  local take = math.min(have, units)
-  if have <= take then
-    redis.call('HDEL', lim.key, field)
-  else
-    redis.call('HINCRBY', lim.key, field, -take)
-  end
-  if redis.call('HINCRBY', lim.key, 'sum', -take) <= 0 then
-    redis.call('DEL', lim.key)
-  end
-end
-
--- Add `units` to the bucket of `now`, given what prune(lim, now) just returned: the
--- counter's sum and that bucket's units. One write, whatever the counter held.
-local function charge(lim, now, units, sum, here)
-  if units <= 0 then
-    return
-  end
-  local field = math.floor(now / lim.gran)
-  if sum == 0 then
-    redis.call('HSET', lim.key, field, units, 'sum', units, 'lo', field)
-  else
-    redis.call('HSET', lim.key, field, here + units, 'sum', sum + units)
-  end
-  if here == 0 then
-    -- A new bucket is the newest, so its life is the counter's life; a bucket charged
-    -- again needs no more, as it set that life when it began.
-    redis.call('PEXPIRE', lim.key, lim.gran + lim.window + lim.margin)
-  end
 end

@@ -1,10 +1,9 @@
 -- release.lua: end a lease with the outcome of its call.
 --
--- ok | failed: the charge stays. throttled: the charge stays and the fleet-wide cooldown
--- moves to now + retry_ms (never earlier than it already is). not_called: the calls and
--- the runtime reservation are refunded from the buckets they went into, if still there.
--- A reported runtime replaces the estimate: the estimate is refunded and the runtime is
--- charged in the release-time bucket (the conservative side).
+-- The lease leaves flight (lib.lua, "counter hash"). ok | failed: its calls, and its
+-- reported runtime (else its estimate), are charged in the bucket of the release time.
+-- throttled: the same, and the fleet-wide cooldown moves to now + retry_ms (never
+-- earlier than it already is). not_called: nothing is charged (a refund).
 -- Unknown, expired or released leases change nothing (an expired record is dropped).
 -- KEYS: state, inflight_api, inflight_key; then one per limit (lib.lua).
 -- ARGV: now_ms, token, outcome, retry_ms, runtime_ms; then the policy block.
@@ -32,14 +31,44 @@ if lease.expiry <= now then
   return {REPLY.DENIED, now, 'expired'}
 end
 
+-- The lease leaves flight in every windowed limit; unless it was not called, its units
+-- are charged in the bucket of now (the call reached the upstream before this release).
 for _, lim in ipairs(limits) do
-  if lim.kind == 'calls' and outcome == 'not_called' then
-    uncharge(lim, lease.grant, lease.cost)
-  elseif lim.kind == 'runtime' and (outcome == 'not_called' or runtime) then
-    uncharge(lim, lease.grant, lease.estimate)
-    if runtime and outcome ~= 'not_called' then
-      local sum, here = prune(lim, now)
-      charge(lim, now, runtime, sum, here)
+  if lim.kind ~= 'concurrent' then
+    local units, charged = lease.cost, lease.cost
+    if lim.kind == 'runtime' then
+      units, charged = lease.estimate, runtime or lease.estimate
+    end
+    if outcome == 'not_called' then
+      charged = 0
+    end
+    if units > 0 or charged > 0 then
+      local field, here = expiry_field(lim, lease.expiry), math.floor(now / lim.gran)
+      local c, values = open_counter(lim, now, {field, here})
+      local take = math.min(values[1], units)  -- less only if the counter was lost
+      local extra = {}
+      c.fl = c.fl - take
+      if values[1] > take then
+        extra = {field, values[1] - take}
+      elseif take > 0 then
+        redis.call('HDEL', lim.key, field)
+      end
+      if c.fl <= 0 then
+        c.fl, c.xl = 0, nil
+        redis.call('HDEL', lim.key, 'xl')
+      end
+      if charged > 0 then
+        extra[#extra + 1] = here
+        extra[#extra + 1] = values[2] + charged
+        c.sum = c.sum + charged
+        if not c.lo or here < c.lo then
+          c.lo = here
+        end
+      end
+      save_counter(lim, c, extra)
+      if charged > 0 then
+        extend_ttl(lim.key, lim.gran + lim.window + lim.margin)
+      end
     end
   end
 end

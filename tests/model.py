@@ -3,10 +3,15 @@
 It states the rules of the design directly (conservative buckets, exact retry times,
 leases with expiry, cooldown, refunds) with `now` passed in, and serves as the oracle
 that the Lua engine is checked against.
+
+Design rule 3, as the model states it: a lease that has not been released counts in the
+bucket of its expiry, in full while it is in flight (whatever its age); a released lease
+counts in the bucket of its release, a refunded one nowhere.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from quotagate.coordinator.policy import Kind, Limit, Policy, Scope
@@ -20,6 +25,9 @@ class ModelLease:
     estimate: int
     expiry: int
 
+    def units(self, lim: Limit) -> int:
+        return self.cost if lim.kind is Kind.CALLS else self.estimate
+
 
 @dataclass
 class Decision:
@@ -27,12 +35,22 @@ class Decision:
     retry_ms: int = 0
     bound: int = 0  # 1-based limit index, 0 = cooldown
     expiry: int = 0
+    soonest: int = 0  # the wait if every lease in flight were released now
 
 
-def counted(lim: Limit, buckets: dict[int, int], now: int) -> list[tuple[int, int]]:
-    """Buckets overlapping (now - window - margin, now], oldest first."""
+def counted(
+    lim: Limit, buckets: dict[int, int], now: int, unreleased: Sequence[ModelLease] = ()
+) -> list[tuple[int, int]]:
+    """Buckets overlapping (now - window - margin, now], and every unreleased lease in
+    flight, as (bucket index, units), oldest first."""
     horizon = now - lim.window_ms - lim.margin_ms
-    return sorted((i, u) for i, u in buckets.items() if (i + 1) * lim.granularity_ms > horizon)
+    found = [(i, u) for i, u in buckets.items() if (i + 1) * lim.granularity_ms > horizon]
+    for lease in unreleased:
+        units = lease.units(lim)
+        index = lease.expiry // lim.granularity_ms
+        if units > 0 and (lease.expiry > now or (index + 1) * lim.granularity_ms > horizon):
+            found.append((index, units))
+    return sorted(found)
 
 
 def bucket_end(lim: Limit, index: int) -> int:
@@ -70,6 +88,26 @@ class Model:
         )
         return self.counters.setdefault(name, {})
 
+    def _unreleased(self, lim: Limit, key: str) -> list[ModelLease]:
+        return [
+            lease for lease in self.leases.values() if lim.scope is Scope.API or lease.key == key
+        ]
+
+    def _counted(self, lim: Limit, key: str, now: int) -> list[tuple[int, int]]:
+        return counted(lim, self._counter(lim, key), now, self._unreleased(lim, key))
+
+    def _charge(self, lim: Limit, key: str, at: int, units: int) -> None:
+        if units > 0:
+            counter = self._counter(lim, key)
+            index = at // lim.granularity_ms
+            counter[index] = counter.get(index, 0) + units
+
+    def _settle(self, lease: ModelLease) -> None:
+        """An expired lease leaves the books: its units stay, in the bucket of its expiry."""
+        for lim in self.policy.limits:
+            if lim.kind is not Kind.CONCURRENT:
+                self._charge(lim, lease.key, lease.expiry, lease.units(lim))
+
     def _live(self, lim: Limit, key: str, now: int) -> list[int]:
         return sorted(
             lease.expiry
@@ -77,49 +115,49 @@ class Model:
             if lease.expiry > now and (lim.scope is Scope.API or lease.key == key)
         )
 
+    def _window_wait(self, lim: Limit, buckets: list[tuple[int, int]], need: int, now: int) -> int:
+        wait = wait_for_units(lim, buckets, need, lim.amount, now)
+        if self.recovery and now < self.recovery[0] + lim.window_ms + lim.margin_ms:
+            # Until the window no longer overlaps the loss, only a share is granted.
+            recovered = self.recovery[0] + lim.window_ms + lim.margin_ms
+            share = lim.amount * self.recovery[1] // 1000
+            reduced = wait_for_units(lim, buckets, need, share, now)
+            wait = max(recovered - now, wait)
+            if 0 <= reduced < wait:
+                wait = reduced
+        return wait
+
+    def _released_now(self, lim: Limit, key: str, now: int) -> list[tuple[int, int]]:
+        """The counted buckets as if every lease in flight were released `ok` now."""
+        live = [lease for lease in self._unreleased(lim, key) if lease.expiry > now]
+        rest = [lease for lease in self._unreleased(lim, key) if lease.expiry <= now]
+        here = now // lim.granularity_ms
+        moved = [(here, lease.units(lim)) for lease in live if lease.units(lim) > 0]
+        return sorted(counted(lim, self._counter(lim, key), now, rest) + moved)
+
     def acquire(
         self, token: str, key: str, cost: int, estimate: int, ttl: int, now: int
     ) -> Decision:
         retry, bound = max(self.cooldown_until - now, 0), 0
+        soonest = retry
         for i, lim in enumerate(self.policy.limits, start=1):
+            soon = 0  # a concurrency slot frees at once when a lease is released
             if lim.kind is Kind.CONCURRENT:
                 live = self._live(lim, key, now)
                 wait = 0 if len(live) < lim.amount else live[len(live) - lim.amount] - now
             else:
                 need = cost if lim.kind is Kind.CALLS else estimate
-                buckets = counted(lim, self._counter(lim, key), now)
-                wait = wait_for_units(lim, buckets, need, lim.amount, now)
-                if self.recovery and now < self.recovery[0] + lim.window_ms + lim.margin_ms:
-                    # Until the window no longer overlaps the loss, only a share is granted.
-                    recovered = self.recovery[0] + lim.window_ms + lim.margin_ms
-                    share = lim.amount * self.recovery[1] // 1000
-                    reduced = wait_for_units(lim, buckets, need, share, now)
-                    wait = max(recovered - now, wait)
-                    if 0 <= reduced < wait:
-                        wait = reduced
+                wait = self._window_wait(lim, self._counted(lim, key, now), need, now)
                 if wait < 0:
-                    return Decision(False, -1, i)
+                    return Decision(False, -1, i, soonest=-1)
+                soon = self._window_wait(lim, self._released_now(lim, key, now), need, now)
             if wait > retry:
                 retry, bound = wait, i
+            soonest = max(soonest, soon)
         if retry > 0:
-            return Decision(False, retry, bound)
-        for lim in self.policy.limits:
-            if lim.kind is not Kind.CONCURRENT:
-                units = cost if lim.kind is Kind.CALLS else estimate
-                if units > 0:
-                    counter = self._counter(lim, key)
-                    index = now // lim.granularity_ms
-                    counter[index] = counter.get(index, 0) + units
+            return Decision(False, retry, bound, soonest=soonest)
         self.leases[token] = ModelLease(key, now, cost, estimate, now + ttl)
         return Decision(True, expiry=now + ttl)
-
-    def _uncharge(self, lim: Limit, key: str, at: int, units: int) -> None:
-        counter = self._counter(lim, key)
-        index = at // lim.granularity_ms
-        if units > 0 and index in counter:
-            counter[index] -= units
-            if counter[index] <= 0:
-                del counter[index]
 
     def release(
         self, token: str, outcome: str, retry: int | None, runtime: int | None, now: int
@@ -128,16 +166,15 @@ class Model:
         if lease is None:
             return "unknown"
         if lease.expiry <= now:
+            self._settle(lease)
             return "expired"
         for lim in self.policy.limits:
-            if lim.kind is Kind.CALLS and outcome == "not_called":
-                self._uncharge(lim, lease.key, lease.grant, lease.cost)
-            elif lim.kind is Kind.RUNTIME and (outcome == "not_called" or runtime is not None):
-                self._uncharge(lim, lease.key, lease.grant, lease.estimate)
-                if runtime is not None and runtime > 0 and outcome != "not_called":
-                    counter = self._counter(lim, lease.key)
-                    index = now // lim.granularity_ms
-                    counter[index] = counter.get(index, 0) + runtime
+            if lim.kind is Kind.CONCURRENT or outcome == "not_called":
+                continue
+            charged = lease.cost if lim.kind is Kind.CALLS else lease.estimate
+            if lim.kind is Kind.RUNTIME and runtime is not None:
+                charged = runtime
+            self._charge(lim, lease.key, now, charged)
         if outcome == "throttled" and retry:
             self.cooldown_until = max(self.cooldown_until, now + retry)
         return "released"
@@ -147,7 +184,7 @@ class Model:
         if lease is None:
             return "unknown"
         if lease.expiry <= now:
-            del self.leases[token]
+            self._settle(self.leases.pop(token))
             return "expired"
         lease.expiry = max(lease.expiry, now + ttl)
         return lease.expiry - now
@@ -160,7 +197,7 @@ class Model:
                 live = self._live(lim, key, now)
                 per_limit.append((len(live), live[0] - now if live else 0))
             else:
-                buckets = counted(lim, self._counter(lim, key), now)
+                buckets = self._counted(lim, key, now)
                 resets = bucket_end(lim, buckets[0][0]) - now if buckets else 0
                 per_limit.append((sum(u for _, u in buckets), resets))
         in_flight = sum(1 for lease in self.leases.values() if lease.expiry > now)

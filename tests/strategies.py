@@ -123,3 +123,24 @@ operations = st.lists(
     min_size=20,
     max_size=80,
 )
+
+# Schedules that hold leases long and release them late: calls that reach the upstream
+# long after their grant, the case design rule 3 is for.
+late_operations = st.lists(
+    st.one_of(
+        st.builds(Acquire, st.sampled_from(KEYS), st.integers(1, 2), st.just(None)),
+        st.builds(Acquire, st.sampled_from(KEYS), st.just(1), st.just(None)),
+        st.builds(
+            Release,
+            st.integers(0, 50),
+            st.sampled_from(["ok", "ok", "failed", "not_called"]),
+            st.none(),
+            st.one_of(st.none(), st.integers(0, 30_000)),
+        ),
+        st.builds(Renew, st.integers(0, 50), st.sampled_from([10_000, 30_000])),
+        st.builds(Advance, st.integers(5_000, 15_000)),
+        st.builds(Advance, st.integers(0, 1_500)),
+    ),
+    min_size=20,
+    max_size=80,
+)

@@ -48,6 +48,8 @@ def test_the_51st_incidents_call_in_a_minute_gets_429_with_the_exact_wait(
 ) -> None:
     leases = [acquire(http).json()["lease_id"] for _ in range(50)]
     assert len(set(leases)) == 50
+    for lease in leases:  # each call answered: its charge sits at its release
+        assert http.post(f"/v1/leases/{lease}/release", json={"outcome": "ok"}).status_code == 200
     before = time.monotonic()
     denied = acquire(http)
     usage = http.get("/v1/usage/contoso/app-1/m365d.incidents").json()
@@ -207,7 +209,8 @@ def test_health_and_readiness(http: httpx.Client) -> None:
 def test_wait_holds_the_request_until_it_can_grant(http: httpx.Client) -> None:
     fast = {"tenant": "t", "api": "fast"}
     for _ in range(20):
-        assert http.post("/v1/leases", json=fast).status_code == 200
+        lease = http.post("/v1/leases", json=fast).json()["lease_id"]  # the call is made
+        assert http.post(f"/v1/leases/{lease}/release", json={"outcome": "ok"}).status_code == 200
     refused = http.post("/v1/leases", json={**fast, "wait": 0.01})
     assert refused.status_code == 429  # the earliest grant lies beyond the wait
     waited = http.post("/v1/leases", json={**fast, "wait": 3})
@@ -306,16 +309,23 @@ def test_waiters_are_served_first_come_first_served(coordinator_url: str) -> Non
         reply = clients[number].post("/v1/leases", json=single)
         if reply.status_code == 200:
             served.append(number)
+            done(clients[number], reply)
+
+    def done(client: httpx.Client, reply: httpx.Response) -> None:  # the call was made
+        release = f"/v1/leases/{reply.json()['lease_id']}/release"
+        assert client.post(release, json={"outcome": "ok"}).status_code == 200
 
     try:
         for client in clients:  # connect first, so each request leaves when it is sent
             assert client.get("/healthz").status_code == 200
-        assert clients[5].post("/v1/leases", json=single).status_code == 200
+        first = clients[5].post("/v1/leases", json=single)
+        assert first.status_code == 200
         threads = []
         for number in range(5):
             threads.append(threading.Thread(target=waiter, args=(number,)))
             threads[-1].start()
             time.sleep(0.1)  # each joins the line before the next arrives
+        done(clients[5], first)
         for thread in threads:
             thread.join()
     finally:

@@ -92,7 +92,7 @@ def test_arguments_encode_none_and_booleans_as_the_scripts_read_them() -> None:
 
 def test_replies_decode_by_code() -> None:
     assert codec.decode_acquire([codec.GRANTED, 10, 70]) == codec.Granted(10, 70)
-    assert codec.decode_acquire([codec.DENIED, 10, 5, 2]) == codec.Denied(10, 5, 2)
+    assert codec.decode_acquire([codec.DENIED, 10, 5, 2, 1]) == codec.Denied(10, 5, 2, 1)
     assert codec.decode_acquire([codec.CHECK_EPOCH, 10]) == codec.CheckEpoch(10)
     with pytest.raises(ValueError, match="unknown code"):
         codec.decode_acquire([7, 10])

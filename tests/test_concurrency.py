@@ -32,6 +32,7 @@ async def _worker(url: str, seed: int) -> list[tuple[int, int]]:
             if isinstance(result, Grant):
                 grants.append((result.granted_at_ms, cost))
                 await asyncio.sleep(rng.uniform(0.01, 0.03))  # the call itself takes a while
+                await engine.release(result.lease_id, "ok")
             else:
                 # Back off up to the exact retry time, with jitter so workers interleave.
                 await asyncio.sleep(min(result.retry_after_ms, 50) / 1000 * rng.random())

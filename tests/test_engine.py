@@ -43,6 +43,14 @@ async def grant(engine: Engine, api: str, key: str = "", now: int = T0, **kw: in
     return result
 
 
+async def call(engine: Engine, api: str, key: str = "", now: int = T0, **kw: int) -> Grant:
+    """A call answered at once: granted and released `ok` at the same moment, so its
+    charge sits in the bucket of `now` (design rule 3)."""
+    lease = await grant(engine, api, key, now=now, **kw)
+    await engine.release(lease.lease_id, "ok", now=now)
+    return lease
+
+
 async def deny(engine: Engine, api: str, key: str = "", now: int = T0, **kw: int) -> Denial:
     result = await engine.acquire("contoso", api, key, now=now, **kw)
     assert isinstance(result, Denial), result
@@ -50,8 +58,8 @@ async def deny(engine: Engine, api: str, key: str = "", now: int = T0, **kw: int
 
 
 async def test_denial_names_the_limit_and_the_exact_wait(engine: Engine) -> None:
-    await grant(engine, "calls", now=T0 + 500)
-    await grant(engine, "calls", now=T0 + 2_300, cost=2)
+    await call(engine, "calls", now=T0 + 500)
+    await call(engine, "calls", now=T0 + 2_300, cost=2)
     denial = await deny(engine, "calls", now=T0 + 4_000)
     assert denial.reason == "quota_exhausted"
     assert denial.limit == POLICIES.apis["calls"].limits[0]

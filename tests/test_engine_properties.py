@@ -4,6 +4,7 @@ core promise checked directly on grant times."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from quotagate.coordinator.embedded import EmbeddedServer
 from quotagate.coordinator.engine import Denial, Engine, Grant
 from quotagate.coordinator.errors import InvalidRequest, UnknownLease
 from quotagate.coordinator.leases import LeaseRef
-from quotagate.coordinator.policy import Kind, Policy, PolicySet, Scope
+from quotagate.coordinator.policy import Kind, Limit, Policy, PolicySet, Scope
 
 from .model import Model
 from .strategies import (
@@ -29,6 +30,7 @@ from .strategies import (
     Op,
     Release,
     Renew,
+    late_operations,
     operations,
     policies,
 )
@@ -44,10 +46,13 @@ PROPERTY = settings(
 
 @dataclass
 class Run:
-    """What a schedule did: grants (time, cost, key, lease id) and the refunded lease ids."""
+    """What a schedule did: grants (time, cost, key, lease id), the refunded lease ids, and
+    for each lease the last moment its call could reach the upstream (its release, else its
+    expiry: a client never sends on an expired lease)."""
 
     grants: list[tuple[int, int, str, str]] = field(default_factory=list)
     refunded: set[str] = field(default_factory=set)
+    last_send: dict[str, int] = field(default_factory=dict)
     denials: int = 0
 
 
@@ -97,6 +102,7 @@ async def _run(
                     assert result.granted_at_ms == now
                     leases.append(result.lease_id)
                     run.grants.append((now, op.cost, op.key, result.lease_id))
+                    run.last_send[result.lease_id] = result.expires_at_ms
                 else:
                     assert isinstance(result, Denial)
                     run.denials += 1
@@ -112,6 +118,7 @@ async def _run(
                         assert result.expires_at_ms == expected.expiry
                     else:
                         assert result.retry_after_ms == expected.retry_ms, (op, expected, result)
+                        assert result.soonest_ms == expected.soonest, (op, expected, result)
                         assert result.reason == (
                             "cooling_down" if expected.bound == 0 else "quota_exhausted"
                         )
@@ -135,15 +142,17 @@ async def _run(
                     released = False
                 if released and op.outcome == "not_called":
                     run.refunded.add(lease_id)
+                if released:
+                    run.last_send[lease_id] = now
                 if check_model:
                     expected = model.release(lease_id, op.outcome, retry, op.runtime_ms, now)
                     assert released == (expected == "released"), (op, expected)
             elif isinstance(op, Renew) and leases:
                 lease_id = leases[op.lease % len(leases)]
-                try:
-                    renewed: int | str = await engine.renew(lease_id, op.ttl_ms, now=now)
-                except UnknownLease:
-                    renewed = "gone"
+                renewed: int | str = "gone"
+                with contextlib.suppress(UnknownLease):
+                    renewed = left = await engine.renew(lease_id, op.ttl_ms, now=now)
+                    run.last_send[lease_id] = now + left
                 if check_model:
                     expected_renew = model.renew(lease_id, op.ttl_ms, now)
                     assert renewed == (
@@ -182,17 +191,67 @@ def test_no_window_ever_holds_more_than_its_limit(
 ) -> None:
     """Exact sliding check on grant times; denials change nothing (checked inside the run)."""
     run = asyncio.run(_run(redis_server.url, policy, ops, check_model=False))
-    fullest = 0.0
-    for lim in policy.limits:
-        if lim.kind is not Kind.CALLS:
-            continue
-        groups: dict[str, list[tuple[int, int]]] = defaultdict(list)
-        for at, cost, key, lease_id in run.grants:
-            if lease_id not in run.refunded:
-                groups[key if lim.scope is Scope.KEY else ""].append((at, cost))
-        for grants in groups.values():
-            for start, _ in grants:
-                in_window = sum(c for at, c in grants if start <= at < start + lim.window_ms)
-                fullest = max(fullest, in_window / lim.amount)
-                assert in_window <= lim.amount, (lim, start, grants)
+    calls = [
+        (at, cost, key) for at, cost, key, lease_id in run.grants if lease_id not in run.refunded
+    ]
+    fullest = max(
+        (_fullest(lim, calls) for lim in policy.limits if lim.kind is Kind.CALLS), default=0.0
+    )
     target(fullest, label="fullest exact window")
+
+
+def _fullest(lim: Limit, calls: list[tuple[int, int, str]]) -> float:
+    """The fullest exact window [t, t + W) of `lim` over calls (arrival, cost, key), as a
+    share of its amount; asserts that none holds more than the amount."""
+    groups: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for at, cost, key in calls:
+        groups[key if lim.scope is Scope.KEY else ""].append((at, cost))
+    fullest = 0.0
+    for arrivals in groups.values():
+        for start, _ in arrivals:
+            in_window = sum(c for at, c in arrivals if start <= at < start + lim.window_ms)
+            fullest = max(fullest, in_window / lim.amount)
+            assert in_window <= lim.amount, (lim, start, sorted(arrivals))
+    return fullest
+
+
+def _worst_window(lim: Limit, calls: list[tuple[int, int, int, str]]) -> float:
+    """The most that any upstream window [t, t + W) of `lim` can hold when each call
+    (first_send, last_send, cost, key) arrives anywhere in [first_send, last_send], placed
+    by an adversary, as a share of the amount; asserts that it never exceeds the amount.
+
+    A window can hold exactly the calls whose span meets it, so the worst windows start
+    at a span's end (past it, that call no longer meets the window)."""
+    groups: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
+    for first, last, cost, key in calls:
+        groups[key if lim.scope is Scope.KEY else ""].append((first, last, cost))
+    worst = 0.0
+    for spans in groups.values():
+        for _, start, _ in spans:
+            meets = [(f, la, c) for f, la, c in spans if la >= start and f < start + lim.window_ms]
+            held = sum(c for _, _, c in meets)
+            worst = max(worst, held / lim.amount)
+            assert held <= lim.amount, (lim, start, sorted(meets))
+    return worst
+
+
+@given(policy=policies(), ops=st.one_of(operations, late_operations))
+@PROPERTY
+def test_no_upstream_window_holds_more_than_its_limit_wherever_calls_arrive(
+    redis_server: EmbeddedServer, policy: Policy, ops: list[Op]
+) -> None:
+    """Design rule 3: a call reaches the upstream anywhere between its grant and its
+    release (or its expiry, if it is not released in time: a client never sends on an
+    expired lease). For every window of every calls limit, the adversary puts into it
+    every call whose span meets it, and it still holds no more than the limit."""
+    run = asyncio.run(_run(redis_server.url, policy, ops, check_model=False))
+    calls = [
+        (granted, run.last_send[lease_id], cost, key)
+        for granted, cost, key, lease_id in run.grants
+        if lease_id not in run.refunded
+    ]
+    worst = max(
+        (_worst_window(lim, calls) for lim in policy.limits if lim.kind is Kind.CALLS),
+        default=0.0,
+    )
+    target(worst, label="fullest upstream window")

@@ -309,21 +309,36 @@ def test_a_coordinator_killed_mid_request_grants_nothing_twice(
     killed = threading.Event()
     stop = threading.Event()
     slot_grants = [0]
+    released: dict[bytes, bytes] = {}  # member -> record, read before the release
+
+    store = redis.Redis.from_url(valkey_server.url)
 
     def burst(url: str) -> None:
+        # Each grant's record is read before the lease is released; the leases whose
+        # reply or release the kill cut off stay in the store until the end.
         with httpx.Client(base_url=url, timeout=HANG) as http:
             while not stop.is_set():
                 body = {"tenant": tenant, "api": "burst", "wait": 1.0}  # most of them wait
                 try:
                     reply = http.post("/v1/leases", json=body)
+                    if reply.status_code == 200:
+                        lease_id = reply.json()["lease_id"]
+                        ref = LeaseRef.parse(lease_id)
+                        assert ref is not None
+                        record = store.hget(f"qg:{{{tenant}|burst}}:s", ref.member)
+                        with lock:
+                            granted.append(lease_id)
+                            if record is None:
+                                unexpected.append("a granted lease is missing from the store")
+                            else:
+                                released[ref.member.encode()] = record
+                        http.post(f"/v1/leases/{lease_id}/release", json={"outcome": "ok"})
                 except httpx.TransportError:
                     with lock:
                         cut[0] += 1
                     return
                 with lock:
-                    if reply.status_code == 200:
-                        granted.append(reply.json()["lease_id"])
-                    elif reply.status_code != 429:
+                    if reply.status_code not in (200, 429):
                         unexpected.append(reply.text)
 
     def hold_slot(url: str) -> None:
@@ -355,7 +370,6 @@ def test_a_coordinator_killed_mid_request_grants_nothing_twice(
             thread.start()
         return threads
 
-    store = redis.Redis.from_url(valkey_server.url)
     threads: list[threading.Thread] = []
     try:
         with coordinator_process(valkey_server.url, policy_file) as (url, process):
@@ -409,6 +423,7 @@ def test_a_coordinator_killed_mid_request_grants_nothing_twice(
         join_all(threads)
         state = store.hgetall(f"qg:{{{tenant}|burst}}:s")
         records = {field: value for field, value in state.items() if b":" in field}  # leases
+        records.update(released)
         store.close()
 
     assert not unexpected, unexpected

@@ -14,13 +14,14 @@ import pytest
 import redis
 
 from quotagate.coordinator.embedded import EmbeddedServer, free_port
+from quotagate.coordinator.leases import LeaseRef
 
 from .conftest import _wipe
 from .service import wait_ready
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-# Leases live long, so every grant time stays readable in Redis after the run.
+# Each worker reads its lease's grant time from Redis before it releases the lease.
 POLICY = (
     "apis: {pair: {lease_ttl: 1m, limits: [{calls: 20, per: 1s, granularity: 100ms, margin: 0}]}}"
 )
@@ -66,15 +67,25 @@ def test_two_coordinators_share_one_limit(
     coordinators: list[str], valkey_server: EmbeddedServer
 ) -> None:
     granted = {url: 0 for url in coordinators}
+    grants: list[int] = []  # Redis time of each grant, from the lease's record
     lock = threading.Lock()
+    store = redis.Redis.from_url(valkey_server.url)
 
     def worker(url: str) -> None:
         with httpx.Client(base_url=url, timeout=10) as http:
             for _ in range(6):
                 reply = http.post("/v1/leases", json={"tenant": "t", "api": "pair", "wait": 1.5})
                 if reply.status_code == 200:
+                    lease_id = reply.json()["lease_id"]
+                    ref = LeaseRef.parse(lease_id)
+                    assert ref is not None
+                    record = store.hget("qg:{t|pair}:s", ref.member)
+                    assert record is not None, "a granted lease is missing from the store"
                     with lock:
                         granted[url] += 1
+                        grants.append(int(record.split(b":")[0]))
+                    done = http.post(f"/v1/leases/{lease_id}/release", json={"outcome": "ok"})
+                    assert done.status_code == 200, done.text
 
     threads = [threading.Thread(target=worker, args=(coordinators[i % 2],)) for i in range(8)]
     for thread in threads:
@@ -82,10 +93,8 @@ def test_two_coordinators_share_one_limit(
     for thread in threads:
         thread.join()
 
+    store.close()
     assert all(granted.values()), granted
-    with redis.Redis.from_url(valkey_server.url) as client:
-        state = client.hgetall("qg:{t|pair}:s")
-    grants = sorted(int(record.split(b":")[0]) for f, record in state.items() if b":" in f)
     assert len(grants) == sum(granted.values()) > 20
     fullest = max(sum(1 for at in grants if start <= at < start + 1000) for start in grants)
     assert fullest <= 20, fullest

@@ -88,15 +88,16 @@ async def acquire(
     responses={200: {"model": ReleasedReply}, **documented(*BODY_ERRORS, 401, 403, 404, 503)},
 )
 async def release(
-    lease_id: str, body: ReleaseBody, who: PrincipalDep, engine: EngineDep
+    lease_id: str, body: ReleaseBody, who: PrincipalDep, engine: EngineDep, waiting: WaitingDep
 ) -> JSONResponse:
-    _lease_of(lease_id, who)
+    ref = _lease_of(lease_id, who)
     await engine.release(
         lease_id,
         body.outcome,
         retry_after_ms=None if body.retry_after is None else _ms(body.retry_after),
         runtime_ms=None if body.runtime is None else _ms(body.runtime),
     )
+    waiting.released(ref.tenant, ref.api)
     return JSONResponse({"released": True})
 
 
