@@ -1,27 +1,47 @@
-"""The `quotagate` command: serve, usage, policies."""
+"""The `quotagate` command: serve, usage, policies.
+
+`serve` takes one flag per field of `Settings`, generated from the model: its help, its
+environment variables and its default come from the field, so the two cannot drift.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
+import inspect
 import json
 import logging
+import logging.config
+import os
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import httpx
 import typer
+from pydantic import TypeAdapter
+from pydantic.fields import FieldInfo
 
 from .policy import PolicyError, PolicySet, load_policies
-from .settings import Settings
+from .settings import Settings, env_names, get_settings
 
 app = typer.Typer(
     help="quotagate: keep a fleet of workers inside throttled APIs.", no_args_is_help=True
 )
 log = logging.getLogger("quotagate")
 
+# What every worker process runs: the service as its `QUOTAGATE_*` variables describe it.
+APP_FACTORY = "quotagate.coordinator.app:app_from_environment"
+SERVER_EXTRA = "pip install 'quotagate[server]'"
 TOKENS_HELP = (
     'set QUOTAGATE_TOKENS=\'{"<token>": ["<tenant glob>", ...]}\' or pass --tokens-file FILE '
     "(the same mapping in JSON or YAML)"
 )
+# Types a flag carries as they are; any other field (a mapping, a list) is given as JSON.
+PLAIN_TYPES = (str, int, float, bool, Path)
+F = TypeVar("F", bound=Callable[..., None])
 
 
 def _fail(message: str) -> typer.Exit:
@@ -29,52 +49,135 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-@app.command()
-def serve(
-    host: Annotated[
-        str | None, typer.Option(help="bind address [QUOTAGATE_HOST, 127.0.0.1]")
-    ] = None,
-    port: Annotated[int | None, typer.Option(help="port [QUOTAGATE_PORT, 8080]")] = None,
-    policies: Annotated[
-        Path | None, typer.Option(help="policy file on top of the catalog [QUOTAGATE_POLICIES]")
-    ] = None,
-    redis_url: Annotated[
-        str | None,
-        typer.Option(help="Redis URL; none starts an embedded server [QUOTAGATE_REDIS_URL]"),
-    ] = None,
-    tokens_file: Annotated[
-        Path | None,
-        typer.Option(help="token -> tenant globs, JSON or YAML [QUOTAGATE_TOKENS_FILE]"),
-    ] = None,
-    data_dir: Annotated[
-        Path | None, typer.Option(help="embedded server data [QUOTAGATE_DATA_DIR, .quotagate]")
-    ] = None,
+def _version(shown: bool) -> None:
+    if shown:
+        typer.echo(f"quotagate {importlib.metadata.version('quotagate')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
 ) -> None:
-    """Run the coordinator."""
+    """quotagate: keep a fleet of workers inside throttled APIs."""
+
+
+def _plain_type(field: FieldInfo) -> Any:
+    """The field's type when a flag can carry it as it is, else None (given as JSON)."""
+    annotation = field.annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    if annotation in PLAIN_TYPES or typing.get_origin(annotation) is typing.Literal:
+        return annotation
+    return None
+
+
+def settings_flags(command: F) -> F:
+    """Give `command(**flags)` one flag per settings field. Each flag reads the field's
+    environment variables and falls back to its default, so the values a command gets
+    are the effective settings (see `settings_from_flags`)."""
+    parameters = []
+    for name, field in Settings.model_fields.items():
+        plain = _plain_type(field)
+        default = field.get_default(call_default_factory=True)
+        flag = "--" + name.replace("_", "-")
+        if plain is bool:
+            flag += f"/--no-{flag[2:]}"
+        option = typer.Option(
+            default if plain is not None else None,
+            flag,
+            help=(field.description or name.replace("_", " ")) + ("" if plain else " (JSON)"),
+            envvar=env_names(name),
+            show_envvar=True,
+            show_default=plain is not None and default is not None,
+            rich_help_panel="Settings",
+        )
+        annotation = plain if plain is not None and default is not None else (plain or str) | None
+        parameters.append(
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation
+            )
+        )
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    return command
+
+
+def settings_from_flags(flags: dict[str, Any]) -> Settings:
+    """The settings that the flags of `settings_flags` make (flags left out are None)."""
+    given = {}
+    for name, value in flags.items():
+        field = Settings.model_fields[name]
+        if value is None:
+            continue
+        if _plain_type(field) is None and field.annotation is not None:
+            value = TypeAdapter(field.annotation).validate_json(value)
+        given[name] = value
+    return Settings(**given)
+
+
+def _log_config() -> dict[str, Any]:
+    """Text lines with the process id (several workers write to one stream), for uvicorn's
+    loggers and ours, applied in the parent and again in every worker."""
+    handler = {"class": "logging.StreamHandler", "formatter": "text", "stream": "ext://sys.stderr"}
+    quiet = {"handlers": ["stderr"], "level": "INFO", "propagate": False}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "text": {"format": "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"}
+        },
+        "handlers": {"stderr": handler},
+        "loggers": {"quotagate": quiet, "uvicorn": quiet, "uvicorn.access": quiet},
+    }
+
+
+def _stack_choice(setting: str, fast: str, fallback: str, flag: str) -> str:
+    """uvicorn's loop or HTTP implementation: `auto` takes the fast one when installed."""
+    installed = importlib.util.find_spec(fast) is not None
+    if setting == "auto":
+        return fast if installed else fallback
+    if setting == fast and not installed:
+        raise _fail(f"{flag} {fast} needs the {fast} package: {SERVER_EXTRA}")
+    return setting
+
+
+def _export(settings: Settings) -> None:
+    """Put the settings where every worker's `get_settings()` reads them."""
+    for name, value in settings.environment().items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    get_settings.cache_clear()
+
+
+@app.command()
+@settings_flags
+def serve(**flags: Any) -> None:
+    """Run the coordinator.
+
+    Every flag also reads its environment variable; a flag on the command line wins.
+    """
     import uvicorn
 
-    from .api import create_app
     from .embedded import EmbeddedServer, EmbeddedServerError
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    given: dict[str, Any] = {
-        "host": host,
-        "port": port,
-        "policies": policies,
-        "redis_url": redis_url,
-        "tokens_file": tokens_file,
-        "data_dir": data_dir,
-    }
+    logging.config.dictConfig(_log_config())
     try:
-        settings = Settings(**{k: v for k, v in given.items() if v is not None})
-        effective = load_policies(settings.policies)
+        settings = settings_from_flags(flags)
+        effective: PolicySet = load_policies(settings.policies)
         tokens = settings.all_tokens()
     except (PolicyError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from exc
     if not tokens and not settings.loopback_only:
         raise _fail(f"refusing to listen on {settings.host} without tokens: {TOKENS_HELP}")
+    loop = _stack_choice(settings.loop, "uvloop", "asyncio", "--loop")
+    http = _stack_choice(settings.http, "httptools", "h11", "--http")
 
     embedded = None
     if settings.redis_url is None:
@@ -89,12 +192,26 @@ def serve(
             (settings.data_dir / "redis").resolve(),
         )
         settings = settings.model_copy(update={"redis_url": embedded.url})
-    log.info("%d apis, tokens %s", len(effective.apis), "on" if tokens else "off (loopback only)")
+    _export(settings)
+    log.info(
+        "%d apis, tokens %s, %d worker%s, loop %s, http %s",
+        len(effective.apis),
+        "on" if tokens else "off (loopback only)",
+        settings.workers,
+        "" if settings.workers == 1 else "s",
+        loop,
+        http,
+    )
     try:
         uvicorn.run(
-            create_app(settings, policies=effective),
+            APP_FACTORY,
+            factory=True,
             host=settings.host,
             port=settings.port,
+            workers=settings.workers,
+            loop=loop,
+            http=http,
+            log_config=_log_config(),
             log_level="info",
             access_log=settings.access_log,
         )
