@@ -37,8 +37,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path(".quotagate"), description="the embedded server's data")
     tokens: TokenMap = Field(
         {},
-        description='bearer token -> tenant globs it may use, {"<token>": ["contoso/*"]}; prefer'
-        " the environment or --tokens-file (a command line is visible to other users)",
+        description='bearer token -> tenant globs it may use, {"<token>": ["contoso/*"]}, merged'
+        " with the tokens file; prefer the environment or the file (a command line is"
+        " visible to other users)",
     )
     tokens_file: Path | None = Field(None, description="the same mapping as a JSON or YAML file")
     max_wait: float = Field(60.0, ge=0, description="seconds an acquire may be held at most")
