@@ -1,17 +1,27 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# What is installed, one stamp per extra: `serve` needs only the server extra; everything
+# else the dev set, which includes it (so `make serve` after `make test` installs nothing,
+# and `make test` after `make serve` adds the dev set).
+SERVER := $(VENV)/.installed-server
+DEV := $(VENV)/.installed-dev
 
 .PHONY: venv test lint typecheck pytest serve bench soak format clean
 
-venv: $(STAMP)
+venv: $(DEV)
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
+
+$(SERVER): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[server]'
+	touch $@
+
+$(DEV): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $@ $(SERVER)
 
 lint: venv
 	$(BIN)/ruff check coordinator client tests
@@ -29,7 +39,7 @@ format: venv
 	$(BIN)/ruff format coordinator client tests
 	$(BIN)/ruff check --fix coordinator client tests
 
-serve: venv
+serve: $(SERVER)
 	$(BIN)/quotagate serve
 
 bench: venv
