@@ -15,7 +15,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(SERVER): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[server]'
+	$(BIN)/pip install --quiet --no-compile -e '.[server]'
 	touch $@
 
 $(DEV): pyproject.toml | $(BIN)/python
