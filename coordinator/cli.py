@@ -64,7 +64,7 @@ def _options(
         ),
     ] = False,
 ) -> None:
-    """quotagate: keep a fleet of workers inside throttled APIs."""
+    pass
 
 
 def _plain_type(field: FieldInfo) -> Any:
@@ -111,9 +111,9 @@ def settings_from_flags(flags: dict[str, Any]) -> Settings:
     """The settings that the flags of `settings_flags` make (flags left out are None)."""
     given = {}
     for name, value in flags.items():
-        field = Settings.model_fields[name]
         if value is None:
             continue
+        field = Settings.model_fields[name]
         if _plain_type(field) is None and field.annotation is not None:
             value = TypeAdapter(field.annotation).validate_json(value)
         given[name] = value
@@ -124,7 +124,7 @@ def _log_config() -> dict[str, Any]:
     """Text lines with the process id (several workers write to one stream), for uvicorn's
     loggers and ours, applied in the parent and again in every worker."""
     handler = {"class": "logging.StreamHandler", "formatter": "text", "stream": "ext://sys.stderr"}
-    quiet = {"handlers": ["stderr"], "level": "INFO", "propagate": False}
+    to_stderr = {"handlers": ["stderr"], "level": "INFO", "propagate": False}
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -132,7 +132,7 @@ def _log_config() -> dict[str, Any]:
             "text": {"format": "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"}
         },
         "handlers": {"stderr": handler},
-        "loggers": {"quotagate": quiet, "uvicorn": quiet, "uvicorn.access": quiet},
+        "loggers": {"quotagate": to_stderr, "uvicorn": to_stderr, "uvicorn.access": to_stderr},
     }
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import typer
 import typer.main
 from typer.testing import CliRunner
 
@@ -106,6 +107,19 @@ def test_the_environment_carries_every_setting_to_another_process(
             else:
                 monkeypatch.setenv(variable, value)
         assert Settings() == settings
+
+
+def test_auto_takes_uvicorns_fast_stack_when_installed_and_a_missing_one_is_refused() -> None:
+    from quotagate.coordinator.cli import _stack_choice
+
+    installed = importlib.util.find_spec("uvloop") is not None
+    assert _stack_choice("auto", "uvloop", "asyncio", "--loop") == (
+        "uvloop" if installed else "asyncio"
+    )
+    assert _stack_choice("auto", "not_installed_here", "h11", "--http") == "h11"
+    assert _stack_choice("h11", "httptools", "h11", "--http") == "h11"
+    with pytest.raises(typer.Exit):
+        _stack_choice("not_installed_here", "not_installed_here", "h11", "--http")
 
 
 def test_version_comes_from_the_installed_distribution() -> None:
