@@ -230,15 +230,20 @@ def two_workers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tupl
             stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
+    started: list[int] = []
     try:
         wait_ready(url, 60, alive=lambda: process.poll() is None)
-        servers = [cmd for cmd in children(process.pid).values() if "valkey-server" in cmd]
-        assert len(servers) == 1, servers
+        found = children(process.pid)
+        servers = [pid for pid, cmd in found.items() if "valkey-server" in cmd]
+        workers = [pid for pid, cmd in found.items() if "spawn_main" in cmd]
+        assert len(servers) == 1 and len(workers) == 2, found
+        started = servers + workers
         yield url, log
     finally:
         process.terminate()
         assert process.wait(30) == 0, log.read_text()
-    assert not children(process.pid), "the workers and the embedded server stop with it"
+    alive = [pid for pid in started if Path(f"/proc/{pid}").exists()]
+    assert not alive, "the workers and the embedded server end (and are reaped) with it"
 
 
 @pytest.mark.slow
