@@ -11,15 +11,22 @@ DEV := $(VENV)/.installed-dev
 
 venv: $(DEV)
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+# A current pip in the venv: it resolves several times faster than the one Python bundles.
+# The interpreter's own pip installs it when it can (`pip --python`, seconds faster than
+# ensurepip); else ensurepip, then an upgrade.
+$(BIN)/pip:
+	$(PYTHON) -m venv --without-pip $(VENV)
+	if $(PYTHON) -m pip --python $(BIN)/python --version >/dev/null 2>&1; then \
+		$(PYTHON) -m pip --python $(BIN)/python install --quiet --upgrade pip; \
+	else \
+		$(BIN)/python -m ensurepip && $(BIN)/pip install --quiet --upgrade pip; \
+	fi
 
-$(SERVER): pyproject.toml | $(BIN)/python
+$(SERVER): pyproject.toml | $(BIN)/pip
 	$(BIN)/pip install --quiet --no-compile -e '.[server]'
 	touch $@
 
-$(DEV): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet --upgrade pip
+$(DEV): pyproject.toml | $(BIN)/pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@ $(SERVER)
 
