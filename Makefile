@@ -19,7 +19,7 @@ $(BIN)/pip:
 	if $(PYTHON) -m pip --python $(BIN)/python --version >/dev/null 2>&1; then \
 		$(PYTHON) -m pip --python $(BIN)/python install --quiet --upgrade pip; \
 	else \
-		$(BIN)/python -m ensurepip && $(BIN)/pip install --quiet --upgrade pip; \
+		$(BIN)/python -m ensurepip && $(BIN)/python -m pip install --quiet --upgrade pip; \
 	fi
 
 $(SERVER): pyproject.toml | $(BIN)/pip
