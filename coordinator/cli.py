@@ -21,7 +21,7 @@ from typing import Annotated, Any, TypeVar
 
 import httpx
 import typer
-from pydantic import TypeAdapter
+from pydantic import BaseModel, TypeAdapter
 from pydantic.fields import FieldInfo
 
 from .policy import PolicyError, PolicySet, load_policies
@@ -39,8 +39,10 @@ TOKENS_HELP = (
     'set QUOTAGATE_TOKENS=\'{"<token>": ["<tenant glob>", ...]}\' or pass --tokens-file FILE '
     "(the same mapping in JSON or YAML)"
 )
-# Types a flag carries as they are; any other field (a mapping, a list) is given as JSON.
+# Types a flag parses itself. A container (mapping, list, model) is given as JSON, as its
+# environment variable is; any other type as text, for the settings model to parse.
 PLAIN_TYPES = (str, int, float, bool, Path)
+CONTAINERS = (dict, list, set, frozenset, tuple, BaseModel)
 F = TypeVar("F", bound=Callable[..., None])
 
 
@@ -67,37 +69,55 @@ def _options(
     pass
 
 
-def _plain_type(field: FieldInfo) -> Any:
-    """The field's type when a flag can carry it as it is, else None (given as JSON)."""
+def _bare(field: FieldInfo) -> Any:
+    """The field's type without its `| None`."""
     annotation = field.annotation
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
-    if annotation in PLAIN_TYPES or typing.get_origin(annotation) is typing.Literal:
-        return annotation
+        return next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    return annotation
+
+
+def _plain_type(field: FieldInfo) -> Any:
+    """The field's type when a flag parses it itself, else None (given as text)."""
+    bare = _bare(field)
+    if bare in PLAIN_TYPES or typing.get_origin(bare) is typing.Literal:
+        return bare
     return None
 
 
-def settings_flags(command: F) -> F:
+def _is_json(field: FieldInfo) -> bool:
+    outer = typing.get_origin(_bare(field)) or _bare(field)
+    return isinstance(outer, type) and issubclass(outer, CONTAINERS)
+
+
+def settings_flags(command: F, model: type[Settings] = Settings) -> F:
     """Give `command(**flags)` one flag per settings field. Each flag reads the field's
     environment variables and falls back to its default, so the values a command gets
     are the effective settings (see `settings_from_flags`)."""
     parameters = []
-    for name, field in Settings.model_fields.items():
+    for name, field in model.model_fields.items():
         plain = _plain_type(field)
         default = field.get_default(call_default_factory=True)
         flag = "--" + name.replace("_", "-")
         if plain is bool:
             flag += f"/--no-{flag[2:]}"
+        shown: bool | str = True
+        if plain is not None and default is not None:
+            annotation = plain
+        else:  # no default, or one that the model parses from text: the model fills it in
+            annotation = (plain or str) | None
+            shown = default is not None and not _is_json(field) and str(default)
+            default = None
         option = typer.Option(
-            default if plain is not None else None,
+            default,
             flag,
-            help=(field.description or name.replace("_", " ")) + ("" if plain else " (JSON)"),
-            envvar=env_names(name),
+            help=(field.description or name.replace("_", " "))
+            + (" (JSON)" if _is_json(field) else ""),
+            envvar=env_names(name, model),
             show_envvar=True,
-            show_default=plain is not None and default is not None,
+            show_default=shown,
             rich_help_panel="Settings",
         )
-        annotation = plain if plain is not None and default is not None else (plain or str) | None
         parameters.append(
             inspect.Parameter(
                 name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation
@@ -107,17 +127,17 @@ def settings_flags(command: F) -> F:
     return command
 
 
-def settings_from_flags(flags: dict[str, Any]) -> Settings:
+def settings_from_flags(flags: dict[str, Any], model: type[Settings] = Settings) -> Settings:
     """The settings that the flags of `settings_flags` make (flags left out are None)."""
     given = {}
     for name, value in flags.items():
         if value is None:
             continue
-        field = Settings.model_fields[name]
-        if _plain_type(field) is None and field.annotation is not None:
+        field = model.model_fields[name]
+        if _is_json(field) and field.annotation is not None:
             value = TypeAdapter(field.annotation).validate_json(value)
         given[name] = value
-    return Settings(**given)
+    return model(**given)
 
 
 def _log_config() -> dict[str, Any]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TokenMap = dict[str, list[str]]
@@ -101,6 +101,9 @@ class Settings(BaseSettings):
         found: dict[str, str | None] = {}
         for name in type(self).model_fields:
             value = values[name]
+            secret = getattr(self, name)
+            if isinstance(secret, SecretStr):  # dumped masked
+                value = secret.get_secret_value()
             if value is None:
                 text = None
             elif isinstance(value, bool):
@@ -109,13 +112,13 @@ class Settings(BaseSettings):
                 text = json.dumps(value)
             else:
                 text = str(value)
-            found[env_names(name)[0]] = text
+            found[env_names(name, type(self))[0]] = text
         return found
 
 
-def env_names(name: str) -> list[str]:
+def env_names(name: str, model: type[Settings] = Settings) -> list[str]:
     """The environment variables a field reads, the one that wins first."""
-    alias = Settings.model_fields[name].validation_alias
+    alias = model.model_fields[name].validation_alias
     if isinstance(alias, AliasChoices):
         return [choice for choice in alias.choices if isinstance(choice, str)]
     if isinstance(alias, str):

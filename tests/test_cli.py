@@ -11,15 +11,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
+from typing import Any, Literal
 
 import httpx
 import pytest
 import typer
 import typer.main
+from pydantic import Field, SecretStr
 from typer.testing import CliRunner
 
-from quotagate.coordinator.cli import app, settings_from_flags
+from quotagate.coordinator.cli import app, settings_flags, settings_from_flags
 from quotagate.coordinator.embedded import free_port
 from quotagate.coordinator.settings import Settings, env_names
 
@@ -120,6 +123,53 @@ def test_auto_takes_uvicorns_fast_stack_when_installed_and_a_missing_one_is_refu
     assert _stack_choice("h11", "httptools", "h11", "--http") == "h11"
     with pytest.raises(typer.Exit):
         _stack_choice("not_installed_here", "not_installed_here", "h11", "--http")
+
+
+class Later(Settings):
+    """Fields of kinds the settings may gain later."""
+
+    log_format: Literal["json", "text"] = Field("text", description="log lines")
+    upstreams: dict[str, str] = Field({}, description="host -> base URL")
+    metric_tenants: list[str] = Field([], description="tenants with their own label")
+    tenant_cap: int | None = Field(None, description="distinct tenant labels at most")
+    pause: timedelta = Field(timedelta(seconds=5), description="a pause")
+    secret: SecretStr = Field(SecretStr("0123456789abcdef"), description="a secret")
+
+
+def test_fields_added_later_get_flags_and_reach_a_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def command(**flags: Any) -> None:
+        seen.append(settings_from_flags(flags, Later))
+
+    seen: list[Settings] = []
+    later = typer.Typer()
+    later.command()(settings_flags(command, Later))
+    result = runner.invoke(later, ["--help"], env={"COLUMNS": "250"})
+    for flag in ("--log-format", "--upstreams", "--metric-tenants", "--tenant-cap", "--pause"):
+        assert flag in result.output, flag
+    assert "QUOTAGATE_UPSTREAMS" in result.output and "[default: text]" in result.output
+    monkeypatch.setenv("QUOTAGATE_METRIC_TENANTS", '["contoso"]')
+    args = ["--log-format", "json", "--upstreams", '{"a.example": "http://127.0.0.1:1"}']
+    args += ["--tenant-cap", "5", "--pause", "PT2S", "--secret", "fedcba9876543210"]
+    result = runner.invoke(later, args)
+    assert result.exit_code == 0, result.output
+    (settings,) = seen
+    assert isinstance(settings, Later)
+    assert (settings.log_format, settings.tenant_cap, settings.pause) == (
+        "json",
+        5,
+        timedelta(seconds=2),
+    )
+    assert settings.upstreams == {"a.example": "http://127.0.0.1:1"}
+    assert settings.metric_tenants == ["contoso"]
+    for variable, value in settings.environment().items():
+        if value is None:
+            monkeypatch.delenv(variable, raising=False)
+        else:
+            monkeypatch.setenv(variable, value)
+    assert Later() == settings
+    assert Later().secret.get_secret_value() == "fedcba9876543210"
 
 
 def test_version_comes_from_the_installed_distribution() -> None:
