@@ -91,10 +91,12 @@ def _is_json(field: FieldInfo) -> bool:
 
 
 def settings_flags(command: F, model: type[Settings] = Settings) -> F:
-    """Give `command(**flags)` one flag per settings field. Each flag reads the field's
-    environment variables and falls back to its default, so the values a command gets
-    are the effective settings (see `settings_from_flags`)."""
-    parameters = []
+    """Give `command(ctx, **flags)` one flag per settings field, with the field's help,
+    environment variables and default; `settings_from_flags` makes the settings."""
+    context = inspect.Parameter(
+        "ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context
+    )
+    parameters = [context]
     for name, field in model.model_fields.items():
         plain = _plain_type(field)
         default = field.get_default(call_default_factory=True)
@@ -127,11 +129,15 @@ def settings_flags(command: F, model: type[Settings] = Settings) -> F:
     return command
 
 
-def settings_from_flags(flags: dict[str, Any], model: type[Settings] = Settings) -> Settings:
-    """The settings that the flags of `settings_flags` make (flags left out are None)."""
+def settings_from_flags(
+    ctx: typer.Context, flags: dict[str, Any], model: type[Settings] = Settings
+) -> Settings:
+    """The settings: the flags given on the command line, else what the model reads (the
+    environment, the defaults). Flags read the environment too, but only to check it."""
     given = {}
     for name, value in flags.items():
-        if value is None:
+        source = ctx.get_parameter_source(name)
+        if value is None or source is None or source.name != "COMMANDLINE":
             continue
         field = model.model_fields[name]
         if _is_json(field) and field.annotation is not None:
@@ -178,7 +184,7 @@ def _export(settings: Settings) -> None:
 
 @app.command()
 @settings_flags
-def serve(**flags: Any) -> None:
+def serve(ctx: typer.Context, **flags: Any) -> None:
     """Run the coordinator.
 
     Every flag also reads its environment variable; a flag on the command line wins.
@@ -189,7 +195,7 @@ def serve(**flags: Any) -> None:
 
     logging.config.dictConfig(_log_config())
     try:
-        settings = settings_from_flags(flags)
+        settings = settings_from_flags(ctx, flags)
         effective: PolicySet = load_policies(settings.policies)
         tokens = settings.all_tokens()
     except (PolicyError, ValueError, OSError) as exc:

@@ -54,7 +54,7 @@ def serve_settings(args: list[str]) -> Settings:
     group = typer.main.get_command(app)
     command = group.commands["serve"]  # type: ignore[attr-defined]
     with command.make_context("serve", args) as ctx:
-        return settings_from_flags(ctx.params)
+        return settings_from_flags(ctx, ctx.params)
 
 
 def test_a_flag_wins_over_the_environment_and_token_maps_merge(
@@ -67,6 +67,9 @@ def test_a_flag_wins_over_the_environment_and_token_maps_merge(
     assert (settings.port, settings.max_wait, settings.access_log) == (9001, 7, True)
     assert settings.tokens == {"a-token-of-16-chars": ["c/*"]}
     assert settings.http == "h11" and settings.loop == "auto"
+    assert serve_settings(["--port", "8080"]).port == 8080  # given, though the default
+    monkeypatch.setenv("quotagate_max_body_bytes", "1234")  # the model reads any case
+    assert serve_settings([]).max_body_bytes == 1234
     both = serve_settings(["--tokens", '{"another-token-16-chars": ["*"]}'])
     assert both.tokens == {"a-token-of-16-chars": ["c/*"], "another-token-16-chars": ["*"]}
 
@@ -139,8 +142,8 @@ class Later(Settings):
 def test_fields_added_later_get_flags_and_reach_a_worker(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def command(**flags: Any) -> None:
-        seen.append(settings_from_flags(flags, Later))
+    def command(ctx: typer.Context, **flags: Any) -> None:
+        seen.append(settings_from_flags(ctx, flags, Later))
 
     seen: list[Settings] = []
     later = typer.Typer()
