@@ -21,7 +21,7 @@ from typing import Annotated, Any, TypeVar
 
 import httpx
 import typer
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from .policy import PolicyError, PolicySet, load_policies
@@ -115,7 +115,7 @@ def settings_flags(command: F, model: type[Settings] = Settings) -> F:
             flag,
             help=(field.description or name.replace("_", " "))
             + (" (JSON)" if _is_json(field) else ""),
-            envvar=env_names(name, model),
+            envvar=names[0] if len(names := env_names(name, model)) == 1 else names,
             show_envvar=True,
             show_default=shown,
             rich_help_panel="Settings",
@@ -141,9 +141,25 @@ def settings_from_flags(
             continue
         field = model.model_fields[name]
         if _is_json(field) and field.annotation is not None:
-            value = TypeAdapter(field.annotation).validate_json(value)
+            try:
+                value = TypeAdapter(field.annotation).validate_json(value)
+            except ValidationError as exc:
+                flag = name.replace("_", "-")
+                raise ValueError(f"--{flag}: {exc.errors()[0]['msg']}") from exc
         given[name] = value
     return model(**given)
+
+
+def _settings_error(exc: ValidationError, model: type[Settings] = Settings) -> str:
+    """One line per bad setting, naming its flag and variables."""
+    lines = []
+    for error in exc.errors():
+        where = str(error["loc"][0]) if error["loc"] else ""
+        for name in model.model_fields:
+            if where == name or where in env_names(name, model):
+                where = f"--{name.replace('_', '-')} ({', '.join(env_names(name, model))})"
+        lines.append(f"{where}: {error['msg']}")  # not the value: it may be a token
+    return "bad settings: " + "; ".join(lines)
 
 
 def _log_config() -> dict[str, Any]:
@@ -198,6 +214,8 @@ def serve(ctx: typer.Context, **flags: Any) -> None:
         settings = settings_from_flags(ctx, flags)
         effective: PolicySet = load_policies(settings.policies)
         tokens = settings.all_tokens()
+    except ValidationError as exc:
+        raise _fail(_settings_error(exc)) from exc
     except (PolicyError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from exc
     if not tokens and not settings.loopback_only:

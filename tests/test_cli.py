@@ -213,6 +213,18 @@ def test_serve_refuses_a_public_address_without_tokens() -> None:
     assert "QUOTAGATE_TOKENS" in result.stderr and "--tokens-file" in result.stderr
 
 
+def test_a_bad_setting_is_named_by_its_flag_and_variables_and_a_token_is_not_shown() -> None:
+    result = runner.invoke(app, ["serve"], env={"WEB_CONCURRENCY": "0"})
+    assert result.exit_code == 2
+    assert "--workers (QUOTAGATE_WORKERS, WEB_CONCURRENCY)" in result.output
+    token = "short-secret"
+    result = runner.invoke(app, ["serve", "--tokens", f'{{"{token}": ["*"]}}'])
+    assert result.exit_code == 2 and "--tokens (QUOTAGATE_TOKENS)" in result.output
+    assert "16 characters" in result.output and token not in result.output
+    result = runner.invoke(app, ["serve", "--tokens", f'{{"{token}": '])
+    assert result.exit_code == 2 and "--tokens" in result.output and token not in result.output
+
+
 def test_serve_refuses_a_bad_policy_file() -> None:
     result = runner.invoke(app, ["serve", "--policies", str(FIXTURES / "negative_amount.yaml")])
     assert result.exit_code == 2
