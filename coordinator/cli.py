@@ -92,7 +92,8 @@ def _is_json(field: FieldInfo) -> bool:
 
 def settings_flags(command: F, model: type[Settings] = Settings) -> F:
     """Give `command(ctx, **flags)` one flag per settings field, with the field's help,
-    environment variables and default; `settings_from_flags` makes the settings."""
+    environment variables and default (shown; a flag left out leaves the field to the
+    model). `settings_from_flags` makes the settings."""
     context = inspect.Parameter(
         "ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context
     )
