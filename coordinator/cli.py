@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import httpx
 import typer
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
@@ -286,6 +285,7 @@ def usage(
     token: Annotated[str | None, typer.Option(envvar="QUOTAGATE_TOKEN", show_default=False)] = None,
 ) -> None:
     """Show what a tenant has used, as a table with bars."""
+    import httpx  # here, not at the top: with rich installed it loads its own CLI, slowly
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     with httpx.Client(base_url=url, headers=headers, timeout=10) as http:
         try:
