@@ -286,6 +286,7 @@ def usage(
 ) -> None:
     """Show what a tenant has used, as a table with bars."""
     import httpx  # here, not at the top: with rich installed it loads its own CLI, slowly
+
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     with httpx.Client(base_url=url, headers=headers, timeout=10) as http:
         try:
