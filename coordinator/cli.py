@@ -1,27 +1,48 @@
-"""The `quotagate` command: serve, usage, policies."""
+"""The `quotagate` command: serve, usage, policies.
+
+`serve` takes one flag per field of `Settings`, generated from the model: its help, its
+environment variables and its default come from the field, so the two cannot drift.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
+import inspect
 import json
 import logging
+import logging.config
+import os
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-import httpx
 import typer
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic.fields import FieldInfo
 
 from .policy import PolicyError, PolicySet, load_policies
-from .settings import Settings
+from .settings import Settings, env_names, get_settings
 
 app = typer.Typer(
     help="quotagate: keep a fleet of workers inside throttled APIs.", no_args_is_help=True
 )
 log = logging.getLogger("quotagate")
 
+# What every worker process runs: the service as its `QUOTAGATE_*` variables describe it.
+APP_FACTORY = "quotagate.coordinator.app:app_from_environment"
+SERVER_EXTRA = "pip install 'quotagate[server]'"
 TOKENS_HELP = (
     'set QUOTAGATE_TOKENS=\'{"<token>": ["<tenant glob>", ...]}\' or pass --tokens-file FILE '
     "(the same mapping in JSON or YAML)"
 )
+# Types a flag parses itself. A container (mapping, list, model) is given as JSON, as its
+# environment variable is; any other type as text, for the settings model to parse.
+PLAIN_TYPES = (str, int, float, bool, Path)
+CONTAINERS = (dict, list, set, frozenset, tuple, BaseModel)
+F = TypeVar("F", bound=Callable[..., None])
 
 
 def _fail(message: str) -> typer.Exit:
@@ -29,52 +50,178 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-@app.command()
-def serve(
-    host: Annotated[
-        str | None, typer.Option(help="bind address [QUOTAGATE_HOST, 127.0.0.1]")
-    ] = None,
-    port: Annotated[int | None, typer.Option(help="port [QUOTAGATE_PORT, 8080]")] = None,
-    policies: Annotated[
-        Path | None, typer.Option(help="policy file on top of the catalog [QUOTAGATE_POLICIES]")
-    ] = None,
-    redis_url: Annotated[
-        str | None,
-        typer.Option(help="Redis URL; none starts an embedded server [QUOTAGATE_REDIS_URL]"),
-    ] = None,
-    tokens_file: Annotated[
-        Path | None,
-        typer.Option(help="token -> tenant globs, JSON or YAML [QUOTAGATE_TOKENS_FILE]"),
-    ] = None,
-    data_dir: Annotated[
-        Path | None, typer.Option(help="embedded server data [QUOTAGATE_DATA_DIR, .quotagate]")
-    ] = None,
+def _version(shown: bool) -> None:
+    if shown:
+        typer.echo(f"quotagate {importlib.metadata.version('quotagate')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
 ) -> None:
-    """Run the coordinator."""
+    pass
+
+
+def _bare(field: FieldInfo) -> Any:
+    """The field's type without its `| None`."""
+    annotation = field.annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    return annotation
+
+
+def _plain_type(field: FieldInfo) -> Any:
+    """The field's type when a flag parses it itself, else None (given as text)."""
+    bare = _bare(field)
+    if bare in PLAIN_TYPES or typing.get_origin(bare) is typing.Literal:
+        return bare
+    return None
+
+
+def _is_json(field: FieldInfo) -> bool:
+    outer = typing.get_origin(_bare(field)) or _bare(field)
+    return isinstance(outer, type) and issubclass(outer, CONTAINERS)
+
+
+def settings_flags(command: F, model: type[Settings] = Settings) -> F:
+    """Give `command(ctx, **flags)` one flag per settings field, with the field's help,
+    environment variables and default (shown; a flag left out leaves the field to the
+    model). `settings_from_flags` makes the settings."""
+    context = inspect.Parameter(
+        "ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context
+    )
+    parameters = [context]
+    for name, field in model.model_fields.items():
+        plain = _plain_type(field)
+        default = field.get_default(call_default_factory=True)
+        flag = "--" + name.replace("_", "-")
+        if plain is bool:
+            flag += f"/--no-{flag[2:]}"
+        shown: bool | str = True
+        if plain is not None and default is not None:
+            annotation = plain
+        else:  # no default, or one that the model parses from text: the model fills it in
+            annotation = (plain or str) | None
+            shown = default is not None and not _is_json(field) and str(default)
+            default = None
+        option = typer.Option(
+            default,
+            flag,
+            help=(field.description or name.replace("_", " "))
+            + (" (JSON)" if _is_json(field) else ""),
+            envvar=names[0] if len(names := env_names(name, model)) == 1 else names,
+            show_envvar=True,
+            show_default=shown,
+            rich_help_panel="Settings",
+        )
+        parameters.append(
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation
+            )
+        )
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    return command
+
+
+def settings_from_flags(
+    ctx: typer.Context, flags: dict[str, Any], model: type[Settings] = Settings
+) -> Settings:
+    """The settings: the flags given on the command line, else what the model reads (the
+    environment, the defaults). Flags read the environment too, but only to check it."""
+    given = {}
+    for name, value in flags.items():
+        source = ctx.get_parameter_source(name)
+        if value is None or source is None or source.name != "COMMANDLINE":
+            continue
+        field = model.model_fields[name]
+        if _is_json(field) and field.annotation is not None:
+            try:
+                value = TypeAdapter(field.annotation).validate_json(value)
+            except ValidationError as exc:
+                flag = name.replace("_", "-")
+                raise ValueError(f"--{flag}: {exc.errors()[0]['msg']}") from exc
+        given[name] = value
+    return model(**given)
+
+
+def _settings_error(exc: ValidationError, model: type[Settings] = Settings) -> str:
+    """One line per bad setting, naming its flag and variables."""
+    lines = []
+    for error in exc.errors():
+        where = str(error["loc"][0]) if error["loc"] else ""
+        for name in model.model_fields:
+            if where == name or where in env_names(name, model):
+                where = f"--{name.replace('_', '-')} ({', '.join(env_names(name, model))})"
+        lines.append(f"{where}: {error['msg']}")  # not the value: it may be a token
+    return "bad settings: " + "; ".join(lines)
+
+
+def _log_config() -> dict[str, Any]:
+    """Text lines with the process id (several workers write to one stream), for uvicorn's
+    loggers and ours, applied in the parent and again in every worker."""
+    handler = {"class": "logging.StreamHandler", "formatter": "text", "stream": "ext://sys.stderr"}
+    to_stderr = {"handlers": ["stderr"], "level": "INFO", "propagate": False}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "text": {"format": "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"}
+        },
+        "handlers": {"stderr": handler},
+        "loggers": {"quotagate": to_stderr, "uvicorn": to_stderr, "uvicorn.access": to_stderr},
+    }
+
+
+def _stack_choice(setting: str, fast: str, fallback: str, flag: str) -> str:
+    """uvicorn's loop or HTTP implementation: `auto` takes the fast one when installed."""
+    installed = importlib.util.find_spec(fast) is not None
+    if setting == "auto":
+        return fast if installed else fallback
+    if setting == fast and not installed:
+        raise _fail(f"{flag} {fast} needs the {fast} package: {SERVER_EXTRA}")
+    return setting
+
+
+def _export(settings: Settings) -> None:
+    """Put the settings where every worker's `get_settings()` reads them."""
+    for name, value in settings.environment().items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    get_settings.cache_clear()
+
+
+@app.command()
+@settings_flags
+def serve(ctx: typer.Context, **flags: Any) -> None:
+    """Run the coordinator.
+
+    Every flag also reads its environment variable; a flag on the command line wins.
+    """
     import uvicorn
 
-    from .app import create_app
     from .embedded import EmbeddedServer, EmbeddedServerError
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    given: dict[str, Any] = {
-        "host": host,
-        "port": port,
-        "policies": policies,
-        "redis_url": redis_url,
-        "tokens_file": tokens_file,
-        "data_dir": data_dir,
-    }
+    logging.config.dictConfig(_log_config())
     try:
-        settings = Settings(**{k: v for k, v in given.items() if v is not None})
-        effective = load_policies(settings.policies)
+        settings = settings_from_flags(ctx, flags)
+        effective: PolicySet = load_policies(settings.policies)
         tokens = settings.all_tokens()
+    except ValidationError as exc:
+        raise _fail(_settings_error(exc)) from exc
     except (PolicyError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from exc
     if not tokens and not settings.loopback_only:
         raise _fail(f"refusing to listen on {settings.host} without tokens: {TOKENS_HELP}")
+    loop = _stack_choice(settings.loop, "uvloop", "asyncio", "--loop")
+    http = _stack_choice(settings.http, "httptools", "h11", "--http")
 
     embedded = None
     if settings.redis_url is None:
@@ -89,12 +236,26 @@ def serve(
             (settings.data_dir / "redis").resolve(),
         )
         settings = settings.model_copy(update={"redis_url": embedded.url})
-    log.info("%d apis, tokens %s", len(effective.apis), "on" if tokens else "off (loopback only)")
+    _export(settings)
+    log.info(
+        "%d apis, tokens %s, %d worker%s, loop %s, http %s",
+        len(effective.apis),
+        "on" if tokens else "off (loopback only)",
+        settings.workers,
+        "" if settings.workers == 1 else "s",
+        loop,
+        http,
+    )
     try:
         uvicorn.run(
-            create_app(settings, policies=effective),
+            APP_FACTORY,
+            factory=True,
             host=settings.host,
             port=settings.port,
+            workers=settings.workers,
+            loop=loop,
+            http=http,
+            log_config=_log_config(),
             log_level="info",
             access_log=settings.access_log,
         )
@@ -124,6 +285,8 @@ def usage(
     token: Annotated[str | None, typer.Option(envvar="QUOTAGATE_TOKEN", show_default=False)] = None,
 ) -> None:
     """Show what a tenant has used, as a table with bars."""
+    import httpx  # here, not at the top: with rich installed it loads its own CLI, slowly
+
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     with httpx.Client(base_url=url, headers=headers, timeout=10) as http:
         try:

@@ -1,4 +1,8 @@
-"""Process settings: every field also reads `QUOTAGATE_<FIELD>` from the environment."""
+"""Process settings: every field also reads `QUOTAGATE_<FIELD>` from the environment.
+
+The `quotagate serve` flags are generated from these fields (their descriptions are the
+flags' help), and `environment()` hands the effective values to worker processes.
+"""
 
 from __future__ import annotations
 
@@ -6,32 +10,54 @@ import functools
 import ipaddress
 import json
 from pathlib import Path
+from typing import Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TokenMap = dict[str, list[str]]
+ENV_PREFIX = "QUOTAGATE_"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="QUOTAGATE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_by_name=True)
 
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
-    redis_url: str | None = None  # None: start the embedded server
-    policies: Path | None = None  # a policy file on top of the built-in catalog
-    data_dir: Path = Path(".quotagate")  # the embedded server's append-only file
-    tokens: TokenMap = {}  # bearer token -> tenant globs it may use
-    tokens_file: Path | None = None  # the same mapping as a JSON or YAML file
-    max_wait: float = Field(60.0, ge=0)  # seconds an acquire may be held at most
-    request_timeout: float = Field(2.0, gt=0)  # seconds for one Redis decision
-    max_body_bytes: int = Field(64 * 1024, gt=0)
-    access_log: bool = False  # one log line per request
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8080, ge=0, le=65535, description="port")
+    workers: int = Field(
+        1,
+        ge=1,
+        # WEB_CONCURRENCY is what hosting platforms set for the number of worker processes.
+        validation_alias=AliasChoices(f"{ENV_PREFIX}WORKERS", "WEB_CONCURRENCY"),
+        description="worker processes; they share the port and the store",
+    )
+    redis_url: str | None = Field(None, description="Redis URL; none starts an embedded server")
+    policies: Path | None = Field(None, description="policy file on top of the built-in catalog")
+    data_dir: Path = Field(Path(".quotagate"), description="the embedded server's data")
+    tokens: TokenMap = Field(
+        {},
+        description='bearer token -> tenant globs it may use, {"<token>": ["contoso/*"]}, merged'
+        " with the tokens file; prefer the environment or the file (a command line is"
+        " visible to other users)",
+    )
+    tokens_file: Path | None = Field(None, description="the same mapping as a JSON or YAML file")
+    max_wait: float = Field(60.0, ge=0, description="seconds an acquire may be held at most")
+    request_timeout: float = Field(2.0, gt=0, description="seconds for one Redis decision")
+    max_body_bytes: int = Field(64 * 1024, gt=0, description="largest request body accepted")
+    access_log: bool = Field(False, description="one log line per request")
     # After the store loses its state: the share of each limit granted until its window
     # no longer overlaps the loss; and whether an empty store at start counts as a loss.
-    recovery_share: float = Field(0.5, ge=0, le=1)
-    recover_on_start: bool = False
+    recovery_share: float = Field(
+        0.5, ge=0, le=1, description="share of each limit granted after the store lost state"
+    )
+    recover_on_start: bool = Field(False, description="treat an empty store at start as a loss")
+    loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto", description="event loop; auto takes uvloop when installed"
+    )
+    http: Literal["auto", "h11", "httptools"] = Field(
+        "auto", description="HTTP parser; auto takes httptools when installed"
+    )
 
     @field_validator("tokens")
     @classmethod
@@ -67,6 +93,37 @@ class Settings(BaseSettings):
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return False
+
+    def environment(self) -> dict[str, str | None]:
+        """Each field's variable and its value as `Settings()` reads it back, so another
+        process (a worker) gets these settings; None: the variable must be unset."""
+        values = self.model_dump(mode="json")
+        found: dict[str, str | None] = {}
+        for name in type(self).model_fields:
+            value = values[name]
+            secret = getattr(self, name)
+            if isinstance(secret, SecretStr):  # dumped masked
+                value = secret.get_secret_value()
+            if value is None:
+                text = None
+            elif isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, dict | list):
+                text = json.dumps(value)
+            else:
+                text = str(value)
+            found[env_names(name, type(self))[0]] = text
+        return found
+
+
+def env_names(name: str, model: type[Settings] = Settings) -> list[str]:
+    """The environment variables a field reads, the one that wins first."""
+    alias = model.model_fields[name].validation_alias
+    if isinstance(alias, AliasChoices):
+        return [choice for choice in alias.choices if isinstance(choice, str)]
+    if isinstance(alias, str):
+        return [alias]
+    return [f"{ENV_PREFIX}{name.upper()}"]
 
 
 @functools.cache

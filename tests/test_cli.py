@@ -2,18 +2,183 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
+import os
+import re
+import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
+from typing import Any, Literal
 
 import httpx
 import pytest
+import typer
+import typer.main
+from pydantic import Field, SecretStr
 from typer.testing import CliRunner
 
-from quotagate.coordinator.cli import app
+from quotagate.coordinator.cli import app, settings_flags, settings_from_flags
+from quotagate.coordinator.embedded import free_port
+from quotagate.coordinator.settings import Settings, env_names
 
+from .service import wait_ready
+
+ROOT = Path(__file__).parent.parent
 FIXTURES = Path(__file__).parent / "fixtures" / "policies"
 runner = CliRunner()
+
+
+def test_every_setting_is_a_flag_that_names_its_variables_and_default() -> None:
+    result = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    for name, field in Settings.model_fields.items():
+        assert re.search(rf"--{name.replace('_', '-')}\b", result.output), name
+        for variable in env_names(name):
+            assert variable in result.output, variable
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, bool):
+            shown = ("" if default else "no-") + name.replace("_", "-")
+            assert f"[default: {shown}]" in result.output, name
+        elif isinstance(default, str | int | float | Path):
+            assert f"[default: {default}]" in result.output, name
+    assert "QUOTAGATE_WORKERS, WEB_CONCURRENCY" in result.output
+
+
+def serve_settings(args: list[str]) -> Settings:
+    """The settings `serve ARGS` would run with, parsed as the command parses them."""
+    group = typer.main.get_command(app)
+    command = group.commands["serve"]  # type: ignore[attr-defined]
+    with command.make_context("serve", args) as ctx:
+        return settings_from_flags(ctx, ctx.params)
+
+
+def test_a_flag_wins_over_the_environment_and_token_maps_merge(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("QUOTAGATE_MAX_WAIT", "7")
+    monkeypatch.setenv("QUOTAGATE_PORT", "9000")
+    monkeypatch.setenv("QUOTAGATE_TOKENS", '{"a-token-of-16-chars": ["c/*"]}')
+    settings = serve_settings(["--port", "9001", "--access-log", "--http", "h11"])
+    assert (settings.port, settings.max_wait, settings.access_log) == (9001, 7, True)
+    assert settings.tokens == {"a-token-of-16-chars": ["c/*"]}
+    assert settings.http == "h11" and settings.loop == "auto"
+    assert serve_settings(["--port", "8080"]).port == 8080  # given, though the default
+    monkeypatch.setenv("quotagate_max_body_bytes", "1234")  # the model reads any case
+    assert serve_settings([]).max_body_bytes == 1234
+    both = serve_settings(["--tokens", '{"another-token-16-chars": ["*"]}'])
+    assert both.tokens == {"a-token-of-16-chars": ["c/*"], "another-token-16-chars": ["*"]}
+
+
+def test_web_concurrency_sets_the_workers_and_quotagate_workers_wins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("QUOTAGATE_WORKERS", raising=False)
+    monkeypatch.setenv("WEB_CONCURRENCY", "3")
+    assert Settings().workers == 3 and serve_settings([]).workers == 3
+    monkeypatch.setenv("QUOTAGATE_WORKERS", "2")
+    assert Settings().workers == 2 and serve_settings([]).workers == 2
+    assert serve_settings(["--workers", "4"]).workers == 4
+
+
+def test_the_environment_carries_every_setting_to_another_process(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """What a worker process reads back equals what the parent had, field by field."""
+    for name in Settings.model_fields:
+        for variable in env_names(name):
+            monkeypatch.delenv(variable, raising=False)
+    changed = Settings(
+        host="0.0.0.0",
+        port=9123,
+        workers=3,
+        redis_url="redis://127.0.0.1:7000/1",
+        policies=tmp_path / "p.yaml",
+        data_dir=tmp_path,
+        tokens={"a-token-of-16-chars": ["contoso/*", "fabrikam/*"]},
+        max_wait=2.5,
+        access_log=True,
+        recover_on_start=True,
+        loop="asyncio",
+        http="h11",
+    )
+    for settings in (Settings(), changed):
+        for variable, value in settings.environment().items():
+            if value is None:
+                monkeypatch.delenv(variable, raising=False)
+            else:
+                monkeypatch.setenv(variable, value)
+        assert Settings() == settings
+
+
+def test_auto_takes_uvicorns_fast_stack_when_installed_and_a_missing_one_is_refused() -> None:
+    from quotagate.coordinator.cli import _stack_choice
+
+    installed = importlib.util.find_spec("uvloop") is not None
+    assert _stack_choice("auto", "uvloop", "asyncio", "--loop") == (
+        "uvloop" if installed else "asyncio"
+    )
+    assert _stack_choice("auto", "not_installed_here", "h11", "--http") == "h11"
+    assert _stack_choice("h11", "httptools", "h11", "--http") == "h11"
+    with pytest.raises(typer.Exit):
+        _stack_choice("not_installed_here", "not_installed_here", "h11", "--http")
+
+
+class Later(Settings):
+    """Fields of kinds the settings may gain later."""
+
+    log_format: Literal["json", "text"] = Field("text", description="log lines")
+    upstreams: dict[str, str] = Field({}, description="host -> base URL")
+    metric_tenants: list[str] = Field([], description="tenants with their own label")
+    tenant_cap: int | None = Field(None, description="distinct tenant labels at most")
+    pause: timedelta = Field(timedelta(seconds=5), description="a pause")
+    secret: SecretStr = Field(SecretStr("0123456789abcdef"), description="a secret")
+
+
+def test_fields_added_later_get_flags_and_reach_a_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def command(ctx: typer.Context, **flags: Any) -> None:
+        seen.append(settings_from_flags(ctx, flags, Later))
+
+    seen: list[Settings] = []
+    later = typer.Typer()
+    later.command()(settings_flags(command, Later))
+    result = runner.invoke(later, ["--help"], env={"COLUMNS": "250"})
+    for flag in ("--log-format", "--upstreams", "--metric-tenants", "--tenant-cap", "--pause"):
+        assert flag in result.output, flag
+    assert "QUOTAGATE_UPSTREAMS" in result.output and "[default: text]" in result.output
+    monkeypatch.setenv("QUOTAGATE_METRIC_TENANTS", '["contoso"]')
+    args = ["--log-format", "json", "--upstreams", '{"a.example": "http://127.0.0.1:1"}']
+    args += ["--tenant-cap", "5", "--pause", "PT2S", "--secret", "fedcba9876543210"]
+    result = runner.invoke(later, args)
+    assert result.exit_code == 0, result.output
+    (settings,) = seen
+    assert isinstance(settings, Later)
+    assert (settings.log_format, settings.tenant_cap, settings.pause) == (
+        "json",
+        5,
+        timedelta(seconds=2),
+    )
+    assert settings.upstreams == {"a.example": "http://127.0.0.1:1"}
+    assert settings.metric_tenants == ["contoso"]
+    for variable, value in settings.environment().items():
+        if value is None:
+            monkeypatch.delenv(variable, raising=False)
+        else:
+            monkeypatch.setenv(variable, value)
+    assert Later() == settings
+    assert Later().secret.get_secret_value() == "fedcba9876543210"
+
+
+def test_version_comes_from_the_installed_distribution() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"quotagate {importlib.metadata.version('quotagate')}"
 
 
 def test_policies_prints_the_catalog() -> None:
@@ -48,6 +213,18 @@ def test_serve_refuses_a_public_address_without_tokens() -> None:
     assert "QUOTAGATE_TOKENS" in result.stderr and "--tokens-file" in result.stderr
 
 
+def test_a_bad_setting_is_named_by_its_flag_and_variables_and_a_token_is_not_shown() -> None:
+    result = runner.invoke(app, ["serve"], env={"WEB_CONCURRENCY": "0"})
+    assert result.exit_code == 2
+    assert "--workers (QUOTAGATE_WORKERS, WEB_CONCURRENCY)" in result.output
+    token = "short-secret"
+    result = runner.invoke(app, ["serve", "--tokens", f'{{"{token}": ["*"]}}'])
+    assert result.exit_code == 2 and "--tokens (QUOTAGATE_TOKENS)" in result.output
+    assert "16 characters" in result.output and token not in result.output
+    result = runner.invoke(app, ["serve", "--tokens", f'{{"{token}": '])
+    assert result.exit_code == 2 and "--tokens" in result.output and token not in result.output
+
+
 def test_serve_refuses_a_bad_policy_file() -> None:
     result = runner.invoke(app, ["serve", "--policies", str(FIXTURES / "negative_amount.yaml")])
     assert result.exit_code == 2
@@ -77,3 +254,106 @@ def test_the_client_needs_httpx_alone() -> None:
     assert out.stdout.strip() == "[]"
     pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
     assert 'dependencies = ["httpx>=0.27"]' in pyproject
+
+
+def children(pid: int) -> dict[int, str]:
+    """The processes whose parent is `pid`, with their command lines."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found[int(stat.parent.name)] = (stat.parent / "cmdline").read_text()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+    return found
+
+
+SHARED = "apis: {shared: {limits: [{calls: 3, per: 1m}]}}"
+
+
+@pytest.fixture(params=["--workers", "WEB_CONCURRENCY"])
+def two_workers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """`quotagate serve` with two worker processes and no Redis URL; yields its URL and
+    its log file."""
+    policy = tmp_path / "shared.yaml"
+    policy.write_text(SHARED)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTAGATE_")}
+    env["QUOTAGATE_DATA_DIR"] = str(tmp_path / "data")
+    args = ["--port", str(port), "--policies", str(policy), "--access-log"]
+    if request.param == "--workers":
+        args += ["--workers", "2"]
+    else:
+        env["WEB_CONCURRENCY"] = "2"
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "quotagate.coordinator", "serve", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    started: list[int] = []
+    try:
+        wait_ready(url, 60, alive=lambda: process.poll() is None)
+        found = children(process.pid)
+        servers = [pid for pid, cmd in found.items() if "valkey-server" in cmd]
+        workers = [pid for pid, cmd in found.items() if "spawn_main" in cmd]
+        assert len(servers) == 1 and len(workers) == 2, found
+        started = servers + workers
+        yield url, log
+    finally:
+        process.terminate()
+        assert process.wait(30) == 0, log.read_text()
+    alive = [pid for pid in started if Path(f"/proc/{pid}").exists()]
+    assert not alive, "the workers and the embedded server end (and are reaped) with it"
+
+
+@pytest.mark.slow
+def test_serve_runs_two_workers_on_one_embedded_server(two_workers: tuple[str, Path]) -> None:
+    url, log = two_workers
+    granted = 0
+    for _ in range(6):  # a new connection each time, so both workers take some
+        reply = httpx.post(f"{url}/v1/leases", json={"tenant": "t", "api": "shared"})
+        granted += reply.status_code == 200
+    assert granted == 3, "both workers count against the one store"
+    answered: set[str] = set()
+    deadline = time.monotonic() + 30
+    while len(answered) < 2 and time.monotonic() < deadline:
+        assert httpx.get(f"{url}/readyz").status_code == 200
+        answered = set(
+            re.findall(r"\[(\d+)\] INFO uvicorn\.access: .*(?:readyz|leases)", log.read_text())
+        )
+    assert len(answered) == 2, "each of the two worker processes answers"
+    text = log.read_text()
+    assert "2 workers" in text and text.count("Application startup complete") == 2
+    if importlib.util.find_spec("uvloop") and importlib.util.find_spec("httptools"):
+        assert "loop uvloop, http httptools" in text
+
+
+@pytest.mark.slow
+def test_a_client_only_install_names_the_extra_to_install(tmp_path: Path) -> None:
+    """`pip install quotagate` (httpx alone): the client imports, the script says what to
+    install for the command line."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for name in ("coordinator", "client", "lua"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet"]
+    subprocess.run([*pip, "--no-deps", str(source)], check=True, capture_output=True)
+    subprocess.run([*pip, "httpx"], check=True, capture_output=True)
+    subprocess.run([str(python), "-c", "import quotagate.client"], check=True)
+    for args in (["serve"], ["--version"], []):
+        result = subprocess.run(
+            [str(venv / "bin" / "quotagate"), *args], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 1, result
+        assert "pip install 'quotagate[server]'" in result.stderr
+        assert "Traceback" not in result.stderr
