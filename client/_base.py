@@ -124,11 +124,14 @@ class BaseQuotaClient:
         on_unavailable: OnUnavailable,
         policies: Mapping[str, Any] | None,
         probe_interval: float,
+        release_queue: int,
     ) -> None:
         if not TENANT_PATTERN.match(tenant):
             raise ValueError(f"tenant {tenant!r} must match {TENANT_PATTERN.pattern}")
         if on_unavailable not in ("fail", "local"):
             raise ValueError(f"on_unavailable must be 'fail' or 'local', not {on_unavailable!r}")
+        if release_queue < 0:
+            raise ValueError(f"release_queue must be 0 or more, not {release_queue}")
         self.url = url
         self.tenant = tenant
         self.on_unavailable: OnUnavailable = on_unavailable

@@ -200,6 +200,7 @@ class TestLeaseOutcomes:
                 block(lease)
         except Boom:
             pass
+        assert client.flush(timeout=5)  # the release goes out in the background
         return fake.released[lease.lease_id]
 
     def test_normal_exit_is_ok(self, client: QuotaClient, fake: FakeCoordinator) -> None:
@@ -275,6 +276,7 @@ class TestLeaseOutcomes:
         fake.deny = {"error": "quota_exhausted", "retry_after": 3.0, "limit": None}
         with pytest.raises(QuotaExhausted), client.lease("m365d.incidents"):
             pytest.fail("the block must not run")
+        assert client.flush(timeout=5)
         assert fake.released == {}
 
     def test_failed_release_does_not_mask_the_block(
@@ -309,6 +311,7 @@ class TestAsync:
             async with aclient.lease("m365d.incidents") as lease:
                 lease.mark_called()
                 raise Boom
+        assert await aclient.flush(timeout=5)
         assert [fake.released[f"L{i}"]["outcome"] for i in (1, 2, 3)] == [
             "ok",
             "not_called",

@@ -185,6 +185,7 @@ def test_routed_requests_take_and_release_leases(
     ):
         for _ in range(5):
             assert http.get(upstream_url + INCIDENTS).status_code == 200
+        assert quota.flush(timeout=5)  # releases go out in the background
         usage = quota.usage("m365d.incidents")
         assert used(usage) == [5, 5]
         assert usage["in_flight"] == 0
@@ -217,6 +218,7 @@ def test_routed_requests_take_and_release_leases(
         before = len(recording.log)
         with pytest.raises(httpx.ConnectError):
             http.get(dead_url + INCIDENTS)
+        assert quota.flush(timeout=5)
         acquire, release = recording.log[before:]
         assert acquire.status == 200
         assert release.path == f"/v1/leases/{acquire.reply['lease_id']}/release"
@@ -234,6 +236,7 @@ def test_usage_of_a_tenant_with_slashes(coordinator_url: str, upstream_url: str)
         httpx.Client(transport=QuotaTransport(quota, ROUTES)) as http,
     ):
         http.get(upstream_url + INCIDENTS)
+        assert quota.flush(timeout=5)
         usage = quota.usage("m365d.incidents", key="some-key")
         # The client sends the tenant as one segment; the coordinator takes both spellings.
         assert recording.log[-1].path == "/v1/usage/contoso%2Fapp1/m365d.incidents?key=some-key"
@@ -310,6 +313,7 @@ def test_throttled_answer_stops_every_worker(
         answer = worker.get(upstream_url + INCIDENTS)
         assert answer.status_code == 429
         assert answer.json()["error"]["code"] == "429"  # handed back as upstream sent it
+        assert first.flush(timeout=5)
         (release,) = calls(recording.log, "/release")
         assert release.status == 200
         release.body.pop("runtime")
@@ -362,6 +366,7 @@ def test_hunting_reports_execution_time(
         finally:
             gate.set()
             thread.join()
+        assert quota.flush(timeout=5)
         after = quota.usage("m365d.advanced-hunting")
 
     (answer,) = answers
@@ -510,6 +515,7 @@ def test_slow_call_keeps_its_lease(
         assert http.get(upstream_url + SLOW).status_code == 200
         with pytest.raises(UnknownLease):
             quota.release(unrenewed)
+        assert quota.flush(timeout=5)
         assert quota.usage("sessions")["in_flight"] == 0
     check_renewed(recording.log, caplog)
 
@@ -530,5 +536,6 @@ async def test_slow_async_call_keeps_its_lease(
         assert (await http.get(upstream_url + SLOW)).status_code == 200
         with pytest.raises(UnknownLease):
             await quota.release(unrenewed)
+        assert await quota.flush(timeout=5)
         assert (await quota.usage("sessions"))["in_flight"] == 0
     check_renewed(recording.log, caplog)
