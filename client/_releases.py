@@ -269,8 +269,7 @@ class AsyncReleaseSender:
         if self._loop is not None and not self._loop.is_closed():
             return False  # used from two loops at once: callers send their own
         if self._book.unfinished:
-            lost = self._book.stop("its event loop closed before aclose()")
-            logger.warning("%d releases were not sent: their event loop closed", lost)
+            self._book.stop("its event loop closed before aclose()")
             self._book = ReleaseBook(self._book.size)
         self._loop, self._task = loop, None
         self._wake, self._idle = asyncio.Event(), asyncio.Event()
@@ -301,8 +300,7 @@ class AsyncReleaseSender:
 
     def at_exit(self) -> None:
         if self._book.unfinished:
-            lost = self._book.stop("the interpreter exited before aclose()")
-            logger.warning("%d releases were not sent: the client was not closed", lost)
+            self._book.stop("the interpreter exited before aclose()")
 
     async def _run(self) -> None:
         book = self._book
@@ -332,9 +330,7 @@ class AsyncReleaseSender:
                     pass
         except asyncio.CancelledError:
             # The loop is ending (asyncio.run cancels what is left) without aclose().
-            if book.unfinished:
-                lost = book.stop("its event loop ended before aclose()")
-                logger.warning("%d releases were not sent: the event loop ended", lost)
+            book.stop("its event loop ended before aclose()")
             raise
         finally:
             self._idle.set()

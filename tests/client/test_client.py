@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import httpx
@@ -20,6 +21,7 @@ from quotagate.client import (
     UnknownApi,
     UnknownLease,
 )
+from quotagate.client._releases import TRIES, Release, ReleaseBook, lease_prefix, retry_delay
 
 from .fakes import TENANT, URL, FakeCoordinator
 
@@ -93,6 +95,8 @@ class TestRequests:
             QuotaClient(URL, "{bad}")
         with pytest.raises(ValueError, match="on_unavailable"):
             QuotaClient(URL, TENANT, on_unavailable="maybe")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="release_queue"):
+            QuotaClient(URL, TENANT, release_queue=-1)
 
 
 class TestErrors:
@@ -329,3 +333,113 @@ class TestAsync:
         async with AsyncQuotaClient(URL, TENANT, transport=fake.transport) as quota:
             with pytest.raises(CoordinatorUnavailable):
                 await quota.acquire("m365d.incidents")
+
+
+class TestReleaseBook:
+    """The bookkeeping both background senders share, in virtual time."""
+
+    def test_first_in_first_out(self) -> None:
+        book = ReleaseBook(size=4)
+        assert book.add("a", {"outcome": "ok"}) and book.add("b", {"outcome": "failed"})
+        first, second = book.take(0.0), book.take(0.0)
+        assert isinstance(first, Release) and isinstance(second, Release)
+        assert (first.lease_id, second.lease_id, first.tries) == ("a", "b", 1)
+        assert book.take(0.0) is None and book.unfinished == 2
+        book.sent(first)
+        book.sent(second)
+        assert book.unfinished == 0
+
+    def test_bounded_by_what_is_unfinished(self) -> None:
+        book = ReleaseBook(size=2)
+        assert book.add("a", {}) and book.add("b", {})
+        taken = book.take(0.0)
+        assert not book.add("c", {})  # one being sent still counts
+        assert isinstance(taken, Release)
+        book.sent(taken)
+        assert book.add("c", {})
+        assert not ReleaseBook(size=0).add("a", {})
+
+    def test_transient_failures_are_retried_with_backoff(self) -> None:
+        book = ReleaseBook(size=4)
+        book.add("a", {})
+        now, waits = 0.0, []
+        while isinstance(release := book.take(now), Release):
+            book.failed(release, CoordinatorUnavailable("down"), now)
+            due = book.take(now)
+            if due is None:
+                break
+            assert isinstance(due, float) and due > 0
+            waits.append(due)
+            now += due
+        assert waits == pytest.approx([retry_delay(n) for n in range(1, TRIES)])
+        assert waits == sorted(waits) and waits[1] == pytest.approx(2 * waits[0])
+        assert book.unfinished == 0  # given up after TRIES tries
+
+    @pytest.mark.parametrize(
+        ("error", "retried"),
+        [
+            (CoordinatorUnavailable("refused"), True),
+            (QuotaError("internal", status_code=500), True),
+            (UnknownLease("gone", status_code=404, code="unknown_lease"), False),
+            (BadRequest("no", status_code=422), False),
+            (Unauthorized("who", status_code=401), False),
+        ],
+    )
+    def test_what_is_retried(self, error: QuotaError, retried: bool) -> None:
+        book = ReleaseBook(size=4)
+        book.add("a", {})
+        release = book.take(0.0)
+        assert isinstance(release, Release)
+        book.failed(release, error, 0.0)
+        assert (book.unfinished == 1) is retried
+
+    def test_stop_gives_up_what_is_left(self, caplog: pytest.LogCaptureFixture) -> None:
+        book = ReleaseBook(size=4)
+        for name in ("a.0123456789abcdef", "b.fedcba9876543210"):
+            book.add(name, {})
+        release = book.take(0.0)
+        assert isinstance(release, Release)
+        assert book.stop("closing") == 1
+        assert book.unfinished == 1  # the one being sent finishes on its own
+        book.failed(release, CoordinatorUnavailable("down"), 0.0)  # no retry once stopped
+        assert book.unfinished == 0 and not book.add("c", {})
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("b.fedcba98…" in m and "closing" in m for m in messages)
+        assert not any("fedcba9876543210" in m for m in messages)
+
+    def test_lease_prefix(self) -> None:
+        assert lease_prefix("c2NvcGU.0123456789abcdef") == "c2NvcGU.01234567…"
+        assert lease_prefix("L1") == "L1…"
+
+
+class TestBackgroundReleases:
+    def test_sent_in_order_after_the_block(
+        self, client: QuotaClient, fake: FakeCoordinator
+    ) -> None:
+        for _ in range(3):
+            with client.lease("m365d.incidents"):
+                pass
+        assert client.flush(timeout=5)
+        assert list(fake.released) == ["L1", "L2", "L3"]
+
+    def test_no_queue_sends_in_the_caller(self, fake: FakeCoordinator) -> None:
+        with QuotaClient(URL, TENANT, transport=fake.transport, release_queue=0) as quota:
+            with quota.lease("m365d.incidents"):
+                pass
+            assert fake.released == {"L1": {"outcome": "ok"}}  # no flush needed
+            assert not [t for t in threading.enumerate() if t.name == "quotagate-release"]
+
+    def test_close_stops_the_thread(self, fake: FakeCoordinator) -> None:
+        with QuotaClient(URL, TENANT, transport=fake.transport) as quota:
+            with quota.lease("m365d.incidents"):
+                pass
+        assert fake.released == {"L1": {"outcome": "ok"}}
+        assert not [t for t in threading.enumerate() if t.name == "quotagate-release"]
+
+    async def test_async_no_queue_sends_in_the_caller(self, fake: FakeCoordinator) -> None:
+        async with AsyncQuotaClient(
+            URL, TENANT, transport=fake.transport, release_queue=0
+        ) as quota:
+            async with quota.lease("m365d.incidents"):
+                pass
+            assert fake.released == {"L1": {"outcome": "ok"}}

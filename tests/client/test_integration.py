@@ -539,3 +539,235 @@ async def test_slow_async_call_keeps_its_lease(
         assert await quota.flush(timeout=5)
         assert (await quota.usage("sessions"))["in_flight"] == 0
     check_renewed(recording.log, caplog)
+
+
+# -- 6. releases in the background -----------------------------------------------------------
+#
+# A relay in front of the real coordinator sees every release on its way: it can hold
+# them (to show the caller did not wait), answer 503 to the first few (to show they are
+# retried), and tell which connections the client used.
+
+
+class Relay:
+    """An ASGI app that forwards everything to the coordinator at `target`."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.open = threading.Event()  # releases pass only while set
+        self.open.set()
+        self.fail = 0  # releases still to answer 503 backend_unavailable
+        self.cond = threading.Condition()
+        self.releases: list[str] = []  # lease ids, as they arrived
+        self.statuses: list[int] = []  # what each release got back, in order
+        self.clients: set[tuple[str, int]] = set()  # (host, port) of each connection
+
+    def arrived(self, count: int) -> None:
+        """Wait until `count` releases arrived (a hang detector: fails after 10 s)."""
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.releases) >= count, 10)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        path = scope["path"]
+        self.clients.add(tuple(scope["client"]))
+        status, headers, content = 0, [(b"content-type", b"application/json")], b""
+        if path.endswith("/release"):
+            with self.cond:
+                self.releases.append(path.split("/")[3])
+                self.cond.notify_all()
+            assert await asyncio.to_thread(self.open.wait, 10)
+            if self.fail > 0:
+                self.fail -= 1
+                status, content = 503, b'{"error":"backend_unavailable","detail":"relay"}'
+        if not status:
+            async with httpx.AsyncClient(base_url=self.target) as http:
+                answer = await http.request(
+                    scope["method"],
+                    scope["raw_path"].decode() + "?" + scope["query_string"].decode(),
+                    content=body,
+                    headers={"content-type": "application/json"},
+                )
+            status, content = answer.status_code, answer.content
+        if path.endswith("/release"):
+            self.statuses.append(status)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
+
+
+@pytest.fixture
+def relay(coordinator_url: str) -> Iterator[Relay]:
+    relay = Relay(coordinator_url)
+    with serve_in_thread(relay) as url:
+        relay.url = url  # type: ignore[attr-defined]
+        yield relay
+        relay.open.set()  # let anything still held go, so the server can stop
+
+
+def in_flight(coordinator_url: str, api: str = "fast") -> tuple[int, list[float]]:
+    """What the coordinator itself says of `api`: leases in flight and what is used."""
+    with QuotaClient(coordinator_url, TENANT) as quota:
+        usage = quota.usage(api)
+    return usage["in_flight"], used(usage)
+
+
+def test_release_arrives_after_the_block(coordinator_url: str, relay: Relay) -> None:
+    relay.open.clear()
+    with QuotaClient(relay.url, TENANT) as quota:  # type: ignore[attr-defined]
+        with quota.lease("fast") as lease:
+            lease.set_outcome("ok", 200)
+        relay.arrived(1)
+        # The block is over; its release waits at the relay.
+        assert in_flight(coordinator_url) == (1, [1])
+        relay.open.set()
+        assert quota.flush(timeout=10)
+        assert in_flight(coordinator_url) == (0, [1])
+    assert relay.statuses == [200]
+
+
+def test_close_drains_the_queue(
+    coordinator_url: str, relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay.open.clear()
+    quota = QuotaClient(relay.url, TENANT)  # type: ignore[attr-defined]
+    for _ in range(3):
+        with quota.lease("fast"):
+            pass
+    relay.arrived(1)
+    assert in_flight(coordinator_url) == (3, [3])
+    relay.open.set()
+    quota.close()
+    assert in_flight(coordinator_url) == (0, [3])
+    assert relay.statuses == [200] * 3
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_releases_answered_503_are_retried(
+    coordinator_url: str, relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay.fail = 2
+    with caplog.at_level(logging.INFO, "quotagate.client"):
+        with QuotaClient(relay.url, TENANT) as quota:  # type: ignore[attr-defined]
+            with quota.lease("fast") as lease:
+                pass
+            assert quota.flush(timeout=10)
+            assert in_flight(coordinator_url) == (0, [1])
+    assert relay.statuses == [503, 503, 200]
+    assert relay.releases == [lease.lease_id] * 3
+    retries = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
+    assert len(retries) == 2
+    prefix = lease.lease_id[: lease.lease_id.index(".") + 9]
+    assert all(prefix in line and lease.lease_id not in line for line in retries)
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_a_release_that_keeps_failing_is_logged(
+    coordinator_url: str, relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay.fail = 100
+    with QuotaClient(relay.url, TENANT) as quota:  # type: ignore[attr-defined]
+        with quota.lease("fast") as lease:
+            pass
+        assert quota.flush(timeout=10)
+    assert 1 < len(relay.statuses) == len(relay.releases) and set(relay.statuses) == {503}
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "backend_unavailable" in warning.getMessage()
+    assert lease.lease_id[: lease.lease_id.index(".") + 9] in warning.getMessage()
+    assert in_flight(coordinator_url)[0] == 1  # until the lease expires
+
+
+def test_unknown_lease_is_not_retried(
+    coordinator_url: str, relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG, "quotagate.client"):
+        with QuotaClient(relay.url, TENANT) as quota:  # type: ignore[attr-defined]
+            with quota.lease("fast") as lease:
+                quota.release(lease, "ok")  # by hand: the block's release finds it gone
+            assert quota.flush(timeout=10)
+    assert relay.statuses == [200, 404]
+    gone = [r for r in caplog.records if "was gone at release" in r.getMessage()]
+    assert [r.levelno for r in gone] == [logging.DEBUG]
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_a_full_queue_makes_the_caller_send(coordinator_url: str, relay: Relay) -> None:
+    relay.open.clear()
+    quota = QuotaClient(relay.url, TENANT, release_queue=2)  # type: ignore[attr-defined]
+    with quota.lease("fast"), quota.lease("fast"):
+        pass
+    relay.arrived(1)  # the sender holds one at the relay; the other waits in the queue
+
+    def third() -> None:
+        with quota.lease("fast"):
+            pass
+
+    caller = threading.Thread(target=third)
+    caller.start()
+    relay.arrived(2)  # the third block's own release: the caller sends it itself
+    assert caller.is_alive()
+    assert in_flight(coordinator_url) == (3, [3])
+    relay.open.set()
+    caller.join(10)
+    quota.close()
+    assert relay.statuses == [200] * 3
+    assert in_flight(coordinator_url) == (0, [3])
+
+
+def test_connections_are_kept_alive(relay: Relay, upstream_url: str) -> None:
+    with (
+        QuotaClient(relay.url, TENANT) as quota,  # type: ignore[attr-defined]
+        httpx.Client(transport=QuotaTransport(quota, ROUTES)) as http,
+    ):
+        for _ in range(20):
+            assert http.get(upstream_url + "/fast/items").status_code == 200
+        assert quota.flush(timeout=10)
+    assert len(relay.releases) == 20
+    # The caller's connection, and at most one more for the sender while both are busy.
+    assert 1 <= len(relay.clients) <= 2
+
+
+async def test_async_releases_in_the_background(
+    coordinator_url: str, relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay.open.clear()
+    relay.fail = 1
+    quota = AsyncQuotaClient(relay.url, TENANT)  # type: ignore[attr-defined]
+    async with quota.lease("fast"):
+        pass
+    async with quota.lease("fast"):
+        pass
+    await asyncio.to_thread(relay.arrived, 1)
+    assert await asyncio.to_thread(in_flight, coordinator_url) == (2, [2])
+    relay.open.set()
+    await quota.aclose()  # drains, the retry of the 503 included
+    assert relay.statuses == [503, 200, 200]
+    assert await asyncio.to_thread(in_flight, coordinator_url) == (0, [2])
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_async_releases_lost_with_their_loop_are_logged(
+    coordinator_url: str, relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay.open.clear()
+
+    async def forgetful() -> None:
+        quota = AsyncQuotaClient(relay.url, TENANT)  # type: ignore[attr-defined]
+        async with quota.lease("fast"):
+            pass
+        await asyncio.to_thread(relay.arrived, 1)
+        # returns without aclose(): asyncio.run ends the loop
+
+    asyncio.run(forgetful())
+    relay.open.set()
+    (lost,) = [r for r in caplog.records if "event loop ended" in r.getMessage()]
+    assert lost.levelno == logging.WARNING
+    assert "not released" in lost.getMessage()
