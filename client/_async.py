@@ -14,7 +14,7 @@ import httpx
 
 from ._base import LOCAL_POLL, BaseQuotaClient, Call, OnUnavailable, reply, translate_error
 from ._releases import QUEUE_SIZE, AsyncReleaseSender, log_unsent
-from ._renewal import renew_in_background
+from ._renewal import AsyncRenewal
 from .exceptions import CoordinatorUnavailable, QuotaError, QuotaExhausted
 from .lease import Lease, Outcome
 
@@ -101,7 +101,7 @@ class AsyncQuotaClient(BaseQuotaClient):
         """Hold a lease for the block; renew it while the block runs; release it after,
         in the background."""
         lease = await self.acquire(api, key, cost, wait, runtime_estimate)
-        renewal = asyncio.create_task(renew_in_background(lease, self.renew))
+        renewal = AsyncRenewal(lease, self.renew)
         raised = False
         try:
             yield lease
@@ -109,8 +109,7 @@ class AsyncQuotaClient(BaseQuotaClient):
             raised = True
             raise
         finally:
-            renewal.cancel()
-            await asyncio.wait([renewal])  # unlike `await renewal`, never raises
+            await renewal.stop()
             await self._release_later(lease, lease.release_body(raised))
 
     async def acquire(

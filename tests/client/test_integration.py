@@ -8,6 +8,8 @@ import asyncio
 import json
 import logging
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -771,3 +773,34 @@ def test_async_releases_lost_with_their_loop_are_logged(
     (lost,) = [r for r in caplog.records if "event loop ended" in r.getMessage()]
     assert lost.levelno == logging.WARNING
     assert "not released" in lost.getMessage()
+
+
+EXITING = """
+import sys
+from quotagate.client import QuotaClient
+
+quota = QuotaClient(sys.argv[1], "contoso/app1")
+with quota.lease("fast"):
+    pass
+print("block done", flush=True)
+# exits without close(): the interpreter's exit drains the release
+"""
+
+
+def test_interpreter_exit_drains_the_queue(coordinator_url: str, relay: Relay) -> None:
+    relay.open.clear()
+    with subprocess.Popen(
+        [sys.executable, "-c", EXITING, relay.url],  # type: ignore[attr-defined]
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as child:
+        try:
+            assert child.stdout is not None and child.stdout.readline() == "block done\n"
+            relay.arrived(1)
+            assert in_flight(coordinator_url) == (1, [1])
+            relay.open.set()
+            assert child.wait(30) == 0
+        finally:
+            child.kill()
+    assert relay.statuses == [200]
+    assert in_flight(coordinator_url) == (0, [1])
