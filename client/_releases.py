@@ -186,7 +186,7 @@ class ReleaseThread:
         with self._cond:
             if not self._book.add(lease_id, body):
                 return False
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():  # first, or forked
                 self._thread = threading.Thread(
                     target=self._run, name="quotagate-release", daemon=True
                 )
