@@ -181,6 +181,20 @@ def load_client(tree: Path) -> types.ModuleType:
     return module
 
 
+def checkout_name(tree: Path) -> str:
+    """The commit a checkout is at (a folder's name says nothing about the machine)."""
+    try:
+        found = subprocess.run(
+            ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return tree.name
+    return found.stdout.strip()
+
+
 def routes(client: types.ModuleType) -> Any:
     """The client's Defender routes, moved to the emulator on loopback."""
     moved = [replace(r, hosts={"127.0.0.1"}) for r in client.DEFENDER_ROUTES if r.hosts]
@@ -390,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "upstream_stack": "auto" if args.fast_upstream else "asyncio + h11",
         "upstream_ms": args.upstream_ms,
         "overlap": args.overlap,
-        "before": str(args.before) if args.before is not None else None,
+        "before": checkout_name(args.before) if args.before is not None else None,
         "modes": rows,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
