@@ -12,8 +12,9 @@ while its lease is in flight).
   or was released already) is logged at debug and not retried. A release that fails for
   good, or is still unsent when the sender stops, is logged at WARNING with the lease
   id's prefix: an unreleased lease expires at its time to live.
-- Drained on close: the sync sender also at interpreter exit; the async sender by
-  `aclose()`, and where the event loop ends first, a log line says how many were lost.
+- Drained on close (within `DRAIN_TIMEOUT`): the sync sender also at interpreter exit;
+  the async sender by `aclose()`, and where its event loop ends first, each release lost
+  with it is logged.
 
 `ReleaseBook` holds the state both senders share, with time passed in as `now`; the
 thread and the task only do the waiting and the I/O.
@@ -246,6 +247,7 @@ class AsyncReleaseSender:
         self._book = ReleaseBook(size)
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
         self._wake = asyncio.Event()  # something to send, or stop
         self._idle = asyncio.Event()  # nothing unfinished
         self._idle.set()
@@ -266,11 +268,11 @@ class AsyncReleaseSender:
 
     def _move_to(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Serve `loop` from now on, unless the loop served so far still runs."""
-        if self._loop is not None and not self._loop.is_closed():
-            return False  # used from two loops at once: callers send their own
+        if self._closed or (self._loop is not None and not self._loop.is_closed()):
+            return False  # closed, or used from two loops at once: callers send their own
         if self._book.unfinished:
             self._book.stop("its event loop closed before aclose()")
-            self._book = ReleaseBook(self._book.size)
+        self._book = ReleaseBook(self._book.size)
         self._loop, self._task = loop, None
         self._wake, self._idle = asyncio.Event(), asyncio.Event()
         self._idle.set()
@@ -291,6 +293,7 @@ class AsyncReleaseSender:
     async def aclose(self, timeout: float = DRAIN_TIMEOUT) -> None:
         """Send what is queued (retries included, within `timeout` seconds), then stop."""
         await self.flush(timeout)
+        self._closed = True
         self._book.stop("the client closed before the coordinator took it")
         self._wake.set()
         task = self._task

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 
@@ -443,3 +444,16 @@ class TestBackgroundReleases:
             async with quota.lease("m365d.incidents"):
                 pass
             assert fake.released == {"L1": {"outcome": "ok"}}
+
+    def test_async_client_over_two_event_loops(self, fake: FakeCoordinator) -> None:
+        quota = AsyncQuotaClient(URL, TENANT, transport=fake.transport)
+
+        async def one_call() -> None:
+            async with quota.lease("m365d.incidents"):
+                pass
+            assert await quota.flush(timeout=5)
+
+        asyncio.run(one_call())
+        asyncio.run(one_call())  # the first loop is closed: the sender moves to this one
+        asyncio.run(quota.aclose())
+        assert list(fake.released) == ["L1", "L2"]
