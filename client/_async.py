@@ -12,7 +12,7 @@ from typing import Any, Self
 
 import httpx
 
-from ._base import LOCAL_POLL, BaseQuotaClient, Call, OnUnavailable, reply, translate_error
+from ._base import LEASES, LOCAL_POLL, BaseQuotaClient, Call, OnUnavailable, reply, translate_error
 from ._releases import QUEUE_SIZE, AsyncReleaseSender, log_unsent
 from ._renewal import AsyncRenewal
 from .exceptions import CoordinatorUnavailable, QuotaError, QuotaExhausted
@@ -51,6 +51,9 @@ class AsyncQuotaClient(BaseQuotaClient):
         self._http = httpx.AsyncClient(
             base_url=url, headers=self.headers, transport=transport, timeout=timeout
         )
+        # Merged once: the acquire is on the caller's path, and httpx would merge it again
+        # with the base URL on every request.
+        self._lease_url = self._http.build_request("POST", LEASES).url
         self._releases = AsyncReleaseSender(self._post_release, release_queue)
 
     async def __aenter__(self) -> Self:
@@ -78,7 +81,7 @@ class AsyncQuotaClient(BaseQuotaClient):
         try:
             response = await self._http.request(
                 call.method,
-                call.path,
+                self._lease_url if call.path == LEASES else call.path,
                 json=call.json,
                 params=call.params,
                 timeout=self.timeout_for(call),

@@ -34,6 +34,7 @@ logger = logging.getLogger("quotagate.client")
 OnUnavailable = Literal["fail", "local"]
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 LOCAL_POLL = 0.1  # seconds between local retries while waiting: a release may free a slot
+LEASES = "/v1/leases"
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +160,7 @@ class BaseQuotaClient:
             body["wait"] = wait
         if runtime_estimate is not None:
             body["runtime_estimate"] = runtime_estimate
-        return Call("POST", "/v1/leases", body, wait=wait)
+        return Call("POST", LEASES, body, wait=wait)
 
     def release_call(self, lease_id: str, body: dict[str, Any]) -> Call:
         return Call("POST", f"/v1/leases/{_segment(lease_id)}/release", body)

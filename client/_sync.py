@@ -11,7 +11,7 @@ from typing import Any, Self
 
 import httpx
 
-from ._base import LOCAL_POLL, BaseQuotaClient, Call, OnUnavailable, reply, translate_error
+from ._base import LEASES, LOCAL_POLL, BaseQuotaClient, Call, OnUnavailable, reply, translate_error
 from ._releases import QUEUE_SIZE, ReleaseThread, log_unsent
 from ._renewal import RenewalThread
 from .exceptions import CoordinatorUnavailable, QuotaError, QuotaExhausted
@@ -61,6 +61,9 @@ class QuotaClient(BaseQuotaClient):
         self._http = httpx.Client(
             base_url=url, headers=self.headers, transport=transport, timeout=timeout
         )
+        # Merged once: the acquire is on the caller's path, and httpx would merge it again
+        # with the base URL on every request.
+        self._lease_url = self._http.build_request("POST", LEASES).url
         self._renewal = RenewalThread(self.renew)
         self._releases = ReleaseThread(self._post_release, release_queue)
 
@@ -90,7 +93,7 @@ class QuotaClient(BaseQuotaClient):
         try:
             response = self._http.request(
                 call.method,
-                call.path,
+                self._lease_url if call.path == LEASES else call.path,
                 json=call.json,
                 params=call.params,
                 timeout=self.timeout_for(call),
