@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from ._releases import lease_prefix
 from .exceptions import UnknownLease
 from .lease import Lease
 
@@ -126,7 +127,7 @@ class RenewalThread:
                 self.unwatch(watch.lease)
                 continue
             except Exception as exc:  # the thread must outlive any single failure
-                logger.warning("renewing lease %s failed: %s", lease_id, exc)
+                logger.warning("renewing lease %s failed: %s", lease_prefix(lease_id), exc)
                 delay = retry_delay(watch.deadline, time.monotonic())
                 with self._cond:
                     if delay is None:
@@ -156,7 +157,7 @@ async def renew_in_background(
         except UnknownLease:
             return
         except Exception as exc:  # keep trying while the lease lives
-            logger.warning("renewing lease %s failed: %s", lease.lease_id, exc)
+            logger.warning("renewing lease %s failed: %s", lease_prefix(lease.lease_id), exc)
             delay = retry_delay(deadline, time.monotonic())
             continue
         deadline = started + expires_in
