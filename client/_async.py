@@ -73,8 +73,8 @@ class AsyncQuotaClient(BaseQuotaClient):
         await self._http.aclose()
 
     async def flush(self, timeout: float | None = None) -> bool:
-        """Wait until the releases handed to the background so far are sent (or given up,
-        which is logged); False when `timeout` seconds passed first."""
+        """Wait until no release handed to the background is left unsent (each was sent,
+        or given up and logged); False when `timeout` seconds passed first."""
         return await self._releases.flush(timeout)
 
     async def _send(self, call: Call) -> dict[str, Any]:

@@ -196,8 +196,8 @@ class ReleaseThread:
             return True
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every release queued so far is sent or given up; False when
-        `timeout` seconds passed first."""
+        """Wait until no release is left unfinished (each sent, or given up and logged);
+        False when `timeout` seconds passed first."""
         with self._cond:
             return self._cond.wait_for(lambda: self._book.unfinished == 0, timeout)
 
@@ -279,8 +279,8 @@ class AsyncReleaseSender:
         return True
 
     async def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every release queued so far is sent or given up; False when
-        `timeout` seconds passed first."""
+        """Wait until no release is left unfinished (each sent, or given up and logged);
+        False when `timeout` seconds passed first."""
         if self._loop is not asyncio.get_running_loop():
             return self._book.unfinished == 0
         try:

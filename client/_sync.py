@@ -85,8 +85,8 @@ class QuotaClient(BaseQuotaClient):
         self._http.close()
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until the releases handed to the background so far are sent (or given up,
-        which is logged); False when `timeout` seconds passed first."""
+        """Wait until no release handed to the background is left unsent (each was sent,
+        or given up and logged); False when `timeout` seconds passed first."""
         return self._releases.flush(timeout)
 
     def _send(self, call: Call) -> dict[str, Any]:

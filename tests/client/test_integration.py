@@ -555,6 +555,7 @@ class Relay:
 
     def __init__(self, target: str) -> None:
         self.target = target
+        self.url = ""  # where it listens, once served
         self.open = threading.Event()  # releases pass only while set
         self.open.set()
         self.fail = 0  # releases still to answer 503 backend_unavailable
@@ -610,7 +611,7 @@ class Relay:
 def relay(coordinator_url: str) -> Iterator[Relay]:
     relay = Relay(coordinator_url)
     with serve_in_thread(relay) as url:
-        relay.url = url  # type: ignore[attr-defined]
+        relay.url = url
         yield relay
         relay.open.set()  # let anything still held go, so the server can stop
 
@@ -624,7 +625,7 @@ def in_flight(coordinator_url: str, api: str = "fast") -> tuple[int, list[float]
 
 def test_release_arrives_after_the_block(coordinator_url: str, relay: Relay) -> None:
     relay.open.clear()
-    with QuotaClient(relay.url, TENANT) as quota:  # type: ignore[attr-defined]
+    with QuotaClient(relay.url, TENANT) as quota:
         with quota.lease("fast") as lease:
             lease.set_outcome("ok", 200)
         relay.arrived(1)
@@ -640,7 +641,7 @@ def test_close_drains_the_queue(
     coordinator_url: str, relay: Relay, caplog: pytest.LogCaptureFixture
 ) -> None:
     relay.open.clear()
-    quota = QuotaClient(relay.url, TENANT)  # type: ignore[attr-defined]
+    quota = QuotaClient(relay.url, TENANT)
     for _ in range(3):
         with quota.lease("fast"):
             pass
@@ -658,7 +659,7 @@ def test_releases_answered_503_are_retried(
 ) -> None:
     relay.fail = 2
     with caplog.at_level(logging.INFO, "quotagate.client"):
-        with QuotaClient(relay.url, TENANT) as quota:  # type: ignore[attr-defined]
+        with QuotaClient(relay.url, TENANT) as quota:
             with quota.lease("fast") as lease:
                 pass
             assert quota.flush(timeout=10)
@@ -676,7 +677,7 @@ def test_a_release_that_keeps_failing_is_logged(
     coordinator_url: str, relay: Relay, caplog: pytest.LogCaptureFixture
 ) -> None:
     relay.fail = 100
-    with QuotaClient(relay.url, TENANT) as quota:  # type: ignore[attr-defined]
+    with QuotaClient(relay.url, TENANT) as quota:
         with quota.lease("fast") as lease:
             pass
         assert quota.flush(timeout=10)
@@ -691,7 +692,7 @@ def test_unknown_lease_is_not_retried(
     coordinator_url: str, relay: Relay, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.DEBUG, "quotagate.client"):
-        with QuotaClient(relay.url, TENANT) as quota:  # type: ignore[attr-defined]
+        with QuotaClient(relay.url, TENANT) as quota:
             with quota.lease("fast") as lease:
                 quota.release(lease, "ok")  # by hand: the block's release finds it gone
             assert quota.flush(timeout=10)
@@ -703,7 +704,7 @@ def test_unknown_lease_is_not_retried(
 
 def test_a_full_queue_makes_the_caller_send(coordinator_url: str, relay: Relay) -> None:
     relay.open.clear()
-    quota = QuotaClient(relay.url, TENANT, release_queue=2)  # type: ignore[attr-defined]
+    quota = QuotaClient(relay.url, TENANT, release_queue=2)
     with quota.lease("fast"), quota.lease("fast"):
         pass
     relay.arrived(1)  # the sender holds one at the relay; the other waits in the queue
@@ -726,7 +727,7 @@ def test_a_full_queue_makes_the_caller_send(coordinator_url: str, relay: Relay) 
 
 def test_connections_are_kept_alive(relay: Relay, upstream_url: str) -> None:
     with (
-        QuotaClient(relay.url, TENANT) as quota,  # type: ignore[attr-defined]
+        QuotaClient(relay.url, TENANT) as quota,
         httpx.Client(transport=QuotaTransport(quota, ROUTES)) as http,
     ):
         for _ in range(20):
@@ -742,7 +743,7 @@ async def test_async_releases_in_the_background(
 ) -> None:
     relay.open.clear()
     relay.fail = 1
-    quota = AsyncQuotaClient(relay.url, TENANT)  # type: ignore[attr-defined]
+    quota = AsyncQuotaClient(relay.url, TENANT)
     async with quota.lease("fast"):
         pass
     async with quota.lease("fast"):
@@ -762,7 +763,7 @@ def test_async_releases_lost_with_their_loop_are_logged(
     relay.open.clear()
 
     async def forgetful() -> None:
-        quota = AsyncQuotaClient(relay.url, TENANT)  # type: ignore[attr-defined]
+        quota = AsyncQuotaClient(relay.url, TENANT)
         async with quota.lease("fast"):
             pass
         await asyncio.to_thread(relay.arrived, 1)
@@ -790,7 +791,7 @@ print("block done", flush=True)
 def test_interpreter_exit_drains_the_queue(coordinator_url: str, relay: Relay) -> None:
     relay.open.clear()
     with subprocess.Popen(
-        [sys.executable, "-c", EXITING, relay.url],  # type: ignore[attr-defined]
+        [sys.executable, "-c", EXITING, relay.url],
         stdout=subprocess.PIPE,
         text=True,
     ) as child:
