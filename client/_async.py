@@ -187,7 +187,7 @@ class AsyncQuotaClient(BaseQuotaClient):
             return
         try:
             await self._release(lease, body)
-        except QuotaError as exc:
+        except Exception as exc:  # e.g. the client was closed meanwhile
             log_unsent(lease.lease_id, exc)
 
     async def _post_release(self, lease_id: str, body: dict[str, Any]) -> None:

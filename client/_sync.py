@@ -198,7 +198,7 @@ class QuotaClient(BaseQuotaClient):
             return
         try:
             self._release(lease, body)
-        except QuotaError as exc:
+        except Exception as exc:  # e.g. the client was closed meanwhile
             log_unsent(lease.lease_id, exc)
 
     def _post_release(self, lease_id: str, body: dict[str, Any]) -> None:

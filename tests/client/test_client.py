@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable
 
@@ -457,3 +458,13 @@ class TestBackgroundReleases:
         asyncio.run(one_call())  # the first loop is closed: the sender moves to this one
         asyncio.run(quota.aclose())
         assert list(fake.released) == ["L1", "L2"]
+
+    def test_a_block_that_outlives_its_client_does_not_raise(
+        self, fake: FakeCoordinator, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        quota = QuotaClient(URL, TENANT, transport=fake.transport)
+        with quota.lease("m365d.incidents") as lease:
+            quota.close()
+        (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert lease_prefix(lease.lease_id) in warning.getMessage()
+        assert fake.released == {}
