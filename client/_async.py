@@ -49,7 +49,11 @@ class AsyncQuotaClient(BaseQuotaClient):
             release_queue=release_queue,
         )
         self._http = httpx.AsyncClient(
-            base_url=url, headers=self.headers, transport=transport, timeout=timeout
+            base_url=url,
+            headers=self.headers,
+            transport=transport,
+            timeout=timeout,
+            limits=self.limits(),
         )
         # Merged once: the acquire is on the caller's path, and httpx would merge it again
         # with the base URL on every request.

@@ -35,6 +35,10 @@ OnUnavailable = Literal["fail", "local"]
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 LOCAL_POLL = 0.1  # seconds between local retries while waiting: a release may free a slot
 LEASES = "/v1/leases"
+# Seconds an idle connection to the coordinator is kept for the next request: below
+# uvicorn's default keep-alive (5 s), so a request never goes out on a connection the
+# server is closing at that moment.
+KEEPALIVE_EXPIRY = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +150,13 @@ class BaseQuotaClient:
         self._next_probe: float | None = None  # monotonic; set while the coordinator is down
 
     # -- requests ---------------------------------------------------------------------
+
+    @staticmethod
+    def limits() -> httpx.Limits:
+        # httpx's own default pool, with the shorter expiry.
+        return httpx.Limits(
+            max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_EXPIRY
+        )
 
     def timeout_for(self, call: Call) -> httpx.Timeout:
         return httpx.Timeout(self.timeout, read=self.timeout + call.wait)

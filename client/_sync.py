@@ -59,7 +59,11 @@ class QuotaClient(BaseQuotaClient):
             release_queue=release_queue,
         )
         self._http = httpx.Client(
-            base_url=url, headers=self.headers, transport=transport, timeout=timeout
+            base_url=url,
+            headers=self.headers,
+            transport=transport,
+            timeout=timeout,
+            limits=self.limits(),
         )
         # Merged once: the acquire is on the caller's path, and httpx would merge it again
         # with the base URL on every request.

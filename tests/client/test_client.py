@@ -468,3 +468,10 @@ class TestBackgroundReleases:
         (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
         assert lease_prefix(lease.lease_id) in warning.getMessage()
         assert fake.released == {}
+
+    def test_idle_connections_expire_before_the_server_closes_them(self) -> None:
+        import uvicorn
+
+        server_keep_alive = uvicorn.Config(app=None).timeout_keep_alive
+        assert QuotaClient.limits().keepalive_expiry < server_keep_alive
+        assert AsyncQuotaClient.limits().max_connections == 100  # httpx's own pool otherwise
