@@ -12,8 +12,9 @@ from typing import Any, Self
 
 import httpx
 
-from ._base import LOCAL_POLL, BaseQuotaClient, Call, OnUnavailable, reply, translate_error
-from ._renewal import renew_in_background
+from ._base import LEASES, LOCAL_POLL, BaseQuotaClient, Call, OnUnavailable, reply, translate_error
+from ._releases import QUEUE_SIZE, AsyncReleaseSender, log_unsent
+from ._renewal import AsyncRenewal
 from .exceptions import CoordinatorUnavailable, QuotaError, QuotaExhausted
 from .lease import Lease, Outcome
 
@@ -21,7 +22,8 @@ logger = logging.getLogger("quotagate.client")
 
 
 class AsyncQuotaClient(BaseQuotaClient):
-    """Leases for `tenant` from the coordinator at `url`; see `QuotaClient`."""
+    """Leases for `tenant` from the coordinator at `url`; see `QuotaClient`. Background
+    releases go out from a task on the event loop; `aclose()` drains them."""
 
     def __init__(
         self,
@@ -34,6 +36,7 @@ class AsyncQuotaClient(BaseQuotaClient):
         on_unavailable: OnUnavailable = "fail",
         policies: Mapping[str, Any] | None = None,
         probe_interval: float = 1.0,
+        release_queue: int = QUEUE_SIZE,
     ) -> None:
         super().__init__(
             url,
@@ -43,10 +46,19 @@ class AsyncQuotaClient(BaseQuotaClient):
             on_unavailable=on_unavailable,
             policies=policies,
             probe_interval=probe_interval,
+            release_queue=release_queue,
         )
         self._http = httpx.AsyncClient(
-            base_url=url, headers=self.headers, transport=transport, timeout=timeout
+            base_url=url,
+            headers=self.headers,
+            transport=transport,
+            timeout=timeout,
+            limits=self.limits(),
         )
+        # Merged once: the acquire is on the caller's path, and httpx would merge it again
+        # with the base URL on every request.
+        self._lease_url = self._http.build_request("POST", LEASES).url
+        self._releases = AsyncReleaseSender(self._post_release, release_queue)
 
     async def __aenter__(self) -> Self:
         return self
@@ -60,13 +72,20 @@ class AsyncQuotaClient(BaseQuotaClient):
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Send the releases still queued, close the connections."""
+        await self._releases.aclose()
         await self._http.aclose()
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait until no release handed to the background is left unsent (each was sent,
+        or given up and logged); False when `timeout` seconds passed first."""
+        return await self._releases.flush(timeout)
 
     async def _send(self, call: Call) -> dict[str, Any]:
         try:
             response = await self._http.request(
                 call.method,
-                call.path,
+                self._lease_url if call.path == LEASES else call.path,
                 json=call.json,
                 params=call.params,
                 timeout=self.timeout_for(call),
@@ -86,9 +105,10 @@ class AsyncQuotaClient(BaseQuotaClient):
         wait: float = 0.0,
         runtime_estimate: float | None = None,
     ) -> AsyncIterator[Lease]:
-        """Hold a lease for the block; renew it while the block runs; release it after."""
+        """Hold a lease for the block; renew it while the block runs; release it after,
+        in the background."""
         lease = await self.acquire(api, key, cost, wait, runtime_estimate)
-        renewal = asyncio.create_task(renew_in_background(lease, self.renew))
+        renewal = AsyncRenewal(lease, self.renew)
         raised = False
         try:
             yield lease
@@ -96,13 +116,8 @@ class AsyncQuotaClient(BaseQuotaClient):
             raised = True
             raise
         finally:
-            renewal.cancel()
-            await asyncio.wait([renewal])  # unlike `await renewal`, never raises
-            try:
-                await self._release(lease, lease.release_body(raised))
-            except QuotaError as exc:
-                # The block's own result matters more; an unreleased lease expires.
-                logger.warning("releasing lease %s failed: %s", lease.lease_id, exc)
+            await renewal.stop()
+            await self._release_later(lease, lease.release_body(raised))
 
     async def acquire(
         self,
@@ -168,6 +183,19 @@ class AsyncQuotaClient(BaseQuotaClient):
         """End a lease with its outcome (default: what the lease recorded, else `ok`)."""
         body = self.release_body(lease, outcome, status_code, retry_after, runtime)
         await self._release(lease, body)
+
+    async def _release_later(self, lease: Lease, body: dict[str, Any]) -> None:
+        """Hand the release to the background; send it now when the queue is full or the
+        lease is local. Never raises: the block's own result matters more."""
+        if not lease.local and self._releases.put(lease.lease_id, body):
+            return
+        try:
+            await self._release(lease, body)
+        except Exception as exc:  # e.g. the client was closed meanwhile
+            log_unsent(lease.lease_id, exc)
+
+    async def _post_release(self, lease_id: str, body: dict[str, Any]) -> None:
+        await self._send(self.release_call(lease_id, body))
 
     async def _release(self, lease: Lease | str, body: dict[str, Any]) -> None:
         if isinstance(lease, Lease) and lease.local:

@@ -33,6 +33,11 @@ logger = logging.getLogger("quotagate.client")
 
 OnUnavailable = Literal["fail", "local"]
 LOCAL_POLL = 0.1  # seconds between local retries while waiting: a release may free a slot
+LEASES = "/v1/leases"
+# Seconds an idle connection to the coordinator is kept for the next request: below
+# uvicorn's default keep-alive (5 s), so a request never goes out on a connection the
+# server is closing at that moment.
+KEEPALIVE_EXPIRY = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,11 +128,14 @@ class BaseQuotaClient:
         on_unavailable: OnUnavailable,
         policies: Mapping[str, Any] | None,
         probe_interval: float,
+        release_queue: int,
     ) -> None:
         if not TENANT_PATTERN.match(tenant):
             raise ValueError(f"tenant {tenant!r} must match {TENANT_PATTERN.pattern}")
         if on_unavailable not in ("fail", "local"):
             raise ValueError(f"on_unavailable must be 'fail' or 'local', not {on_unavailable!r}")
+        if release_queue < 0:
+            raise ValueError(f"release_queue must be 0 or more, not {release_queue}")
         self.url = url
         self.tenant = tenant
         self.on_unavailable: OnUnavailable = on_unavailable
@@ -142,6 +150,13 @@ class BaseQuotaClient:
 
     # -- requests ---------------------------------------------------------------------
 
+    @staticmethod
+    def limits() -> httpx.Limits:
+        # httpx's own default pool, with the shorter expiry.
+        return httpx.Limits(
+            max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE_EXPIRY
+        )
+
     def timeout_for(self, call: Call) -> httpx.Timeout:
         return httpx.Timeout(self.timeout, read=self.timeout + call.wait)
 
@@ -155,7 +170,7 @@ class BaseQuotaClient:
             body["wait"] = wait
         if runtime_estimate is not None:
             body["runtime_estimate"] = runtime_estimate
-        return Call("POST", "/v1/leases", body, wait=wait)
+        return Call("POST", LEASES, body, wait=wait)
 
     def release_call(self, lease_id: str, body: dict[str, Any]) -> Call:
         return Call("POST", f"/v1/leases/{_segment(lease_id)}/release", body)

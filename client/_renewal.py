@@ -12,11 +12,13 @@ import asyncio
 import heapq
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from ._releases import lease_prefix
 from .exceptions import UnknownLease
 from .lease import Lease
 
@@ -53,6 +55,7 @@ class RenewalThread:
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._sleeping_until = math.inf  # monotonic time the thread waits until
 
     def watch(self, lease: Lease) -> None:
         now = time.monotonic()
@@ -87,7 +90,10 @@ class RenewalThread:
 
     def _schedule(self, lease_id: str, when: float) -> None:
         heapq.heappush(self._due, (when, next(self._order), lease_id))
-        self._cond.notify()
+        # Wake the thread only when it would sleep past this lease: most leases of a
+        # client share one time to live, so a new one is due after those before it.
+        if when < self._sleeping_until:
+            self._cond.notify()
 
     def _next_due(self) -> _Watch | None:
         """Block until a watched lease is due (it is returned) or the thread must stop."""
@@ -96,13 +102,20 @@ class RenewalThread:
                 while self._due and self._due[0][2] not in self._watched:
                     heapq.heappop(self._due)  # its call ended
                 if not self._due:
-                    self._cond.wait()
+                    self._sleep(None)
                     continue
                 delay = self._due[0][0] - time.monotonic()
                 if delay <= 0:
                     return self._watched[heapq.heappop(self._due)[2]]
-                self._cond.wait(delay)
+                self._sleep(delay)
             return None
+
+    def _sleep(self, delay: float | None) -> None:
+        self._sleeping_until = math.inf if delay is None else time.monotonic() + delay
+        try:
+            self._cond.wait(delay)
+        finally:
+            self._sleeping_until = -math.inf  # awake: no need to notify
 
     def _run(self) -> None:
         while (watch := self._next_due()) is not None:
@@ -114,7 +127,7 @@ class RenewalThread:
                 self.unwatch(watch.lease)
                 continue
             except Exception as exc:  # the thread must outlive any single failure
-                logger.warning("renewing lease %s failed: %s", lease_id, exc)
+                logger.warning("renewing lease %s failed: %s", lease_prefix(lease_id), exc)
                 delay = retry_delay(watch.deadline, time.monotonic())
                 with self._cond:
                     if delay is None:
@@ -128,10 +141,14 @@ class RenewalThread:
                     self._schedule(lease_id, started + renew_delay(expires_in))
 
 
-async def renew_in_background(lease: Lease, renew: Callable[[Lease], Awaitable[float]]) -> None:
-    """Renew `lease` on time until cancelled (the call ended) or no longer possible."""
-    deadline = time.monotonic() + lease.expires_in
-    delay: float | None = renew_delay(lease.expires_in)
+async def renew_in_background(
+    lease: Lease,
+    renew: Callable[[Lease], Awaitable[float]],
+    deadline: float,
+    delay: float | None,
+) -> None:
+    """Renew `lease` (expiring at monotonic `deadline`) every time `delay` seconds have
+    passed, until cancelled (the call ended) or no longer possible."""
     while delay is not None:
         await asyncio.sleep(delay)
         started = time.monotonic()
@@ -140,8 +157,31 @@ async def renew_in_background(lease: Lease, renew: Callable[[Lease], Awaitable[f
         except UnknownLease:
             return
         except Exception as exc:  # keep trying while the lease lives
-            logger.warning("renewing lease %s failed: %s", lease.lease_id, exc)
+            logger.warning("renewing lease %s failed: %s", lease_prefix(lease.lease_id), exc)
             delay = retry_delay(deadline, time.monotonic())
             continue
         deadline = started + expires_in
         delay = renew_delay(expires_in)
+
+
+class AsyncRenewal:
+    """Renews one lease from the event loop while its call runs. Until the first renewal
+    is due it costs a timer, not a task: most calls end long before."""
+
+    def __init__(self, lease: Lease, renew: Callable[[Lease], Awaitable[float]]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._lease = lease
+        self._renew = renew
+        self._deadline = time.monotonic() + lease.expires_in
+        self._task: asyncio.Task[None] | None = None
+        self._timer = self._loop.call_later(renew_delay(lease.expires_in), self._start)
+
+    def _start(self) -> None:
+        renewing = renew_in_background(self._lease, self._renew, self._deadline, 0.0)
+        self._task = self._loop.create_task(renewing, name="quotagate-renewal")
+
+    async def stop(self) -> None:
+        self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task])  # unlike `await task`, never raises

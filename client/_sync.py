@@ -11,7 +11,8 @@ from typing import Any, Self
 
 import httpx
 
-from ._base import LOCAL_POLL, BaseQuotaClient, Call, OnUnavailable, reply, translate_error
+from ._base import LEASES, LOCAL_POLL, BaseQuotaClient, Call, OnUnavailable, reply, translate_error
+from ._releases import QUEUE_SIZE, ReleaseThread, log_unsent
 from ._renewal import RenewalThread
 from .exceptions import CoordinatorUnavailable, QuotaError, QuotaExhausted
 from .lease import Lease, Outcome
@@ -27,6 +28,11 @@ class QuotaClient(BaseQuotaClient):
     `on_unavailable="local"` falls back to a process-local limiter built from
     `policies` (the shape of `GET /v1/policies`) or from the policies fetched once the
     coordinator answered, and asks the coordinator again every `probe_interval` seconds.
+
+    `lease()` blocks and the transports release in the background: up to `release_queue`
+    releases wait for a thread of the client to send them (retried when the coordinator
+    is briefly away); past that a caller sends its own, and 0 sends every release in the
+    caller. `flush()` waits for them; `close()` and interpreter exit drain them.
     """
 
     def __init__(
@@ -40,6 +46,7 @@ class QuotaClient(BaseQuotaClient):
         on_unavailable: OnUnavailable = "fail",
         policies: Mapping[str, Any] | None = None,
         probe_interval: float = 1.0,
+        release_queue: int = QUEUE_SIZE,
     ) -> None:
         super().__init__(
             url,
@@ -49,11 +56,20 @@ class QuotaClient(BaseQuotaClient):
             on_unavailable=on_unavailable,
             policies=policies,
             probe_interval=probe_interval,
+            release_queue=release_queue,
         )
         self._http = httpx.Client(
-            base_url=url, headers=self.headers, transport=transport, timeout=timeout
+            base_url=url,
+            headers=self.headers,
+            transport=transport,
+            timeout=timeout,
+            limits=self.limits(),
         )
+        # Merged once: the acquire is on the caller's path, and httpx would merge it again
+        # with the base URL on every request.
+        self._lease_url = self._http.build_request("POST", LEASES).url
         self._renewal = RenewalThread(self.renew)
+        self._releases = ReleaseThread(self._post_release, release_queue)
 
     def __enter__(self) -> Self:
         return self
@@ -67,14 +83,21 @@ class QuotaClient(BaseQuotaClient):
         self.close()
 
     def close(self) -> None:
+        """Stop renewing, send the releases still queued, close the connections."""
         self._renewal.close()
+        self._releases.close()
         self._http.close()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until no release handed to the background is left unsent (each was sent,
+        or given up and logged); False when `timeout` seconds passed first."""
+        return self._releases.flush(timeout)
 
     def _send(self, call: Call) -> dict[str, Any]:
         try:
             response = self._http.request(
                 call.method,
-                call.path,
+                self._lease_url if call.path == LEASES else call.path,
                 json=call.json,
                 params=call.params,
                 timeout=self.timeout_for(call),
@@ -94,7 +117,8 @@ class QuotaClient(BaseQuotaClient):
         wait: float = 0.0,
         runtime_estimate: float | None = None,
     ) -> Iterator[Lease]:
-        """Hold a lease for the block; renew it while the block runs; release it after."""
+        """Hold a lease for the block; renew it while the block runs; release it after,
+        in the background."""
         lease = self.acquire(api, key, cost, wait, runtime_estimate)
         self._renewal.watch(lease)
         raised = False
@@ -105,11 +129,7 @@ class QuotaClient(BaseQuotaClient):
             raise
         finally:
             self._renewal.unwatch(lease)
-            try:
-                self._release(lease, lease.release_body(raised))
-            except QuotaError as exc:
-                # The block's own result matters more; an unreleased lease expires.
-                logger.warning("releasing lease %s failed: %s", lease.lease_id, exc)
+            self._release_later(lease, lease.release_body(raised))
 
     def acquire(
         self,
@@ -174,6 +194,19 @@ class QuotaClient(BaseQuotaClient):
     ) -> None:
         """End a lease with its outcome (default: what the lease recorded, else `ok`)."""
         self._release(lease, self.release_body(lease, outcome, status_code, retry_after, runtime))
+
+    def _release_later(self, lease: Lease, body: dict[str, Any]) -> None:
+        """Hand the release to the background; send it now when the queue is full or the
+        lease is local. Never raises: the block's own result matters more."""
+        if not lease.local and self._releases.put(lease.lease_id, body):
+            return
+        try:
+            self._release(lease, body)
+        except Exception as exc:  # e.g. the client was closed meanwhile
+            log_unsent(lease.lease_id, exc)
+
+    def _post_release(self, lease_id: str, body: dict[str, Any]) -> None:
+        self._send(self.release_call(lease_id, body))
 
     def _release(self, lease: Lease | str, body: dict[str, Any]) -> None:
         if isinstance(lease, Lease) and lease.local:

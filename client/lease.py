@@ -11,15 +11,19 @@ makes the call. When a lease ends, the record becomes the body of the release:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import httpx
 
-from .parsing import execution_time, throttle_from_response
+from .parsing import execution_time, parse_throttle
 
 Outcome = Literal["ok", "failed", "throttled", "not_called"]
 OUTCOMES: frozenset[str] = frozenset(get_args(Outcome))
+# What a throttle's error code needs in a body (`429`, `TooManyRequests`): a body without
+# either cannot make an answer throttled, so it is not parsed (answers can be large).
+_MAYBE_THROTTLED = re.compile(rb"429|toomanyrequests", re.IGNORECASE)
 
 
 @dataclass(slots=True)
@@ -82,11 +86,14 @@ class Lease:
         A throttled answer gives `throttled` with its retry time; `Stats.ExecutionTime`
         of a read hunting answer is the run time, else `runtime` (e.g. measured).
         """
-        throttle = throttle_from_response(response)
         try:
-            reported = execution_time(response.content)
+            content = response.content
         except httpx.ResponseNotRead:
-            reported = None
+            content = b""
+        status = response.status_code
+        body = content if status == 429 or _MAYBE_THROTTLED.search(content) else b""
+        throttle = parse_throttle(status, response.headers, body)
+        reported = execution_time(content) if content else None
         outcome: Outcome = (
             "throttled" if throttle is not None else outcome_for_status(response.status_code)
         )

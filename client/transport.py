@@ -14,8 +14,9 @@ lease with what happened:
 
 runtime is `Stats.ExecutionTime` of a hunting answer, else the measured wall time. The
 body is read in full to find those, then handed back in a fresh stream, so streaming
-callers still work. A denied lease raises `QuotaExhausted`; unrouted requests pass
-straight through.
+callers still work. The release goes out in the background (the client's sender), so
+the caller waits for one round trip to the coordinator, the acquire. A denied lease
+raises `QuotaExhausted`; unrouted requests pass straight through.
 """
 
 from __future__ import annotations

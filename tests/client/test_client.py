@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import threading
 from collections.abc import Callable
 
 import httpx
@@ -20,6 +23,7 @@ from quotagate.client import (
     UnknownApi,
     UnknownLease,
 )
+from quotagate.client._releases import TRIES, Release, ReleaseBook, lease_prefix, retry_delay
 
 from .fakes import TENANT, URL, FakeCoordinator
 
@@ -93,6 +97,8 @@ class TestRequests:
             QuotaClient(URL, "{bad}")
         with pytest.raises(ValueError, match="on_unavailable"):
             QuotaClient(URL, TENANT, on_unavailable="maybe")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="release_queue"):
+            QuotaClient(URL, TENANT, release_queue=-1)
 
 
 class TestErrors:
@@ -200,6 +206,7 @@ class TestLeaseOutcomes:
                 block(lease)
         except Boom:
             pass
+        assert client.flush(timeout=5)  # the release goes out in the background
         return fake.released[lease.lease_id]
 
     def test_normal_exit_is_ok(self, client: QuotaClient, fake: FakeCoordinator) -> None:
@@ -275,6 +282,7 @@ class TestLeaseOutcomes:
         fake.deny = {"error": "quota_exhausted", "retry_after": 3.0, "limit": None}
         with pytest.raises(QuotaExhausted), client.lease("m365d.incidents"):
             pytest.fail("the block must not run")
+        assert client.flush(timeout=5)
         assert fake.released == {}
 
     def test_failed_release_does_not_mask_the_block(
@@ -309,6 +317,7 @@ class TestAsync:
             async with aclient.lease("m365d.incidents") as lease:
                 lease.mark_called()
                 raise Boom
+        assert await aclient.flush(timeout=5)
         assert [fake.released[f"L{i}"]["outcome"] for i in (1, 2, 3)] == [
             "ok",
             "not_called",
@@ -326,3 +335,143 @@ class TestAsync:
         async with AsyncQuotaClient(URL, TENANT, transport=fake.transport) as quota:
             with pytest.raises(CoordinatorUnavailable):
                 await quota.acquire("m365d.incidents")
+
+
+class TestReleaseBook:
+    """The bookkeeping both background senders share, in virtual time."""
+
+    def test_first_in_first_out(self) -> None:
+        book = ReleaseBook(size=4)
+        assert book.add("a", {"outcome": "ok"}) and book.add("b", {"outcome": "failed"})
+        first, second = book.take(0.0), book.take(0.0)
+        assert isinstance(first, Release) and isinstance(second, Release)
+        assert (first.lease_id, second.lease_id, first.tries) == ("a", "b", 1)
+        assert book.take(0.0) is None and book.unfinished == 2
+        book.sent(first)
+        book.sent(second)
+        assert book.unfinished == 0
+
+    def test_bounded_by_what_is_unfinished(self) -> None:
+        book = ReleaseBook(size=2)
+        assert book.add("a", {}) and book.add("b", {})
+        taken = book.take(0.0)
+        assert not book.add("c", {})  # one being sent still counts
+        assert isinstance(taken, Release)
+        book.sent(taken)
+        assert book.add("c", {})
+        assert not ReleaseBook(size=0).add("a", {})
+
+    def test_transient_failures_are_retried_with_backoff(self) -> None:
+        book = ReleaseBook(size=4)
+        book.add("a", {})
+        now, waits = 0.0, []
+        while isinstance(release := book.take(now), Release):
+            book.failed(release, CoordinatorUnavailable("down"), now)
+            due = book.take(now)
+            if due is None:
+                break
+            assert isinstance(due, float) and due > 0
+            waits.append(due)
+            now += due
+        assert waits == pytest.approx([retry_delay(n) for n in range(1, TRIES)])
+        assert waits == sorted(waits) and waits[1] == pytest.approx(2 * waits[0])
+        assert book.unfinished == 0  # given up after TRIES tries
+
+    @pytest.mark.parametrize(
+        ("error", "retried"),
+        [
+            (CoordinatorUnavailable("refused"), True),
+            (QuotaError("internal", status_code=500), True),
+            (UnknownLease("gone", status_code=404, code="unknown_lease"), False),
+            (BadRequest("no", status_code=422), False),
+            (Unauthorized("who", status_code=401), False),
+        ],
+    )
+    def test_what_is_retried(self, error: QuotaError, retried: bool) -> None:
+        book = ReleaseBook(size=4)
+        book.add("a", {})
+        release = book.take(0.0)
+        assert isinstance(release, Release)
+        book.failed(release, error, 0.0)
+        assert (book.unfinished == 1) is retried
+
+    def test_stop_gives_up_what_is_left(self, caplog: pytest.LogCaptureFixture) -> None:
+        book = ReleaseBook(size=4)
+        for name in ("a.0123456789abcdef", "b.fedcba9876543210"):
+            book.add(name, {})
+        release = book.take(0.0)
+        assert isinstance(release, Release)
+        assert book.stop("closing") == 1
+        assert book.unfinished == 1  # the one being sent finishes on its own
+        book.failed(release, CoordinatorUnavailable("down"), 0.0)  # no retry once stopped
+        assert book.unfinished == 0 and not book.add("c", {})
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("b.fedcba98…" in m and "closing" in m for m in messages)
+        assert not any("fedcba9876543210" in m for m in messages)
+
+    def test_lease_prefix(self) -> None:
+        assert lease_prefix("c2NvcGU.0123456789abcdef") == "c2NvcGU.01234567…"
+        assert lease_prefix("L1") == "L1…"
+
+
+class TestBackgroundReleases:
+    def test_sent_in_order_after_the_block(
+        self, client: QuotaClient, fake: FakeCoordinator
+    ) -> None:
+        for _ in range(3):
+            with client.lease("m365d.incidents"):
+                pass
+        assert client.flush(timeout=5)
+        assert list(fake.released) == ["L1", "L2", "L3"]
+
+    def test_no_queue_sends_in_the_caller(self, fake: FakeCoordinator) -> None:
+        with QuotaClient(URL, TENANT, transport=fake.transport, release_queue=0) as quota:
+            with quota.lease("m365d.incidents"):
+                pass
+            assert fake.released == {"L1": {"outcome": "ok"}}  # no flush needed
+            assert not [t for t in threading.enumerate() if t.name == "quotagate-release"]
+
+    def test_close_stops_the_thread(self, fake: FakeCoordinator) -> None:
+        with QuotaClient(URL, TENANT, transport=fake.transport) as quota:
+            with quota.lease("m365d.incidents"):
+                pass
+        assert fake.released == {"L1": {"outcome": "ok"}}
+        assert not [t for t in threading.enumerate() if t.name == "quotagate-release"]
+
+    async def test_async_no_queue_sends_in_the_caller(self, fake: FakeCoordinator) -> None:
+        async with AsyncQuotaClient(
+            URL, TENANT, transport=fake.transport, release_queue=0
+        ) as quota:
+            async with quota.lease("m365d.incidents"):
+                pass
+            assert fake.released == {"L1": {"outcome": "ok"}}
+
+    def test_async_client_over_two_event_loops(self, fake: FakeCoordinator) -> None:
+        quota = AsyncQuotaClient(URL, TENANT, transport=fake.transport)
+
+        async def one_call() -> None:
+            async with quota.lease("m365d.incidents"):
+                pass
+            assert await quota.flush(timeout=5)
+
+        asyncio.run(one_call())
+        asyncio.run(one_call())  # the first loop is closed: the sender moves to this one
+        asyncio.run(quota.aclose())
+        assert list(fake.released) == ["L1", "L2"]
+
+    def test_a_block_that_outlives_its_client_does_not_raise(
+        self, fake: FakeCoordinator, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        quota = QuotaClient(URL, TENANT, transport=fake.transport)
+        with quota.lease("m365d.incidents") as lease:
+            quota.close()
+        (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert lease_prefix(lease.lease_id) in warning.getMessage()
+        assert fake.released == {}
+
+    def test_idle_connections_expire_before_the_server_closes_them(self) -> None:
+        import uvicorn
+
+        server_keep_alive = uvicorn.Config(app=None).timeout_keep_alive
+        assert QuotaClient.limits().keepalive_expiry < server_keep_alive
+        assert AsyncQuotaClient.limits().max_connections == 100  # httpx's own pool otherwise

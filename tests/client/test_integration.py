@@ -8,6 +8,8 @@ import asyncio
 import json
 import logging
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -185,6 +187,7 @@ def test_routed_requests_take_and_release_leases(
     ):
         for _ in range(5):
             assert http.get(upstream_url + INCIDENTS).status_code == 200
+        assert quota.flush(timeout=5)  # releases go out in the background
         usage = quota.usage("m365d.incidents")
         assert used(usage) == [5, 5]
         assert usage["in_flight"] == 0
@@ -217,6 +220,7 @@ def test_routed_requests_take_and_release_leases(
         before = len(recording.log)
         with pytest.raises(httpx.ConnectError):
             http.get(dead_url + INCIDENTS)
+        assert quota.flush(timeout=5)
         acquire, release = recording.log[before:]
         assert acquire.status == 200
         assert release.path == f"/v1/leases/{acquire.reply['lease_id']}/release"
@@ -234,6 +238,7 @@ def test_usage_of_a_tenant_with_slashes(coordinator_url: str, upstream_url: str)
         httpx.Client(transport=QuotaTransport(quota, ROUTES)) as http,
     ):
         http.get(upstream_url + INCIDENTS)
+        assert quota.flush(timeout=5)
         usage = quota.usage("m365d.incidents", key="some-key")
         # The client sends the tenant as one segment; the coordinator takes both spellings.
         assert recording.log[-1].path == "/v1/usage/contoso%2Fapp1/m365d.incidents?key=some-key"
@@ -310,6 +315,7 @@ def test_throttled_answer_stops_every_worker(
         answer = worker.get(upstream_url + INCIDENTS)
         assert answer.status_code == 429
         assert answer.json()["error"]["code"] == "429"  # handed back as upstream sent it
+        assert first.flush(timeout=5)
         (release,) = calls(recording.log, "/release")
         assert release.status == 200
         release.body.pop("runtime")
@@ -362,6 +368,7 @@ def test_hunting_reports_execution_time(
         finally:
             gate.set()
             thread.join()
+        assert quota.flush(timeout=5)
         after = quota.usage("m365d.advanced-hunting")
 
     (answer,) = answers
@@ -510,6 +517,7 @@ def test_slow_call_keeps_its_lease(
         assert http.get(upstream_url + SLOW).status_code == 200
         with pytest.raises(UnknownLease):
             quota.release(unrenewed)
+        assert quota.flush(timeout=5)
         assert quota.usage("sessions")["in_flight"] == 0
     check_renewed(recording.log, caplog)
 
@@ -530,5 +538,273 @@ async def test_slow_async_call_keeps_its_lease(
         assert (await http.get(upstream_url + SLOW)).status_code == 200
         with pytest.raises(UnknownLease):
             await quota.release(unrenewed)
+        assert await quota.flush(timeout=5)
         assert (await quota.usage("sessions"))["in_flight"] == 0
     check_renewed(recording.log, caplog)
+
+
+# -- 6. releases in the background -----------------------------------------------------------
+#
+# A relay in front of the real coordinator sees every release on its way: it can hold
+# them (to show the caller did not wait), answer 503 to the first few (to show they are
+# retried), and tell which connections the client used. The catalog's incidents api counts
+# in windows of a minute and an hour, so what is used stays in view while a test runs.
+
+API = "m365d.incidents"
+
+
+class Relay:
+    """An ASGI app that forwards everything to the coordinator at `target`."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.url = ""  # where it listens, once served
+        self.open = threading.Event()  # releases pass only while set
+        self.open.set()
+        self.fail = 0  # releases still to answer 503 backend_unavailable
+        self.cond = threading.Condition()
+        self.releases: list[str] = []  # lease ids, as they arrived
+        self.statuses: list[int] = []  # what each release got back, in order
+        self.clients: set[tuple[str, int]] = set()  # (host, port) of each connection
+
+    def arrived(self, count: int) -> None:
+        """Wait until `count` releases arrived (a hang detector: fails after 10 s)."""
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.releases) >= count, 10)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        path = scope["path"]
+        self.clients.add(tuple(scope["client"]))
+        status, headers, content = 0, [(b"content-type", b"application/json")], b""
+        if path.endswith("/release"):
+            with self.cond:
+                self.releases.append(path.split("/")[3])
+                self.cond.notify_all()
+            assert await asyncio.to_thread(self.open.wait, 10)
+            if self.fail > 0:
+                self.fail -= 1
+                status, content = 503, b'{"error":"backend_unavailable","detail":"relay"}'
+        if not status:
+            async with httpx.AsyncClient(base_url=self.target) as http:
+                answer = await http.request(
+                    scope["method"],
+                    scope["raw_path"].decode() + "?" + scope["query_string"].decode(),
+                    content=body,
+                    headers={"content-type": "application/json"},
+                )
+            status, content = answer.status_code, answer.content
+        if path.endswith("/release"):
+            self.statuses.append(status)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
+
+
+@pytest.fixture
+def relay(coordinator_url: str) -> Iterator[Relay]:
+    relay = Relay(coordinator_url)
+    with serve_in_thread(relay) as url:
+        relay.url = url
+        yield relay
+        relay.open.set()  # let anything still held go, so the server can stop
+
+
+def in_flight(coordinator_url: str, api: str = "m365d.incidents") -> tuple[int, list[float]]:
+    """What the coordinator itself says of `api`: leases in flight and what is used."""
+    with QuotaClient(coordinator_url, TENANT) as quota:
+        usage = quota.usage(api)
+    return usage["in_flight"], used(usage)
+
+
+def test_release_arrives_after_the_block(coordinator_url: str, relay: Relay) -> None:
+    relay.open.clear()
+    with QuotaClient(relay.url, TENANT) as quota:
+        with quota.lease(API) as lease:
+            lease.set_outcome("ok", 200)
+        relay.arrived(1)
+        # The block is over; its release waits at the relay.
+        assert in_flight(coordinator_url) == (1, [1, 1])
+        relay.open.set()
+        assert quota.flush(timeout=10)
+        assert in_flight(coordinator_url) == (0, [1, 1])
+    assert relay.statuses == [200]
+
+
+def test_close_drains_the_queue(
+    coordinator_url: str, relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay.open.clear()
+    quota = QuotaClient(relay.url, TENANT)
+    for _ in range(3):
+        with quota.lease(API):
+            pass
+    relay.arrived(1)
+    assert in_flight(coordinator_url) == (3, [3, 3])
+    relay.open.set()
+    quota.close()
+    assert in_flight(coordinator_url) == (0, [3, 3])
+    assert relay.statuses == [200] * 3
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_releases_answered_503_are_retried(
+    coordinator_url: str, relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay.fail = 2
+    with caplog.at_level(logging.INFO, "quotagate.client"):
+        with QuotaClient(relay.url, TENANT) as quota:
+            with quota.lease(API) as lease:
+                pass
+            assert quota.flush(timeout=10)
+            assert in_flight(coordinator_url) == (0, [1, 1])
+    assert relay.statuses == [503, 503, 200]
+    assert relay.releases == [lease.lease_id] * 3
+    retries = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
+    assert len(retries) == 2
+    prefix = lease.lease_id[: lease.lease_id.index(".") + 9]
+    assert all(prefix in line and lease.lease_id not in line for line in retries)
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_a_release_that_keeps_failing_is_logged(
+    coordinator_url: str, relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay.fail = 100
+    with QuotaClient(relay.url, TENANT) as quota:
+        with quota.lease(API) as lease:
+            pass
+        assert quota.flush(timeout=10)
+    assert 1 < len(relay.statuses) == len(relay.releases) and set(relay.statuses) == {503}
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "backend_unavailable" in warning.getMessage()
+    assert lease.lease_id[: lease.lease_id.index(".") + 9] in warning.getMessage()
+    assert in_flight(coordinator_url)[0] == 1  # until the lease expires
+
+
+def test_unknown_lease_is_not_retried(
+    coordinator_url: str, relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG, "quotagate.client"):
+        with QuotaClient(relay.url, TENANT) as quota:
+            with quota.lease(API) as lease:
+                quota.release(lease, "ok")  # by hand: the block's release finds it gone
+            assert quota.flush(timeout=10)
+    assert relay.statuses == [200, 404]
+    gone = [r for r in caplog.records if "was gone at release" in r.getMessage()]
+    assert [r.levelno for r in gone] == [logging.DEBUG]
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_a_full_queue_makes_the_caller_send(coordinator_url: str, relay: Relay) -> None:
+    relay.open.clear()
+    quota = QuotaClient(relay.url, TENANT, release_queue=2)
+    with quota.lease(API), quota.lease(API):
+        pass
+    relay.arrived(1)  # the sender holds one at the relay; the other waits in the queue
+
+    def third() -> None:
+        with quota.lease(API):
+            pass
+
+    caller = threading.Thread(target=third)
+    caller.start()
+    relay.arrived(2)  # the third block's own release: the caller sends it itself
+    assert caller.is_alive()
+    assert in_flight(coordinator_url) == (3, [3, 3])
+    relay.open.set()
+    caller.join(10)
+    quota.close()
+    assert relay.statuses == [200] * 3
+    assert in_flight(coordinator_url) == (0, [3, 3])
+
+
+def test_connections_are_kept_alive(relay: Relay, upstream_url: str) -> None:
+    with (
+        QuotaClient(relay.url, TENANT) as quota,
+        httpx.Client(transport=QuotaTransport(quota, ROUTES)) as http,
+    ):
+        for _ in range(20):
+            assert http.get(upstream_url + "/fast/items").status_code == 200
+        assert quota.flush(timeout=10)
+    assert len(relay.releases) == 20
+    # The caller's connection, and at most one more for the sender while both are busy.
+    assert 1 <= len(relay.clients) <= 2
+
+
+async def test_async_releases_in_the_background(
+    coordinator_url: str, relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay.open.clear()
+    relay.fail = 1
+    quota = AsyncQuotaClient(relay.url, TENANT)
+    async with quota.lease(API):
+        pass
+    async with quota.lease(API):
+        pass
+    await asyncio.to_thread(relay.arrived, 1)
+    assert await asyncio.to_thread(in_flight, coordinator_url) == (2, [2, 2])
+    relay.open.set()
+    await quota.aclose()  # drains, the retry of the 503 included
+    assert relay.statuses == [503, 200, 200]
+    assert await asyncio.to_thread(in_flight, coordinator_url) == (0, [2, 2])
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_async_releases_lost_with_their_loop_are_logged(
+    coordinator_url: str, relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay.open.clear()
+
+    async def forgetful() -> None:
+        quota = AsyncQuotaClient(relay.url, TENANT)
+        async with quota.lease(API):
+            pass
+        await asyncio.to_thread(relay.arrived, 1)
+        # returns without aclose(): asyncio.run ends the loop
+
+    asyncio.run(forgetful())
+    relay.open.set()
+    (lost,) = [r for r in caplog.records if "event loop ended" in r.getMessage()]
+    assert lost.levelno == logging.WARNING
+    assert "not released" in lost.getMessage()
+
+
+EXITING = """
+import sys
+from quotagate.client import QuotaClient
+
+quota = QuotaClient(sys.argv[1], "contoso/app1")
+with quota.lease("m365d.incidents"):
+    pass
+print("block done", flush=True)
+# exits without close(): the interpreter's exit drains the release
+"""
+
+
+def test_interpreter_exit_drains_the_queue(coordinator_url: str, relay: Relay) -> None:
+    relay.open.clear()
+    with subprocess.Popen(
+        [sys.executable, "-c", EXITING, relay.url],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as child:
+        try:
+            assert child.stdout is not None and child.stdout.readline() == "block done\n"
+            relay.arrived(1)
+            assert in_flight(coordinator_url) == (1, [1, 1])
+            relay.open.set()
+            assert child.wait(30) == 0
+        finally:
+            child.kill()
+    assert relay.statuses == [200]
+    assert in_flight(coordinator_url) == (0, [1, 1])

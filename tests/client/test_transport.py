@@ -56,8 +56,11 @@ def call(
     client: QuotaClient, upstream: Upstream, method: str = "GET", url: str = INCIDENTS
 ) -> httpx.Response:
     transport = QuotaTransport(client, inner=httpx.MockTransport(upstream))
-    with httpx.Client(transport=transport) as http:
-        return http.request(method, url)
+    try:
+        with httpx.Client(transport=transport) as http:
+            return http.request(method, url)
+    finally:
+        assert client.flush(timeout=5)  # the release goes out in the background
 
 
 def only_release(fake: FakeCoordinator) -> dict[str, Any]:
@@ -184,6 +187,7 @@ class TestPassage:
         with httpx.Client(transport=transport) as http, http.stream("GET", INCIDENTS) as response:
             assert b"".join(response.iter_bytes()) == payload
         assert response.elapsed.total_seconds() >= 0
+        assert client.flush(timeout=5)
         assert only_release(fake)["outcome"] == "ok"
 
     def test_custom_routes_and_wait(self, client: QuotaClient, fake: FakeCoordinator) -> None:
@@ -206,8 +210,11 @@ class TestAsyncTransport:
         url: str = INCIDENTS,
     ) -> httpx.Response:
         transport = AsyncQuotaTransport(aclient, inner=httpx.MockTransport(upstream))
-        async with httpx.AsyncClient(transport=transport) as http:
-            return await http.request(method, url)
+        try:
+            async with httpx.AsyncClient(transport=transport) as http:
+                return await http.request(method, url)
+        finally:
+            assert await aclient.flush(timeout=5)
 
     async def test_ok_and_stats(self, aclient: AsyncQuotaClient, fake: FakeCoordinator) -> None:
         answer = {"Stats": {"ExecutionTime": 2.0}, "Results": []}
@@ -287,6 +294,7 @@ class TestRenewal:
         with QuotaClient(URL, TENANT, transport=fake.transport) as quota:
             with quota.lease("m365d.incidents"):
                 assert fake.renewed.wait(timeout=5)
+            assert quota.flush(timeout=5)
             renewals = len(fake.paths()) - 2  # minus the acquire and the release
             fake.renewed.clear()
             assert not fake.renewed.wait(timeout=0.15)

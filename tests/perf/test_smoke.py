@@ -4,11 +4,12 @@ Measurements, not tests: nothing here looks at a figure."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from . import decisions, goodput
+from . import decisions, goodput, latency
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
@@ -33,3 +34,18 @@ def test_decisions_runs(tmp_path: Path) -> None:
     table = (tmp_path / "decisions.md").read_text()
     assert table.startswith("| contender | one decision |")
     assert "sliding log" in table
+
+
+def test_latency_runs(tmp_path: Path) -> None:
+    out = tmp_path / "latency.json"
+    # This checkout's own client stands in for an older one.
+    results = latency.main(["--calls", "5", "--json", str(out), "--before", str(latency.ROOT)])
+    modes = ["QuotaTransport", "AsyncQuotaTransport"]
+    assert list(results["modes"]) == [
+        latency.DIRECT,
+        latency.ADIRECT,
+        *modes,
+        *(mode + latency.BEFORE for mode in modes),
+    ]
+    assert json.loads(out.read_text())["calls"] == 5
+    assert all("p99_added_ms" in results["modes"][mode] for mode in modes)
