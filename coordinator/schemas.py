@@ -26,6 +26,15 @@ class AcquireBody(BaseModel):
     holder: str | None = Field(None, max_length=128)  # who holds it, for operators
 
 
+class NamedLimit(BaseModel):
+    """The limit a throttled answer named ("maximum allowed N per hh:mm:ss")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    amount: int = Field(ge=1, le=10**9, strict=True)  # calls per window
+    window: Seconds = Field(gt=0, le=MAX_REPORTED_SECONDS)
+
+
 class ReleaseBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -33,6 +42,7 @@ class ReleaseBody(BaseModel):
     status_code: int | None = Field(None, ge=100, le=599)
     retry_after: Seconds | None = Field(None, le=MAX_REPORTED_SECONDS)
     runtime: Seconds | None = Field(None, le=MAX_REPORTED_SECONDS)
+    limit: NamedLimit | None = None  # with throttled: what the upstream said its limit is
 
 
 class RenewBody(BaseModel):
