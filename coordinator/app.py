@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,7 +16,7 @@ from .errors import BackendUnavailable
 from .handlers import EXCEPTION_HANDLERS
 from .middleware import BodyLimit
 from .policy import PolicySet, load_policies
-from .routers import health, leases, usage
+from .routers import health, learned, leases, usage
 from .routers import policies as policy_routes
 from .settings import Settings, get_settings
 from .store import connect
@@ -47,6 +48,7 @@ def create_app(
             recovery_share=settings.recovery_share,
             loss_on_start=settings.recover_on_start,
             timeout=settings.request_timeout,
+            learned_ttl_ms=math.ceil(settings.learned_ttl * 1000),
         )
         app.state.engine = engine
         app.state.waiting = LocalLines(engine)
@@ -68,7 +70,8 @@ def create_app(
     app.state.policies = effective
     app.state.authorizer = Authorizer(settings.all_tokens())
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    for router in (leases.router, usage.router, policy_routes.router, health.router):
+    routers = (leases.router, usage.router, learned.router, policy_routes.router, health.router)
+    for router in routers:
         app.include_router(router)
     return app
 

@@ -273,7 +273,11 @@ def _limit_text(limit: dict[str, Any]) -> str:
     if limit["kind"] == "concurrent":
         return f"concurrent {limit['amount']:g}"
     unit = "s run time" if limit["kind"] == "runtime" else "calls"
-    return f"{limit['amount']:g} {unit} / {limit['window']:g} s"
+    text = f"{limit['amount']:g} {unit} / {limit['window']:g} s"
+    configured = limit.get("configured", limit["amount"])
+    if configured != limit["amount"]:  # a limit learned from the upstream's 429s
+        text += f" (learned; policy {configured:g})"
+    return text
 
 
 @app.command()
@@ -308,6 +312,26 @@ def usage(
                 f"{lim['used']:>8g} used {lim['remaining']:>8g} left "
                 f" resets in {lim['resets_in']:g} s"
             )
+
+
+@app.command()
+def forget(
+    tenant: str,
+    api: str,
+    url: Annotated[str, typer.Option(envvar="QUOTAGATE_URL")] = "http://127.0.0.1:8080",
+    token: Annotated[str | None, typer.Option(envvar="QUOTAGATE_TOKEN", show_default=False)] = None,
+) -> None:
+    """Forget the limits a tenant's api learned from the upstream's 429s."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        reply = httpx.delete(f"{url}/v1/learned/{tenant}/{api}", headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        raise _fail(f"cannot reach the coordinator at {url}: {exc}") from exc
+    if reply.status_code != 200:
+        raise _fail(f"{api}: {reply.status_code} {reply.text}")
+    typer.echo(f"{tenant} {api}: {reply.json()['forgotten']} learned limit(s) forgotten")
 
 
 @app.command()

@@ -30,6 +30,9 @@ GRANTED = 1  # acquire: granted; release: released; renew: renewed
 CHECK_EPOCH = 2  # acquire: this (tenant, api) carries no stamp of the epoch the caller knows
 REPLY_CODES = {"DENIED": DENIED, "GRANTED": GRANTED, "CHECK_EPOCH": CHECK_EPOCH}
 
+# What a throttled release did with the limit the upstream named (design rule 8).
+LEARN_CODES = {"NONE": 0, "LOWERED": 1, "KEPT": 2, "HIGHER": 3, "NO_LIMIT": 4}
+
 # KEYS of every quota script (all share the hash tag {<tenant>|<api>}); one more per limit.
 KEY_LAYOUT = ("state", "inflight_api", "inflight_key")
 POLICY_FIELDS = ("ttl_ms", "track_api", "track_key", "stamp_ttl_ms")
@@ -85,6 +88,9 @@ class ReleaseArgs(ScriptArgs):
     outcome: str  # ok | failed | throttled | not_called
     retry_ms: int | None  # the upstream's retry time, for throttled
     runtime_ms: int | None  # the reported run time; None keeps the estimate
+    named_amount: int | None  # the limit a throttled answer named: calls ...
+    named_window_ms: int | None  # ... per this window
+    learn_ttl_ms: int  # how long a learned limit holds
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,13 @@ class UsageArgs(ScriptArgs):
 
 
 @dataclass(frozen=True)
+class ForgetArgs(ScriptArgs):
+    script: ClassVar[str] = "forget"
+
+    now_ms: int | None
+
+
+@dataclass(frozen=True)
 class EpochArgs(ScriptArgs):
     script: ClassVar[str] = "epoch"
     policy: ClassVar[bool] = False
@@ -113,7 +126,14 @@ class EpochArgs(ScriptArgs):
     loss_on_start: bool  # a missing epoch counts as a loss even for a caller that knew none
 
 
-SCRIPTS: tuple[type[ScriptArgs], ...] = (AcquireArgs, ReleaseArgs, RenewArgs, UsageArgs, EpochArgs)
+SCRIPTS: tuple[type[ScriptArgs], ...] = (
+    AcquireArgs,
+    ReleaseArgs,
+    RenewArgs,
+    UsageArgs,
+    ForgetArgs,
+    EpochArgs,
+)
 
 
 def _lua_table(name: str, fields: dict[str, int]) -> str:
@@ -123,12 +143,13 @@ def _lua_table(name: str, fields: dict[str, int]) -> str:
 
 def prelude(args: type[ScriptArgs]) -> str:
     """What a script learns of the contract: its ARGV positions (`ARG`), where the policy
-    block starts (`POLICY_AT`) and the reply codes (`REPLY`)."""
+    block starts (`POLICY_AT`) and the reply codes (`REPLY`, `LEARN`)."""
     names = args.names()
     return (
         _lua_table("ARG", {name: at for at, name in enumerate(names, 1)})
         + f"local POLICY_AT = {len(names) + 1}\n"
         + _lua_table("REPLY", REPLY_CODES)
+        + _lua_table("LEARN", LEARN_CODES)
     )
 
 
@@ -197,6 +218,7 @@ class Denied:
     retry_ms: int  # the wait if nothing else happens; -1: no wait can ever grant it
     bound: int  # 1-based index of the limit that bound the wait; 0 for the cooldown
     soonest_ms: int  # the wait if every lease in flight were released now
+    amount: int  # the bound limit's amount in force (a learned one may be lower)
 
 
 @dataclass(frozen=True)
@@ -206,12 +228,12 @@ class CheckEpoch:
 
 def decode_acquire(reply: Sequence[Any]) -> Granted | Denied | CheckEpoch:
     """acquire.lua: {GRANTED, now_ms, expiry_ms} | {DENIED, now_ms, retry_ms, bound,
-    soonest_ms} | {CHECK_EPOCH, now_ms}."""
+    soonest_ms, amount} | {CHECK_EPOCH, now_ms}."""
     code = _int(reply[0])
     if code == GRANTED:
         return Granted(_int(reply[1]), _int(reply[2]))
     if code == DENIED:
-        return Denied(_int(reply[1]), _int(reply[2]), _int(reply[3]), _int(reply[4]))
+        return Denied(*(_int(value) for value in reply[1:6]))
     if code == CHECK_EPOCH:
         return CheckEpoch(_int(reply[1]))
     raise ValueError(f"acquire.lua replied with an unknown code {code}")
@@ -225,12 +247,29 @@ class LeaseReply:
     now_ms: int
     expiry_ms: int | None = None  # renew: the new expiry
     reason: str = ""
+    learned: Learned | None = None  # release: what became of a named limit
+
+
+@dataclass(frozen=True)
+class Learned:
+    """What a throttled release did with the limit the upstream named."""
+
+    code: str  # a key of LEARN_CODES
+    index: int  # 1-based limit of the policy it concerns; 0 for NO_LIMIT
+    amount: int  # the amount in force now (HIGHER: the policy's)
+    before: int  # the amount in force before
+
+
+_LEARN_NAMES = {code: name for name, code in LEARN_CODES.items()}
 
 
 def decode_release(reply: Sequence[Any]) -> LeaseReply:
-    """release.lua: {GRANTED, now_ms} | {DENIED, now_ms, reason}."""
+    """release.lua: {GRANTED, now_ms, learned, index, amount, before} |
+    {DENIED, now_ms, reason}."""
     if _int(reply[0]) == GRANTED:
-        return LeaseReply(True, _int(reply[1]))
+        code, index, amount, before = (_int(value) for value in reply[2:6])
+        learned = None if code == 0 else Learned(_LEARN_NAMES[code], index, amount, before)
+        return LeaseReply(True, _int(reply[1]), learned=learned)
     return LeaseReply(False, _int(reply[1]), reason=_text(reply[2]))
 
 
@@ -246,14 +285,20 @@ class UsageReply:
     now_ms: int
     cooldown_ms: int
     in_flight: int
-    limits: tuple[tuple[int, int], ...]  # (used, resets_in_ms) per limit, in policy order
+    # (used, resets_in_ms, amount in force) per limit, in policy order
+    limits: tuple[tuple[int, int, int], ...]
 
 
 def decode_usage(reply: Sequence[Any]) -> UsageReply:
-    """usage.lua: {now_ms, cooldown_ms, in_flight, used_1, resets_1, used_2, ...}."""
+    """usage.lua: {now_ms, cooldown_ms, in_flight, used_1, resets_1, amount_1, used_2, ...}."""
     rest = [_int(value) for value in reply[3:]]
-    pairs = tuple(zip(rest[::2], rest[1::2], strict=True))
-    return UsageReply(_int(reply[0]), _int(reply[1]), _int(reply[2]), pairs)
+    triples = tuple(zip(rest[::3], rest[1::3], rest[2::3], strict=True))
+    return UsageReply(_int(reply[0]), _int(reply[1]), _int(reply[2]), triples)
+
+
+def decode_forget(reply: Sequence[Any]) -> int:
+    """forget.lua: {GRANTED, now_ms, forgotten}."""
+    return _int(reply[2])
 
 
 @dataclass(frozen=True)
@@ -281,7 +326,9 @@ __all__ = [
     "Denied",
     "EpochArgs",
     "EpochReply",
+    "ForgetArgs",
     "Granted",
+    "Learned",
     "LeaseReply",
     "ReleaseArgs",
     "RenewArgs",
@@ -290,6 +337,7 @@ __all__ = [
     "UsageReply",
     "decode_acquire",
     "decode_epoch",
+    "decode_forget",
     "decode_release",
     "decode_renew",
     "decode_usage",

@@ -27,7 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import codec
-from .codec import AcquireArgs, EpochArgs, ReleaseArgs, RenewArgs, UsageArgs
+from .codec import AcquireArgs, EpochArgs, ForgetArgs, Learned, ReleaseArgs, RenewArgs, UsageArgs
 from .errors import BackendUnavailable, InvalidRequest, UnknownApi, UnknownLease
 from .leases import LeaseRef
 from .policy import KEY_PATTERN, TENANT_PATTERN, Limit, Policy, PolicySet
@@ -38,6 +38,7 @@ SCRIPT_ACQUIRE = codec.script_source(AcquireArgs)
 SCRIPT_RELEASE = codec.script_source(ReleaseArgs)
 SCRIPT_RENEW = codec.script_source(RenewArgs)
 SCRIPT_USAGE = codec.script_source(UsageArgs)
+SCRIPT_FORGET = codec.script_source(ForgetArgs)
 SCRIPT_EPOCH = codec.script_source(EpochArgs)
 
 # Store errors that mean "again" or "elsewhere" (a failover, a restart, a resharding):
@@ -88,6 +89,15 @@ class Denial:
     # The earliest it could pass if every lease in flight were released at once: a waiter
     # whose wait ends before this cannot be granted, one whose wait ends after may be.
     soonest_ms: int = -1
+    amount: int = 0  # the bound limit's amount in force (learned limits may lower it)
+
+
+@dataclass(frozen=True)
+class Released:
+    """A release that took effect, and what became of the limit its answer named."""
+
+    ref: LeaseRef
+    learned: Learned | None
 
 
 @dataclass(frozen=True)
@@ -95,10 +105,11 @@ class LimitUsage:
     limit: Limit
     used: int  # call units, runtime ms, or leases in flight
     resets_in_ms: int  # until `used` next drops; 0 when nothing is used
+    amount: int  # in force: the policy's, or lower while a learned limit holds
 
     @property
     def remaining(self) -> int:
-        return max(self.limit.amount - self.used, 0)
+        return max(self.amount - self.used, 0)
 
 
 @dataclass(frozen=True)
@@ -150,18 +161,22 @@ class Engine:
         recovery_share: float | None = None,
         loss_on_start: bool = False,
         timeout: float | None = None,
+        learned_ttl_ms: int = 86_400_000,
     ) -> None:
         self.redis = redis
         self.policies = policies
         self.recovery_share = recovery_share
         self.loss_on_start = loss_on_start
         self.timeout = timeout
+        self.learned_ttl_ms = learned_ttl_ms
+        self._hinted: set[tuple[str, str, int, int]] = set()  # named limits logged once
         self.epoch = ""  # start of the store's epoch (ms), as the scripts compare it
         self.recovery = ""  # "since_ms:share_permille" after a loss
         self.lua_acquire = redis.register_script(SCRIPT_ACQUIRE)
         self.lua_release = redis.register_script(SCRIPT_RELEASE)
         self.lua_renew = redis.register_script(SCRIPT_RENEW)
         self.lua_usage = redis.register_script(SCRIPT_USAGE)
+        self.lua_forget = redis.register_script(SCRIPT_FORGET)
         self.lua_epoch = redis.register_script(SCRIPT_EPOCH)
         # Resolved once per (tenant, api, key) seen lately: a decision then costs one
         # dictionary look-up before its round trip.
@@ -205,7 +220,13 @@ class Engine:
         """Check that Redis answers and load every script into its cache (EVALSHA reloads
         on demand anyway). Raises BackendUnavailable."""
         await self._call(self.redis.ping())
-        scripts = (self.lua_acquire, self.lua_release, self.lua_renew, self.lua_usage)
+        scripts = (
+            self.lua_acquire,
+            self.lua_release,
+            self.lua_renew,
+            self.lua_usage,
+            self.lua_forget,
+        )
         for script in (*scripts, self.lua_epoch):
             await self._call(self.redis.script_load(script.script))
 
@@ -258,6 +279,7 @@ class Engine:
             policy.limits[reply.bound - 1] if reply.bound else None,
             reply.now_ms,
             reply.soonest_ms,
+            reply.amount,
         )
 
     async def _acquire(
@@ -289,9 +311,13 @@ class Engine:
         *,
         retry_after_ms: int | None = None,
         runtime_ms: int | None = None,
+        named: tuple[int, int] | None = None,
         now: int | None = None,
-    ) -> LeaseRef:
-        """End a lease; raises UnknownLease when it is unknown, expired or released."""
+    ) -> Released:
+        """End a lease; raises UnknownLease when it is unknown, expired or released.
+
+        `named` is the limit a throttled answer named, (calls, window ms): the tenant
+        learns it when it is below the policy's calls limit of that window."""
         ref, target = self._lease(lease_id)
         policy = target.policy
         outcome = Outcome(outcome)
@@ -305,13 +331,69 @@ class Engine:
             outcome=outcome.value,
             retry_ms=retry_after_ms,
             runtime_ms=runtime_ms,
+            named_amount=None if named is None else named[0],
+            named_window_ms=None if named is None else named[1],
+            learn_ttl_ms=self.learned_ttl_ms,
         )
         reply = codec.decode_release(
             await self._call(self.lua_release(keys=target.keys, args=args.argv(target.args)))
         )
         if not reply.found:
             raise UnknownLease(reply.reason)
-        return ref
+        if reply.learned is not None and named is not None:
+            self._log_learned(ref, policy, reply.learned, named)
+        return Released(ref, reply.learned)
+
+    def _log_learned(
+        self, ref: LeaseRef, policy: Policy, learned: Learned, named: tuple[int, int]
+    ) -> None:
+        window = named[1] / 1000
+        if learned.code == "LOWERED":
+            log.warning(
+                "learned limit: tenant %s api %s now grants %d calls per %g s (was %d, "
+                "the policy says %d), as the upstream's 429 named; it holds %g h or until "
+                "forgotten",
+                ref.tenant,
+                ref.api,
+                learned.amount,
+                window,
+                learned.before,
+                policy.limits[learned.index - 1].amount,
+                self.learned_ttl_ms / 3_600_000,
+                extra={"event": "learned_limit", "tenant": ref.tenant, "api": ref.api},
+            )
+            return
+        hint = (ref.tenant, ref.api, named[0], named[1])
+        if learned.code in ("HIGHER", "NO_LIMIT") and hint not in self._hinted:
+            self._hinted.add(hint)
+            log.info(
+                "hint: the upstream named %d calls per %g s for tenant %s api %s; the policy "
+                "%s, so nothing changes",
+                named[0],
+                window,
+                ref.tenant,
+                ref.api,
+                "allows no more than that"
+                if learned.code == "HIGHER"
+                else "has no calls limit of that window",
+                extra={"event": "limit_hint", "tenant": ref.tenant, "api": ref.api},
+            )
+
+    async def forget(self, tenant: str, api: str, *, now: int | None = None) -> int:
+        """Forget the limits (tenant, api) learned; returns how many were in force."""
+        target = self.target(tenant, api, "")
+        args = ForgetArgs(now_ms=now)
+        reply = await self._call(self.lua_forget(keys=target.keys, args=args.argv(target.args)))
+        forgotten = codec.decode_forget(reply)
+        if forgotten:
+            log.warning(
+                "learned limits forgotten: tenant %s api %s (%d)",
+                tenant,
+                api,
+                forgotten,
+                extra={"event": "learned_forgotten", "tenant": tenant, "api": api},
+            )
+        return forgotten
 
     async def renew(
         self, lease_id: str, ttl_ms: int | None = None, *, now: int | None = None
@@ -334,8 +416,8 @@ class Engine:
             await self._call(self.lua_usage(keys=target.keys, args=args.argv(target.args)))
         )
         limits = tuple(
-            LimitUsage(lim, used, resets)
-            for lim, (used, resets) in zip(target.policy.limits, reply.limits, strict=True)
+            LimitUsage(lim, used, resets, amount)
+            for lim, (used, resets, amount) in zip(target.policy.limits, reply.limits, strict=True)
         )
         return Usage(tenant, api, key, limits, reply.in_flight, reply.cooldown_ms, reply.now_ms)
 
@@ -370,5 +452,6 @@ __all__ = [
     "Grant",
     "LimitUsage",
     "Outcome",
+    "Released",
     "Usage",
 ]

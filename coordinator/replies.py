@@ -27,6 +27,8 @@ def denied_reply(denial: Denial) -> JSONResponse:
         limit, detail = None, "the fleet is pausing after an upstream 429"
     else:
         limit = denial.limit.describe()
+        if denial.amount and denial.limit.kind is Kind.CALLS:
+            limit["amount"] = denial.amount  # in force: a learned limit may be lower
         if denial.limit.kind is Kind.CONCURRENT:
             detail = f"{denial.limit.amount} leases are in flight"
         else:

@@ -52,6 +52,11 @@ class Settings(BaseSettings):
         0.5, ge=0, le=1, description="share of each limit granted after the store lost state"
     )
     recover_on_start: bool = Field(False, description="treat an empty store at start as a loss")
+    learned_ttl: float = Field(
+        86_400.0,
+        gt=0,
+        description="seconds a limit learned from an upstream 429 holds (design rule 8)",
+    )
     loop: Literal["auto", "asyncio", "uvloop"] = Field(
         "auto", description="event loop; auto takes uvloop when installed"
     )

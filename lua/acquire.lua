@@ -24,11 +24,13 @@
 --   epoch        the store epoch the caller knows, "" = no check
 --   verified     "1" or ""
 --   recovery     "since_ms:share_permille" or ""
--- Reply: {GRANTED, now_ms, expiry_ms}; {DENIED, now_ms, retry_ms, bound, soonest_ms},
---        where retry_ms is the wait if nothing else happens (leases in flight expire
---        unreleased), bound the 1-based limit that bound it (0 for the cooldown), and
---        soonest_ms the wait if every lease in flight were released now; both -1 when no
---        wait can ever grant it; {CHECK_EPOCH, now_ms}.
+-- Reply: {GRANTED, now_ms, expiry_ms}; {DENIED, now_ms, retry_ms, bound, soonest_ms,
+--        amount}, where retry_ms is the wait if nothing else happens (leases in flight
+--        expire unreleased), bound the 1-based limit that bound it (0 for the cooldown),
+--        soonest_ms the wait if every lease in flight were released now (both -1 when no
+--        wait can ever grant it), and amount the bound limit's amount in force (a learned
+--        one may be lower than the policy's); {CHECK_EPOCH, now_ms}.
+-- Learned limits (design rule 8) lower a calls limit's amount while they hold.
 
 local now = clock(ARGV[ARG.now_ms])
 local token = ARGV[ARG.token]
@@ -43,12 +45,14 @@ if ARGV[ARG.recovery] ~= '' then
 end
 local ttl, track_api, track_key, stamp_ttl, limits = read_policy()
 
-local state = redis.call('HMGET', KEYS[1], 'cd', 'ep', 'et', 'px', 'tx')
+local state = redis.call('HMGET', KEYS[1], 'cd', 'ep', 'et', 'px', 'tx',
+  unpack(learned_fields(limits)))
 if epoch ~= '' and not verified and
     (state[2] ~= epoch or (tonumber(state[3]) or 0) <= now) then
   return {REPLY.CHECK_EPOCH, now}
 end
 
+apply_learned(limits, {unpack(state, 6)}, now)
 local purge_at = tonumber(state[4])
 if purge_at and purge_at <= now then
   purge_at = purge_leases(now, ttl, track_api)
@@ -99,7 +103,7 @@ for i, lim in ipairs(limits) do
     end
   end
   if wait < 0 then
-    return {REPLY.DENIED, now, -1, i, -1}
+    return {REPLY.DENIED, now, -1, i, -1, lim.amount}
   end
   if wait > retry then
     retry, bound = wait, i
@@ -110,7 +114,11 @@ for i, lim in ipairs(limits) do
 end
 
 if retry > 0 then
-  return {REPLY.DENIED, now, retry, bound, soonest}
+  local amount = 0
+  if bound > 0 then
+    amount = limits[bound].amount
+  end
+  return {REPLY.DENIED, now, retry, bound, soonest, amount}
 end
 
 -- The lease's units go in flight in every windowed limit, filed under its expiry.

@@ -18,6 +18,10 @@
 --                   px  when to next drop the records of expired leases (absent: none left)
 --                   tx  a time the hash is sure to live until (its TTL ends no earlier):
 --                       a grant that needs no longer only reads it
+--                   L<window_ms>  a calls limit of that window learned from the
+--                       upstream (design rule 8): "amount:configured:until_ms", used
+--                       while until_ms has not passed and the policy still configures
+--                       that amount
 --                 One hash, so that a grant reads all of it in one HMGET and writes it in
 --                 one HSET.
 --   inflight_api  zset, lease token scored by expiry; kept only when a concurrent limit of
@@ -179,6 +183,47 @@ local function open_counter(lim, now, wanted)
     save_counter(lim, c)
   end
   return c, values
+end
+
+-- The state hash's fields of the learned limits, one per calls limit (in `limits` order).
+local function learned_fields(limits)
+  local names = {}
+  for _, lim in ipairs(limits) do
+    if lim.kind == 'calls' then
+      names[#names + 1] = 'L' .. lim.window
+    end
+  end
+  return names
+end
+
+-- A learned amount from its field's value, or nil when it is absent, lapsed, or was
+-- learned under another configured amount.
+local function learned_amount(lim, value, now)
+  if not value then
+    return nil
+  end
+  local amount, configured, until_ms = string.match(value, '^(%d+):(%d+):(%d+)$')
+  if tonumber(configured) ~= lim.amount or tonumber(until_ms) <= now then
+    return nil
+  end
+  return tonumber(amount)
+end
+
+-- Lower each calls limit's amount to what was learned for it; `values` are the fields of
+-- learned_fields(limits), read from the state hash. Keeps the policy's amount in
+-- `configured`.
+local function apply_learned(limits, values, now)
+  local at = 0
+  for _, lim in ipairs(limits) do
+    lim.configured = lim.amount
+    if lim.kind == 'calls' then
+      at = at + 1
+      local learned = learned_amount(lim, values[at], now)
+      if learned and learned < lim.amount then
+        lim.amount = learned
+      end
+    end
+  end
 end
 
 -- The x<index> field of a lease that expires at `expiry`.

@@ -6,19 +6,35 @@
 -- earlier than it already is). not_called: nothing is charged (a refund).
 -- Unknown, expired or released leases change nothing (an expired record is dropped).
 -- KEYS: state, inflight_api, inflight_key; then one per limit (lib.lua).
--- ARGV: now_ms, token, outcome, retry_ms, runtime_ms; then the policy block.
---   now_ms      "" = Redis TIME
---   token       the lease's random part and key
---   outcome     ok | failed | throttled | not_called
---   retry_ms    the upstream's retry time, "" = none
---   runtime_ms  the reported run time, "" = keep the estimate
--- Reply: {GRANTED, now_ms} released, or {DENIED, now_ms, "unknown" | "expired"}.
+-- Learned limits (design rule 8): a throttled release may name the upstream's limit,
+-- named_amount calls per named_window_ms. When the api has a calls limit of that window
+-- and the amount is below the policy's, the (tenant, api) learns it until now +
+-- learn_ttl_ms (never above the policy's amount, never below 1); a later, lower one
+-- replaces it.
+-- ARGV: now_ms, token, outcome, retry_ms, runtime_ms, named_amount, named_window_ms,
+--       learn_ttl_ms; then the policy block.
+--   now_ms           "" = Redis TIME
+--   token            the lease's random part and key
+--   outcome          ok | failed | throttled | not_called
+--   retry_ms         the upstream's retry time, "" = none
+--   runtime_ms       the reported run time, "" = keep the estimate
+--   named_amount     the limit the upstream named, "" = none
+--   named_window_ms  its window
+--   learn_ttl_ms     how long a learned limit holds
+-- Reply: {GRANTED, now_ms, learned, index, amount, before}: learned is a LEARN code
+--        (NONE: nothing named or not throttled; LOWERED: limit `index` now grants
+--        `amount`, it granted `before`; KEPT: it already grants no more; HIGHER: the named amount
+--        is not below the policy's `amount`; NO_LIMIT: the api has no calls limit of
+--        that window); or {DENIED, now_ms, "unknown" | "expired"}.
 
 local now = clock(ARGV[ARG.now_ms])
 local token = ARGV[ARG.token]
 local outcome = ARGV[ARG.outcome]
 local retry = tonumber(ARGV[ARG.retry_ms])
 local runtime = tonumber(ARGV[ARG.runtime_ms])
+local named = tonumber(ARGV[ARG.named_amount])
+local named_window = tonumber(ARGV[ARG.named_window_ms])
+local learn_ttl = tonumber(ARGV[ARG.learn_ttl_ms])
 local ttl, track_api, track_key, _, limits = read_policy()
 
 local state = redis.call('HMGET', KEYS[1], token, 'cd')
@@ -73,6 +89,33 @@ for _, lim in ipairs(limits) do
   end
 end
 
+local learned, index, amount, before = LEARN.NONE, 0, 0, 0
+if outcome == 'throttled' and named and named_window then
+  learned = LEARN.NO_LIMIT
+  for i, lim in ipairs(limits) do
+    if lim.kind == 'calls' and lim.window == named_window then
+      local field = 'L' .. lim.window
+      index, amount = i, lim.amount
+      before = learned_amount(lim, redis.call('HGET', KEYS[1], field), now) or lim.amount
+      if named >= lim.amount then
+        learned = LEARN.HIGHER
+      elseif math.max(named, 1) >= before then
+        learned, amount = LEARN.KEPT, before
+      else
+        learned, amount = LEARN.LOWERED, math.max(named, 1)
+        local until_ms = now + learn_ttl
+        local tx, expire_ms = plan_state_ttl(now, 0, until_ms, ttl)
+        redis.call('HSET', KEYS[1], field,
+          string.format('%d:%d:%d', amount, lim.amount, until_ms), 'tx', tx)
+        if expire_ms then
+          redis.call('PEXPIRE', KEYS[1], expire_ms)
+        end
+      end
+      break
+    end
+  end
+end
+
 if outcome == 'throttled' and retry and retry > 0 then
   local until_ms = now + retry
   if (tonumber(state[2]) or 0) < until_ms then
@@ -85,4 +128,4 @@ if outcome == 'throttled' and retry and retry > 0 then
     end
   end
 end
-return {REPLY.GRANTED, now}
+return {REPLY.GRANTED, now, learned, index, amount, before}

@@ -3,15 +3,18 @@
 -- KEYS: state, inflight_api, inflight_key; then one per limit (lib.lua).
 -- ARGV: now_ms; then the policy block.
 --   now_ms  "" = Redis TIME
--- Reply: {now_ms, cooldown_ms, in_flight, used_1, resets_1, used_2, resets_2, ...}:
+-- Reply: {now_ms, cooldown_ms, in_flight, used_1, resets_1, amount_1, used_2, ...}:
 --        used is call units, runtime ms or leases in flight; resets is the ms until used
 --        next drops (the oldest counted bucket leaves the window, or the earliest lease
---        expires), 0 when nothing is used.
+--        expires), 0 when nothing is used; amount is the limit in force (a learned one
+--        may be lower than the policy's).
 
 local now = clock(ARGV[ARG.now_ms])
 local _, _, _, _, limits = read_policy()
 
-local cooldown = (tonumber(redis.call('HGET', KEYS[1], 'cd')) or 0) - now
+local state = redis.call('HMGET', KEYS[1], 'cd', unpack(learned_fields(limits)))
+apply_learned(limits, {unpack(state, 2)}, now)
+local cooldown = (tonumber(state[1]) or 0) - now
 local _, in_flight = lease_records(now)
 local after = string.format('(%d', now)  -- scores above now: live leases
 local reply = {now, math.max(cooldown, 0), in_flight}
@@ -36,5 +39,6 @@ for _, lim in ipairs(limits) do
   end
   reply[#reply + 1] = used
   reply[#reply + 1] = resets
+  reply[#reply + 1] = lim.amount
 end
 return reply

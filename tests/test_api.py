@@ -184,7 +184,17 @@ def test_usage_lists_every_limit_in_policy_order(http: httpx.Client) -> None:
         ("concurrent", "key", 1, 0),
     ]
     for lim in usage["limits"]:
-        assert set(lim) == {"kind", "amount", "window", "scope", "used", "remaining", "resets_in"}
+        assert set(lim) == {
+            "kind",
+            "amount",
+            "configured",
+            "window",
+            "scope",
+            "used",
+            "remaining",
+            "resets_in",
+        }
+        assert lim["amount"] == lim["configured"]  # nothing learned
 
 
 def test_policies(http: httpx.Client) -> None:

@@ -357,3 +357,18 @@ def test_a_client_only_install_names_the_extra_to_install(tmp_path: Path) -> Non
         assert result.returncode == 1, result
         assert "pip install 'quotagate[server]'" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_usage_marks_a_learned_limit_and_forget_forgets_it(coordinator_url: str) -> None:
+    lease = httpx.post(f"{coordinator_url}/v1/leases", json={"tenant": "c/app", "api": "fast"})
+    lease_id = lease.json()["lease_id"]
+    body = {"outcome": "throttled", "retry_after": 0.01, "limit": {"amount": 9, "window": 1}}
+    assert httpx.post(f"{coordinator_url}/v1/leases/{lease_id}/release", json=body).is_success
+    result = runner.invoke(app, ["usage", "c/app", "fast", "--url", coordinator_url])
+    assert result.exit_code == 0, result.output
+    assert "9 calls / 1 s (learned; policy 20)" in result.output
+    forgot = runner.invoke(app, ["forget", "c/app", "fast", "--url", coordinator_url])
+    assert forgot.exit_code == 0, forgot.output
+    assert "1 learned limit(s) forgotten" in forgot.output
+    result = runner.invoke(app, ["usage", "c/app", "fast", "--url", coordinator_url])
+    assert "20 calls / 1 s" in result.output and "learned" not in result.output

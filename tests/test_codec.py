@@ -18,18 +18,23 @@ def _header(name: str) -> str:
     return "\n".join(line for line in text.splitlines() if line.startswith("--"))
 
 
-def _listed(header: str, label: str) -> list[str]:
-    match = re.search(rf"^-- {label}: ([^;.\n]+)", header, re.M)
+def _statement(header: str, label: str) -> str:
+    """The header's `-- LABEL: ...` statement, up to its `.`, over continuation lines."""
+    match = re.search(rf"^-- {label}: (.*?)\.(\n|$)", header, re.M | re.S)
     assert match, f"no '-- {label}:' line"
-    return [name.strip() for name in match[1].split(",")]
+    return re.sub(r"\s*\n--\s*", " ", match[1])
+
+
+def _listed(header: str, label: str) -> list[str]:
+    names = re.split(r"[;.]", _statement(header, label))[0]
+    return [name.strip() for name in names.split(",")]
 
 
 @pytest.mark.parametrize("args", SCRIPTS, ids=lambda a: a.script)
 def test_the_argv_line_names_the_codecs_fields_in_order(args: type[ScriptArgs]) -> None:
     header = _header(args.script)
     assert _listed(header, "ARGV") == list(args.names())
-    argv_line = next(line for line in header.splitlines() if line.startswith("-- ARGV:"))
-    assert ("then the policy block" in argv_line) is args.policy
+    assert ("then the policy block" in _statement(header, "ARGV")) is args.policy
     for name in args.names():  # each field explained on a line of its own
         assert re.search(rf"^--\s+{name}\s+\S", header, re.M), name
 
@@ -61,12 +66,16 @@ def test_scripts_use_names_not_positions(args: type[ScriptArgs]) -> None:
     assert replied <= CODE_NAMES
     named = set(re.findall(r"\b(" + "|".join(CODE_NAMES) + r")\b", _header(args.script)))
     assert replied == named, "the header's Reply line and the returns disagree"
+    learned = set(re.findall(r"LEARN\.(\w+)", code))
+    assert learned <= set(codec.LEARN_CODES)
+    assert all(re.search(rf"\b{name}\b", _header(args.script)) for name in learned)
 
 
 def test_the_prelude_numbers_the_fields_from_one() -> None:
-    text = codec.prelude(codec.ReleaseArgs)
-    assert "local ARG = {now_ms = 1, token = 2, outcome = 3, retry_ms = 4, runtime_ms = 5}" in text
-    assert "local POLICY_AT = 6" in text
+    text = codec.prelude(codec.RenewArgs)
+    assert "local ARG = {now_ms = 1, token = 2, renew_ttl_ms = 3}" in text
+    assert "local POLICY_AT = 4" in text
+    assert "local LEARN = {NONE = 0, LOWERED = 1, KEPT = 2, HIGHER = 3, NO_LIMIT = 4}" in text
     assert "GRANTED = 1" in text and "DENIED = 0" in text and "CHECK_EPOCH = 2" in text
 
 
@@ -92,11 +101,14 @@ def test_arguments_encode_none_and_booleans_as_the_scripts_read_them() -> None:
 
 def test_replies_decode_by_code() -> None:
     assert codec.decode_acquire([codec.GRANTED, 10, 70]) == codec.Granted(10, 70)
-    assert codec.decode_acquire([codec.DENIED, 10, 5, 2, 1]) == codec.Denied(10, 5, 2, 1)
+    assert codec.decode_acquire([codec.DENIED, 10, 5, 2, 1, 3]) == codec.Denied(10, 5, 2, 1, 3)
     assert codec.decode_acquire([codec.CHECK_EPOCH, 10]) == codec.CheckEpoch(10)
     with pytest.raises(ValueError, match="unknown code"):
         codec.decode_acquire([7, 10])
     assert codec.decode_release([codec.DENIED, 3, b"expired"]).reason == "expired"
+    assert codec.decode_release([codec.GRANTED, 3, 0, 0, 0, 0]).learned is None
+    learned = codec.decode_release([codec.GRANTED, 3, 1, 2, 20, 30]).learned
+    assert learned == codec.Learned("LOWERED", 2, 20, 30)
     assert codec.decode_renew([codec.GRANTED, 3, 9]).expiry_ms == 9
-    usage = codec.decode_usage([1, 2, 3, 4, 5, 6, 7])
-    assert usage.limits == ((4, 5), (6, 7)) and usage.in_flight == 3
+    usage = codec.decode_usage([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert usage.limits == ((4, 5, 6), (7, 8, 9)) and usage.in_flight == 3

@@ -96,6 +96,7 @@ async def release(
         body.outcome,
         retry_after_ms=None if body.retry_after is None else _ms(body.retry_after),
         runtime_ms=None if body.runtime is None else _ms(body.runtime),
+        named=None if body.limit is None else (body.limit.amount, _ms(body.limit.window)),
     )
     waiting.released(ref.tenant, ref.api)
     return JSONResponse({"released": True})

@@ -26,9 +26,12 @@ async def usage(
     limits = []
     for item in view.limits:
         seconds = item.limit.kind is Kind.RUNTIME  # runtime is reported in seconds
+        described = item.limit.describe()
         limits.append(
             {
-                **item.limit.describe(),
+                **described,
+                "amount": item.amount / 1000 if seconds else item.amount,  # in force
+                "configured": described["amount"],  # the policy's
                 "scope": item.limit.scope.value,
                 "used": item.used / 1000 if seconds else item.used,
                 "remaining": item.remaining / 1000 if seconds else item.remaining,
