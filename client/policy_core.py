@@ -80,7 +80,18 @@ def format_duration(ms: int) -> str:
 
 # --- defaults ---------------------------------------------------------------------------
 
-DEFAULT_MARGIN_MS = 1_000
+# The default margin of a window: what a difference in clock rate between the store's
+# clock and the upstream's can add to a window of W (design rule 3 needs no margin for
+# the delay between grant and arrival). 100 ppm is a generous bound for two clocks that
+# are not disciplined at all: 6 ms a minute, 360 ms an hour, 8.6 s a day.
+CLOCK_RATE_PPM = 100
+
+
+def clock_margin_ms(window_ms: int) -> int:
+    """The margin a window gets when none is set: `W * CLOCK_RATE_PPM / 10^6`, rounded up."""
+    return -(-window_ms * CLOCK_RATE_PPM // 1_000_000)
+
+
 DEFAULT_LEASE_TTL_MS = 60_000
 DEFAULT_RUNTIME_ESTIMATE_MS = 10_000  # reserved per lease of an api with a runtime limit
 MAX_BUCKETS = 3_600  # per window: each decision may walk the buckets of a window
@@ -146,10 +157,11 @@ def make_limit(
     granularity_ms: int | None = None,
     margin_ms: int | None = None,
     scope: Scope = Scope.API,
-    default_margin_ms: int = DEFAULT_MARGIN_MS,
+    default_margin_ms: int | None = None,
 ) -> Limit:
-    """A limit with the defaults applied (granularity `W/60`, `default_margin_ms`), or a
-    ValueError that names the rule it breaks."""
+    """A limit with the defaults applied (granularity `W/60`; margin `default_margin_ms`,
+    else the clock-rate margin of its window), or a ValueError that names the rule it
+    breaks."""
     if amount <= 0:
         raise ValueError(f"{kind} must be positive, got {amount}")
     if kind is Kind.CONCURRENT:
@@ -181,7 +193,9 @@ def make_limit(
         amount,
         window_ms=per_ms,
         granularity_ms=granularity_ms or default_granularity_ms(per_ms),
-        margin_ms=default_margin_ms if margin_ms is None else margin_ms,
+        margin_ms=next(
+            m for m in (margin_ms, default_margin_ms, clock_margin_ms(per_ms)) if m is not None
+        ),
         scope=scope,
     )
 

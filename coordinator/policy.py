@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from quotagate.client.policy_core import (
     API_PATTERN,
+    CLOCK_RATE_PPM,
     DEFAULT_LEASE_TTL_MS,
-    DEFAULT_MARGIN_MS,
     DEFAULT_RUNTIME_ESTIMATE_MS,
     KEY_PATTERN,
     MAX_BUCKETS,
@@ -31,6 +31,7 @@ from quotagate.client.policy_core import (
     Policy,
     PolicySet,
     Scope,
+    clock_margin_ms,
     default_granularity_ms,
     format_duration,
     make_limit,
@@ -41,8 +42,8 @@ from quotagate.client.policy_core import (
 __all__ = [
     "API_PATTERN",
     "CATALOG_PATH",
+    "CLOCK_RATE_PPM",
     "DEFAULT_LEASE_TTL_MS",
-    "DEFAULT_MARGIN_MS",
     "DEFAULT_RUNTIME_ESTIMATE_MS",
     "KEY_PATTERN",
     "MAX_BUCKETS",
@@ -53,6 +54,7 @@ __all__ = [
     "PolicyError",
     "PolicySet",
     "Scope",
+    "clock_margin_ms",
     "default_granularity_ms",
     "load_catalog",
     "load_policies",
@@ -105,10 +107,10 @@ class _LimitSpec(BaseModel):
                 + (f" (got {', '.join(kinds)})" if kinds else "")
             )
         # The core checks a limit's rules; raised here, pydantic names the limit's place.
-        self.compile(DEFAULT_MARGIN_MS)
+        self.compile(None)
         return self
 
-    def compile(self, default_margin_ms: int) -> Limit:
+    def compile(self, default_margin_ms: int | None) -> Limit:
         kind = next(kind for kind in Kind if getattr(self, kind.value) is not None)
         return make_limit(
             kind,
@@ -146,7 +148,7 @@ class _ApiSpec(BaseModel):
             raise ValueError("lease_ttl must be positive")
         return self
 
-    def compile(self, api: str, default_margin_ms: int) -> Policy:
+    def compile(self, api: str, default_margin_ms: int | None) -> Policy:
         limits = tuple(spec.compile(default_margin_ms) for spec in self.limits)
         seen: dict[tuple[Kind, int, int, Scope], int] = {}
         for i, lim in enumerate(limits):
@@ -236,7 +238,7 @@ def _parse(text: str, source: str) -> _FileSpec:
 
 
 def _compile(
-    spec: _FileSpec, source: str, margin_ms: int
+    spec: _FileSpec, source: str, margin_ms: int | None
 ) -> tuple[dict[str, Policy], list[tuple[str, dict[str, Policy]]]]:
     apis: dict[str, Policy] = {}
     for name, api_spec in spec.apis.items():
@@ -260,8 +262,7 @@ def parse_policies(text: str, source: str = "<policies>") -> PolicySet:
     """Policies from one YAML document alone (no catalog); its tenant overrides may name
     apis that it does not define (`load_policies` checks them against the catalog)."""
     spec = _parse(text, source)
-    margin_ms = DEFAULT_MARGIN_MS if spec.margin is None else spec.margin
-    apis, tenants = _compile(spec, source, margin_ms)
+    apis, tenants = _compile(spec, source, spec.margin)  # None: each window's clock margin
     return PolicySet(apis=apis, tenants=tuple(tenants))
 
 

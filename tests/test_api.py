@@ -207,7 +207,7 @@ def test_policies(http: httpx.Client) -> None:
         "window": 3600.0,
         "scope": "api",
         "granularity": 60.0,
-        "margin": 1.0,
+        "margin": 0.36,  # 100 ppm of the hour: the clock-rate margin
     }
 
 

@@ -14,9 +14,9 @@ from quotagate.client import DEFENDER_HOSTS, DEFENDER_ROUTES, GRAPH_HOSTS
 from quotagate.coordinator.policy import (
     API_PATTERN,
     CATALOG_PATH,
-    DEFAULT_MARGIN_MS,
     Kind,
     Scope,
+    clock_margin_ms,
     default_granularity_ms,
     load_catalog,
     load_policies,
@@ -117,7 +117,7 @@ def test_catalog_defaults(api: str) -> None:
         if lim.kind is Kind.CONCURRENT:
             assert (lim.window_ms, lim.granularity_ms, lim.margin_ms) == (0, 0, 0)
         else:
-            assert lim.margin_ms == DEFAULT_MARGIN_MS
+            assert lim.margin_ms == clock_margin_ms(lim.window_ms)
             assert lim.granularity_ms == default_granularity_ms(lim.window_ms)
 
 
@@ -261,7 +261,8 @@ def test_facts_give_every_setting_the_catalog_adds() -> None:
         (_code(api), _code(setting), value)
         for api, setting, value, _ in _tables("What the catalog adds")[0]
     }
-    shipped = {("every api", "margin", CATALOG_YAML["margin"])}
+    assert "margin" not in CATALOG_YAML  # every window gets its clock-rate margin
+    shipped = {("every api", "margin", "W x 100 ppm")}
     for api, spec in CATALOG_YAML["apis"].items():
         shipped |= {
             (api, key, spec[key]) for key in ("lease_ttl", "runtime_estimate") if key in spec

@@ -9,7 +9,6 @@ import pytest
 
 from quotagate.coordinator.policy import (
     DEFAULT_LEASE_TTL_MS,
-    DEFAULT_MARGIN_MS,
     DEFAULT_RUNTIME_ESTIMATE_MS,
     Kind,
     Limit,
@@ -17,6 +16,7 @@ from quotagate.coordinator.policy import (
     PolicyError,
     PolicySet,
     Scope,
+    clock_margin_ms,
     load_catalog,
     load_policies,
     parse_policies,
@@ -192,8 +192,8 @@ def test_valid_keeps_other_catalog_apis_unchanged(valid: PolicySet) -> None:
     for name, policy in catalog.apis.items():
         if name not in replaced:
             assert valid.apis[name] == policy
-    # The file's margin (2s) applies to the file's apis only, not to the catalog's (1s).
-    assert valid.apis["m365d.incidents"].limits[0].margin_ms == DEFAULT_MARGIN_MS
+    # The file's margin (2s) applies to the file's apis only, not to the catalog's.
+    assert valid.apis["m365d.incidents"].limits[0].margin_ms == clock_margin_ms(MINUTE) == 6
     assert set(valid.apis) == set(catalog.apis) | {"acme.reports", "acme.hunting", "acme.sessions"}
 
 
@@ -224,7 +224,9 @@ def test_valid_concurrent_limits(valid: PolicySet) -> None:
 
 def test_default_margin_without_file_margin() -> None:
     policies = parse_policies("apis: {x: {limits: [{calls: 1, per: 1m}]}}")
-    assert policies.apis["x"].limits[0].margin_ms == DEFAULT_MARGIN_MS == 1_000
+    assert policies.apis["x"].limits[0].margin_ms == 6  # 100 ppm of a minute, rounded up
+    hour = parse_policies("apis: {x: {limits: [{calls: 1, per: 1h}]}}").apis["x"]
+    assert hour.limits[0].margin_ms == 360
 
 
 def test_file_margin_zero_is_kept() -> None:

@@ -176,7 +176,7 @@ class TestPolicies:
         # What the policy file would compile to: the core's defaults (granularity, margin).
         override = book.resolve("contoso/app1", "mde.live-response")
         assert override is not None and override.limits == (
-            Limit(Kind.CALLS, 20, 60_000, granularity_ms=1_000, margin_ms=1_000),
+            Limit(Kind.CALLS, 20, 60_000, granularity_ms=1_000, margin_ms=6),  # clock margin
         )
 
     def test_file_spelling_single_policy_and_list(self) -> None:
@@ -187,8 +187,8 @@ class TestPolicies:
         policy = parse_policies(spelled).resolve(TENANT, "x")
         assert policy is not None
         assert policy.limits == (
-            Limit(Kind.CALLS, 50, 60_000, granularity_ms=1_000, margin_ms=1_000),
-            Limit(Kind.RUNTIME, 600_000, 3_600_000, granularity_ms=60_000, margin_ms=1_000),
+            Limit(Kind.CALLS, 50, 60_000, granularity_ms=1_000, margin_ms=6),
+            Limit(Kind.RUNTIME, 600_000, 3_600_000, granularity_ms=60_000, margin_ms=360),
         )
         assert policy.runtime_estimate_ms == 10_000
         assert parse_policies([spelled]).resolve(TENANT, "x") == policy

@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from quotagate.client import policy_core
 from quotagate.client.policy_core import (
     API_PATTERN,
-    DEFAULT_MARGIN_MS,
     KEY_PATTERN,
     MAX_MS,
     TENANT_PATTERN,
@@ -24,6 +23,7 @@ from quotagate.client.policy_core import (
     Policy,
     PolicySet,
     Scope,
+    clock_margin_ms,
     default_granularity_ms,
     format_duration,
     make_limit,
@@ -290,8 +290,9 @@ def test_the_core_needs_no_server_dependency() -> None:
 
 def test_make_limit_applies_the_defaults() -> None:
     assert make_limit(Kind.CALLS, 50, per_ms=MINUTE) == Limit(
-        Kind.CALLS, 50, MINUTE, granularity_ms=SECOND, margin_ms=DEFAULT_MARGIN_MS
+        Kind.CALLS, 50, MINUTE, granularity_ms=SECOND, margin_ms=clock_margin_ms(MINUTE)
     )
+    assert clock_margin_ms(MINUTE) == 6 and clock_margin_ms(1) == 1 and clock_margin_ms(0) == 0
     assert make_limit(Kind.RUNTIME, 10 * MINUTE, per_ms=HOUR, margin_ms=0, scope=Scope.KEY) == (
         Limit(Kind.RUNTIME, 10 * MINUTE, HOUR, granularity_ms=MINUTE, scope=Scope.KEY)
     )
