@@ -266,6 +266,7 @@ class Decision:
     key: str  # the counter: endpoint name, or method and path template
     retry_after: float = 0.0  # real seconds; 0 when admitted
     limit: Limit | None = None  # the limit that bound the retry time
+    amount: float = 0.0  # that limit's amount for this caller (see Throttler.factors)
 
     @property
     def admitted(self) -> bool:
@@ -292,6 +293,15 @@ class Throttler:
         self.endpoints = tuple(endpoints)
         self.speed = speed
         self._logs: dict[tuple[str, str, int], _Log] = {}
+        # Tenants whose calls limits are a share of the catalog's, as Microsoft's "the
+        # number of calls varies per tenant" allows: caller -> factor.
+        self.factors: dict[str, float] = {}
+
+    def amount(self, caller: str, limit: Limit) -> float:
+        """A limit's amount for `caller`: calls limits scaled by its factor (at least 1)."""
+        if limit.runtime:
+            return limit.amount
+        return max(math.floor(limit.amount * self.factors.get(caller, 1.0)), 1)
 
     def real(self, emulated: float) -> float:
         return emulated / self.speed
@@ -310,7 +320,7 @@ class Throttler:
         if endpoint is None:
             return Decision(None, "")
         key = endpoint.key(method, path)
-        retry, bound = 0.0, None
+        retry, bound, bound_amount = 0.0, None, 0.0
         logs: list[tuple[Limit, _Log]] = []
         for i, limit in enumerate(endpoint.limits):
             window = self.real(limit.per)
@@ -319,17 +329,20 @@ class Throttler:
                 log = self._logs[caller, key, i] = _Log(window)
             log.prune(now)
             logs.append((limit, log))
+            amount = self.amount(caller, limit)
             if limit.runtime:
-                if log.total >= self.real(limit.amount):
-                    wait = log.leaves_below(self.real(limit.amount)) - now
-                    retry, bound = max((retry, bound), (wait, limit), key=_first)
-            elif log.total >= limit.amount:
+                if log.total >= self.real(amount):
+                    wait = log.leaves_below(self.real(amount)) - now
+                    if wait > retry:
+                        retry, bound, bound_amount = wait, limit, amount
+            elif log.total >= amount:
                 # This attempt counts too, so the retry time is when the window holds
                 # fewer than `amount` with it: the (n + 1 - amount)-th oldest has left.
-                index = log.head + int(log.total) - int(limit.amount)
+                index = log.head + int(log.total) - int(amount)
                 nth = log.times[index + 1] if index + 1 < len(log.times) else now
                 wait = nth + window - now
-                retry, bound = max((retry, bound), (wait, limit), key=_first)
+                if wait > retry:
+                    retry, bound, bound_amount = wait, limit, amount
         admitted = bound is None
         for limit, log in logs:
             if not limit.runtime:
@@ -340,14 +353,11 @@ class Throttler:
             return Decision(endpoint, key)
         # Defender answers in whole seconds of its own clock; never before the real time.
         emulated = math.ceil(round(retry * self.speed, 6))
-        return Decision(endpoint, key, max(emulated, 1) / self.speed, bound)
+        return Decision(endpoint, key, max(emulated, 1) / self.speed, bound, bound_amount)
 
     def reset(self) -> None:
         self._logs.clear()
-
-
-def _first(pair: tuple[float, Limit | None]) -> float:
-    return pair[0]
+        self.factors.clear()
 
 
 @dataclass(slots=True)
@@ -403,6 +413,7 @@ class DefenderEmulator:
                 Route("/_emulator/health", self._health, methods=["GET"]),
                 Route("/_emulator/arrivals", self._list_arrivals, methods=["GET"]),
                 Route("/_emulator/reset", self._reset, methods=["POST"]),
+                Route("/_emulator/factor", self._factor, methods=["POST"]),
                 Route("/{path:path}", self._handle, methods=METHODS),
             ]
         )
@@ -535,7 +546,7 @@ class DefenderEmulator:
         if limit.runtime:
             body = runtime_body(retry, target)
         else:
-            body = calls_body(int(limit.amount), limit.per / self.speed, retry, target)
+            body = calls_body(int(decision.amount), limit.per / self.speed, retry, target)
         return _throttled(body, retry)
 
     async def _health(self, request: Request) -> JSONResponse:
@@ -548,6 +559,13 @@ class DefenderEmulator:
     async def _reset(self, request: Request) -> JSONResponse:
         self.reset()
         return JSONResponse({"reset": True})
+
+    async def _factor(self, request: Request) -> JSONResponse:
+        """`{"caller": ..., "factor": f}`: that tenant's calls limits are f of the catalog's."""
+        body = await request.json()
+        with self._lock:
+            self.throttler.factors[str(body["caller"])] = float(body["factor"])
+        return JSONResponse({"factor": body["factor"]})
 
 
 def caller_of(authorization: str) -> str:

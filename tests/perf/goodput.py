@@ -1,4 +1,4 @@
-"""Goodput: a fleet of workers against the Defender emulator, in four configurations
+"""Goodput: a fleet of workers against the Defender emulator, in several configurations
 measured in the same run.
 
     python -m tests.perf.goodput [--workers 64] [--processes 4] [--seconds 30] [--speed 10]
@@ -16,7 +16,12 @@ for a fixed time. The same fleet runs four times, each on a fresh tenant:
   window (minute, hour, run time per hour and per day), waiting for the window to reset
   when one says no; run time reserves the estimate (a moving window cannot give back).
 - `quotagate`: the httpx transport, leasing from a real coordinator process on the same
-  Redis, with the policies scaled like the emulator.
+  Redis, with the policies scaled like the emulator, at the default margin.
+- `late`: the same, with late senders: `late_share` of the calls leave `late_hold`
+  real seconds after their lease was granted (a GC pause, a CPU-throttled pod, a cold
+  TLS handshake), far beyond any margin.
+- `learned`: the same, on a tenant whose calls limits the emulator holds at
+  `learned_factor` of the catalog's; the coordinator learns them from the first 429s.
 
 Per configuration it reports upstream 429s, calls completed, the utilisation of each
 job's binding limit, the wait before a call (p50, p99: from the moment a worker wants
@@ -72,7 +77,8 @@ from ..emulator import (
 )
 from .harness import SPAWN, app_process, jain, percentile, watchdog
 
-CONFIGS = ("none", "local", "limits", "quotagate")
+CONFIGS = ("none", "local", "limits", "quotagate", "late", "learned")
+LEASED = ("quotagate", "late", "learned")  # the configurations that lease
 DEFAULT_OUT = Path(__file__).parent / "results"
 
 
@@ -116,13 +122,16 @@ class Options:
     processes: int = 4
     seconds: float = 30.0  # real seconds per configuration
     speed: float = 10.0  # emulated seconds per real second: a minute is 6 s
-    margin_ms: int = 150  # quotagate: per limit, for the scaled windows
+    margin_ms: int | None = None  # quotagate: per limit; None: the default (clock rate)
     granularity_ms: int = 10  # quotagate: bucket size of windows up to 10 s
     mix: tuple[tuple[str, int], ...] = (("incidents", 2), ("machines", 1), ("hunting", 1))
     runtime_min: float = 1.0  # emulated seconds of a hunting query
     runtime_max: float = 20.0
     latency: float = 0.3  # emulated seconds of a plain call
     stagger: float = 0.25  # workers start spread over this share of an emulated minute
+    late_share: float = 0.05  # `late`: the share of sends held ...
+    late_hold: tuple[float, float] = (1.0, 2.0)  # ... this many real seconds
+    learned_factor: float = 0.7  # `learned`: the tenant's calls limits, of the catalog's
     configs: tuple[str, ...] = CONFIGS
     seed: int = 1
     out: Path = DEFAULT_OUT
@@ -174,6 +183,26 @@ class Stamped(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         self.sent = time.monotonic()
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class Late(httpx.AsyncBaseTransport):
+    """Between the lease and the upstream: holds a share of the sends for a while."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, options: Options, seed: str) -> None:
+        self.inner = inner
+        self.share = options.late_share
+        self.hold = options.late_hold
+        self.random = random.Random(seed)
+        self.held = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.random.random() < self.share:
+            self.held += 1
+            await asyncio.sleep(self.random.uniform(*self.hold))
         return await self.inner.handle_async_request(request)
 
     async def aclose(self) -> None:
@@ -389,7 +418,7 @@ async def _fleet(plan: Plan, ready: Any, go: Any, start_at: Any) -> list[WorkerS
     timeout = httpx.Timeout(options.seconds + 10)
     quota = None
     limits_gate = None
-    if plan.config == "quotagate":
+    if plan.config in LEASED:
         assert plan.coordinator_url is not None
         quota = AsyncQuotaClient(plan.coordinator_url, plan.tenant, timeout=5.0)
     if plan.config == "limits":
@@ -397,12 +426,15 @@ async def _fleet(plan: Plan, ready: Any, go: Any, start_at: Any) -> list[WorkerS
         limits_gate = LimitsGate(options, plan.redis_url, plan.tenant)
 
     clients = []
-    for role in plan.roles:
+    for number, role in enumerate(plan.roles):
         stamp = Stamped()
         transport: httpx.AsyncBaseTransport = stamp
         gate: Gate = OpenGate()
         if quota is not None:
-            transport = AsyncQuotaTransport(quota, ROUTES, inner=stamp, wait=options.seconds + 5)
+            inner: httpx.AsyncBaseTransport = stamp
+            if plan.config == "late":
+                inner = Late(stamp, options, f"{options.seed}:{plan.process}:{number}")
+            transport = AsyncQuotaTransport(quota, ROUTES, inner=inner, wait=options.seconds + 5)
         elif plan.config == "local":
             gate = LocalGate(options, role)
         elif limits_gate is not None:
@@ -411,8 +443,7 @@ async def _fleet(plan: Plan, ready: Any, go: Any, start_at: Any) -> list[WorkerS
         clients.append((role, http, stamp, gate))
 
     # Open every connection before the start: a cold first call takes hundreds of ms,
-    # which no one would count as the limiter's wait, and which would skew the
-    # grant-to-arrival delay that the coordinator's margin covers.
+    # which no one would count as the limiter's wait.
     health = plan.emulator_url + "/_emulator/health"
     await asyncio.gather(*(http.get(health) for _, http, _, _ in clients))
     if quota is not None:
@@ -483,8 +514,10 @@ def _ms(seconds: float) -> int:
 
 def quotagate_policies(options: Options) -> str:
     """The coordinator's policies for the jobs: the emulator's limits on its time scale;
-    windows up to 10 s in buckets of `granularity_ms`, and `margin_ms` on every limit."""
-    lines = [f"margin: {options.margin_ms}ms", "apis:"]
+    windows up to 10 s in buckets of `granularity_ms`, and `margin_ms` on every limit if
+    set (else each window's default)."""
+    lines = [] if options.margin_ms is None else [f"margin: {options.margin_ms}ms"]
+    lines.append("apis:")
     for role, job in JOBS.items():
         endpoint = endpoint_of(role)
         lines.append(f"  {job.api}:")
@@ -516,6 +549,10 @@ def run_config(
     # A fresh tenant per configuration, rather than a flushed store: the coordinator
     # would take a flush for a lost store and grant only a share until its windows pass.
     httpx.post(emulator_url + "/_emulator/reset", timeout=10).raise_for_status()
+    factor = options.learned_factor if config == "learned" else 1.0
+    if config == "learned":
+        lower = {"caller": tenant, "factor": factor}
+        httpx.post(emulator_url + "/_emulator/factor", json=lower, timeout=10).raise_for_status()
     roles = options.roles()
     ready = SPAWN.Barrier(options.processes + 1)
     go = SPAWN.Barrier(options.processes + 1)
@@ -551,16 +588,21 @@ def run_config(
         path = options.out / f"goodput-arrivals-{config}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"start": start, "arrivals": arrivals}))
-    return summarise(config, options, workers, arrivals, start)
+    return summarise(config, options, workers, arrivals, start, factor)
 
 
 # -- figures -----------------------------------------------------------------------------------
 
 
 def utilisation(
-    options: Options, role: str, arrivals: Sequence[Sequence[Any]], start: float
+    options: Options,
+    role: str,
+    arrivals: Sequence[Sequence[Any]],
+    start: float,
+    factor: float = 1.0,
 ) -> float:
-    """The time average of how full the fullest window of the job's endpoint is."""
+    """The time average of how full the fullest window of the job's endpoint is, against
+    the tenant's real limits (calls limits at `factor` of the catalog's)."""
     counter = counter_of(role)
     accepted = sorted((a[0], a[4]) for a in arrivals if a[2] == counter and a[3] == 200)
     times = [at for at, _ in accepted]
@@ -581,7 +623,11 @@ def utilisation(
             lo = bisect.bisect_right(times, t - options.real(limit.per))
             hi = bisect.bisect_right(times, t)
             prefix = sums[limit.runtime]
-            amount = options.real(limit.amount) if limit.runtime else limit.amount
+            amount = (
+                options.real(limit.amount)
+                if limit.runtime
+                else max(math.floor(limit.amount * factor), 1)
+            )
             fullest = max(fullest, (prefix[hi] - prefix[lo]) / amount)
         total += min(fullest, 1.0)
     return total / samples
@@ -593,6 +639,7 @@ def summarise(
     workers: list[dict[str, Any]],
     arrivals: list[list[Any]],
     start: float,
+    factor: float = 1.0,
 ) -> dict[str, Any]:
     end = start + options.seconds
     waits = [w for worker in workers for w in worker["waits"]]
@@ -611,7 +658,7 @@ def summarise(
             r: sum(w["completed"] for w in workers if w["role"] == r) for r in roles
         },
         "accepted_in_run": sum(1 for a in arrivals if a[3] == 200 and start <= a[0] < end),
-        "utilisation": {r: utilisation(options, r, arrivals, start) for r in roles},
+        "utilisation": {r: utilisation(options, r, arrivals, start, factor) for r in roles},
         "wait_p50": percentile(waits, 50),
         "wait_p99": percentile(waits, 99),
         "wait_by_role": {
@@ -711,7 +758,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--processes", type=int, default=defaults.processes)
     parser.add_argument("--seconds", type=float, default=defaults.seconds)
     parser.add_argument("--speed", type=float, default=defaults.speed)
-    parser.add_argument("--margin-ms", type=int, default=defaults.margin_ms)
+    parser.add_argument(
+        "--margin-ms", type=int, default=defaults.margin_ms, help="default: the policy default"
+    )
+    parser.add_argument("--late-share", type=float, default=defaults.late_share)
+    parser.add_argument("--learned-factor", type=float, default=defaults.learned_factor)
     parser.add_argument("--granularity-ms", type=int, default=defaults.granularity_ms)
     parser.add_argument(
         "--mix",
@@ -741,6 +792,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         speed=args.speed,
         margin_ms=args.margin_ms,
         granularity_ms=args.granularity_ms,
+        late_share=args.late_share,
+        learned_factor=args.learned_factor,
         mix=mix,
         configs=configs,
         stagger=args.stagger,
@@ -764,7 +817,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             )
         )
         coordinator_url = None
-        if "quotagate" in options.configs:
+        if set(LEASED) & set(options.configs):
             coordinator_url = stack.enter_context(
                 app_process(
                     coordinator_app,
@@ -794,7 +847,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     plot(results, options, options.out / "goodput.png")
     print(
         f"{options.workers} workers in {options.processes} processes, {options.seconds:g} s "
-        f"per configuration, speed {options.speed:g}; quotagate margin {options.margin_ms} ms, "
+        f"per configuration, speed {options.speed:g}; quotagate margin "
+        f"{'default' if options.margin_ms is None else f'{options.margin_ms} ms'}, "
         f"granularity {options.granularity_ms} ms; load average {load_before:.2f} before, "
         f"{os.getloadavg()[0]:.2f} after"
     )

@@ -316,3 +316,18 @@ def test_endpoint_figures_are_the_catalogs(endpoint: Endpoint) -> None:
     ]
     assert [(lim.runtime, lim.amount, lim.per) for lim in endpoint.limits] == expected
     assert endpoint.per_path == any(lim.scope is Scope.KEY for lim in windowed)
+
+
+async def test_a_tenant_can_have_a_lower_calls_limit_than_the_catalog(
+    http: httpx.AsyncClient,
+) -> None:
+    factor = await http.post("/_emulator/factor", json={"caller": "contoso-app1", "factor": 0.5})
+    assert factor.status_code == 200
+    statuses = [(await http.get("/api/incidents", headers=CONTOSO)).status_code for _ in range(26)]
+    assert statuses == [200] * 25 + [429]  # half of 50 a minute
+    throttled = await http.get("/api/incidents", headers=CONTOSO)
+    found = parse_throttle(throttled.status_code, throttled.headers, throttled.content)
+    assert found is not None and (found.calls, found.window) == (25, 60.0)
+    assert (await http.get("/api/incidents", headers=FABRIKAM)).status_code == 200
+    await http.post("/_emulator/reset")
+    assert (await http.get("/api/incidents", headers=CONTOSO)).status_code == 200
