@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from ..auth import Principal
-from ..deps import EngineDep, PrincipalDep, SettingsDep, WaitingDep
+from ..deps import lease_context
 from ..engine import Denial
 from ..errors import UnknownLease
 from ..leases import LeaseRef
@@ -45,14 +45,9 @@ def _lease_of(lease_id: str, who: Principal) -> LeaseRef:
     response_model=None,
     responses={200: {"model": LeaseReply}, **documented(*BODY_ERRORS, 401, 403, 404, 429, 503)},
 )
-async def acquire(
-    body: AcquireBody,
-    request: Request,
-    who: PrincipalDep,
-    waiting: WaitingDep,
-    settings: SettingsDep,
-) -> JSONResponse:
-    who.check(body.tenant)
+async def acquire(body: AcquireBody, request: Request) -> JSONResponse:
+    context = lease_context(request)
+    context.who.check(body.tenant)
     started = time.monotonic()
     ask = Ask(
         tenant=body.tenant,
@@ -60,11 +55,11 @@ async def acquire(
         key=body.key or "",
         cost=body.cost,
         runtime_estimate_ms=None if body.runtime_estimate is None else _ms(body.runtime_estimate),
-        wait=min(body.wait, settings.max_wait),
+        wait=min(body.wait, context.settings.max_wait),
         priority=body.priority,
         holder=body.holder,
     )
-    result = await waiting.acquire(ask, request.is_disconnected)
+    result = await context.waiting.acquire(ask, request.is_disconnected)
     if result is None:  # the client went away while waiting
         return error_reply(499, "client_closed", "the client disconnected while waiting")
     if isinstance(result, Denial):
@@ -87,26 +82,24 @@ async def acquire(
     response_model=None,
     responses={200: {"model": ReleasedReply}, **documented(*BODY_ERRORS, 401, 403, 404, 503)},
 )
-async def release(
-    lease_id: str, body: ReleaseBody, who: PrincipalDep, engine: EngineDep, waiting: WaitingDep
-) -> JSONResponse:
-    ref = _lease_of(lease_id, who)
-    await engine.release(
+async def release(lease_id: str, body: ReleaseBody, request: Request) -> JSONResponse:
+    context = lease_context(request)
+    ref = _lease_of(lease_id, context.who)
+    await context.engine.release(
         lease_id,
         body.outcome,
         retry_after_ms=None if body.retry_after is None else _ms(body.retry_after),
         runtime_ms=None if body.runtime is None else _ms(body.runtime),
         named=None if body.limit is None else (body.limit.amount, _ms(body.limit.window)),
     )
-    waiting.released(ref.tenant, ref.api)
+    context.waiting.released(ref.tenant, ref.api)
     return JSONResponse({"released": True})
 
 
 @router.post("/{lease_id}/renew", responses=documented(*BODY_ERRORS, 401, 403, 404, 503))
-async def renew(
-    lease_id: str, who: PrincipalDep, engine: EngineDep, body: RenewBody | None = None
-) -> dict[str, float]:
-    _lease_of(lease_id, who)
+async def renew(lease_id: str, request: Request, body: RenewBody | None = None) -> dict[str, float]:
+    context = lease_context(request)
+    _lease_of(lease_id, context.who)
     ttl = None if body is None or body.ttl is None else _ms(body.ttl)
-    expires_in = await engine.renew(lease_id, ttl)
+    expires_in = await context.engine.renew(lease_id, ttl)
     return {"expires_in": expires_in / 1000}
