@@ -53,7 +53,7 @@ def create_app(
         app.state.engine = engine
         app.state.waiting = LocalLines(engine)
         with contextlib.suppress(BackendUnavailable):
-            await engine.check_epoch()  # else the first acquire does it
+            await engine.check_store()  # the store's ids, to tell a failover later
         try:
             yield
         finally:

@@ -27,8 +27,7 @@ LUA_DIR = Path(__file__).parent.parent / "lua"
 # Reply codes: the first element of every acquire, release and renew reply.
 DENIED = 0  # acquire: no grant; release/renew: no such live lease
 GRANTED = 1  # acquire: granted; release: released; renew: renewed
-CHECK_EPOCH = 2  # acquire: this (tenant, api) carries no stamp of the epoch the caller knows
-REPLY_CODES = {"DENIED": DENIED, "GRANTED": GRANTED, "CHECK_EPOCH": CHECK_EPOCH}
+REPLY_CODES = {"DENIED": DENIED, "GRANTED": GRANTED}
 
 # What a throttled release did with the limit the upstream named (design rule 8).
 LEARN_CODES = {"NONE": 0, "LOWERED": 1, "KEPT": 2, "HIGHER": 3, "NO_LIMIT": 4}
@@ -74,9 +73,11 @@ class AcquireArgs(ScriptArgs):
     token: str  # the lease's member in Redis (LeaseRef.member)
     cost: int  # call units
     estimate_ms: int  # run time reserved
-    epoch: str  # the store epoch the caller knows; "" = no check
-    verified: bool  # the caller has just checked the epoch
-    recovery: str  # "since_ms:share_permille" after a loss, else ""
+    known_epoch: int | None  # this state's epoch as the caller last saw it
+    known_until: int | None  # until when the caller saw the state sure to live
+    loss_on_start: int | None  # since when a missing state counts as lost
+    recovery: int | None  # the time of a loss the caller saw (a failover)
+    share_permille: int | None  # the share granted in recovery; None: no loss tracking
 
 
 @dataclass(frozen=True)
@@ -116,23 +117,12 @@ class ForgetArgs(ScriptArgs):
     now_ms: int | None
 
 
-@dataclass(frozen=True)
-class EpochArgs(ScriptArgs):
-    script: ClassVar[str] = "epoch"
-    policy: ClassVar[bool] = False
-
-    now_ms: int | None
-    known: str  # the epoch the caller saw before; "" = none
-    loss_on_start: bool  # a missing epoch counts as a loss even for a caller that knew none
-
-
 SCRIPTS: tuple[type[ScriptArgs], ...] = (
     AcquireArgs,
     ReleaseArgs,
     RenewArgs,
     UsageArgs,
     ForgetArgs,
-    EpochArgs,
 )
 
 
@@ -210,6 +200,8 @@ def _text(value: bytes | str) -> str:
 class Granted:
     now_ms: int
     expiry_ms: int
+    epoch_ms: int  # the state's epoch, to pass as known_epoch next time (0: untracked)
+    until_ms: int  # the state is sure to live until then: known_until next time
 
 
 @dataclass(frozen=True)
@@ -219,23 +211,18 @@ class Denied:
     bound: int  # 1-based index of the limit that bound the wait; 0 for the cooldown
     soonest_ms: int  # the wait if every lease in flight were released now
     amount: int  # the bound limit's amount in force (a learned one may be lower)
+    epoch_ms: int  # as in Granted
+    until_ms: int
 
 
-@dataclass(frozen=True)
-class CheckEpoch:
-    now_ms: int
-
-
-def decode_acquire(reply: Sequence[Any]) -> Granted | Denied | CheckEpoch:
-    """acquire.lua: {GRANTED, now_ms, expiry_ms} | {DENIED, now_ms, retry_ms, bound,
-    soonest_ms, amount} | {CHECK_EPOCH, now_ms}."""
+def decode_acquire(reply: Sequence[Any]) -> Granted | Denied:
+    """acquire.lua: {GRANTED, now_ms, expiry_ms, epoch_ms, until_ms} | {DENIED, now_ms,
+    retry_ms, bound, soonest_ms, amount, epoch_ms, until_ms}."""
     code = _int(reply[0])
     if code == GRANTED:
-        return Granted(_int(reply[1]), _int(reply[2]))
+        return Granted(*(_int(value) for value in reply[1:5]))
     if code == DENIED:
-        return Denied(*(_int(value) for value in reply[1:6]))
-    if code == CHECK_EPOCH:
-        return CheckEpoch(_int(reply[1]))
+        return Denied(*(_int(value) for value in reply[1:8]))
     raise ValueError(f"acquire.lua replied with an unknown code {code}")
 
 
@@ -301,20 +288,7 @@ def decode_forget(reply: Sequence[Any]) -> int:
     return _int(reply[2])
 
 
-@dataclass(frozen=True)
-class EpochReply:
-    start_ms: int
-    kind: str  # "fresh" | "loss"
-    now_ms: int
-
-
-def decode_epoch(reply: Sequence[Any]) -> EpochReply:
-    """epoch.lua: {start_ms, kind, now_ms}."""
-    return EpochReply(_int(reply[0]), _text(reply[1]), _int(reply[2]))
-
-
 __all__ = [
-    "CHECK_EPOCH",
     "DENIED",
     "GRANTED",
     "KEY_LAYOUT",
@@ -322,10 +296,7 @@ __all__ = [
     "POLICY_FIELDS",
     "SCRIPTS",
     "AcquireArgs",
-    "CheckEpoch",
     "Denied",
-    "EpochArgs",
-    "EpochReply",
     "ForgetArgs",
     "Granted",
     "Learned",
@@ -336,7 +307,6 @@ __all__ = [
     "UsageArgs",
     "UsageReply",
     "decode_acquire",
-    "decode_epoch",
     "decode_forget",
     "decode_release",
     "decode_renew",

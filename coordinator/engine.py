@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import (
@@ -27,7 +28,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import codec
-from .codec import AcquireArgs, EpochArgs, ForgetArgs, Learned, ReleaseArgs, RenewArgs, UsageArgs
+from .codec import AcquireArgs, ForgetArgs, Learned, ReleaseArgs, RenewArgs, UsageArgs
 from .errors import BackendUnavailable, InvalidRequest, UnknownApi, UnknownLease
 from .leases import LeaseRef
 from .policy import KEY_PATTERN, TENANT_PATTERN, Limit, Policy, PolicySet
@@ -39,7 +40,7 @@ SCRIPT_RELEASE = codec.script_source(ReleaseArgs)
 SCRIPT_RENEW = codec.script_source(RenewArgs)
 SCRIPT_USAGE = codec.script_source(UsageArgs)
 SCRIPT_FORGET = codec.script_source(ForgetArgs)
-SCRIPT_EPOCH = codec.script_source(EpochArgs)
+KNOWN_STATES = 100_000  # (tenant, api) states an engine remembers, for loss detection
 
 # Store errors that mean "again" or "elsewhere" (a failover, a restart, a resharding):
 # the caller gets 503 and tries again; anything else is a bug and is not hidden.
@@ -54,7 +55,6 @@ TRANSIENT = (
     TryAgainError,
 )
 
-EPOCH_KEY = "qg:epoch"
 log = logging.getLogger("quotagate")
 
 
@@ -123,6 +123,18 @@ class Usage:
     now_ms: int
 
 
+def _ids(info: Any) -> list[str]:
+    """The run and replication ids in an INFO reply (one node's, or a cluster's per node)."""
+    if "run_id" in info or "master_replid" in info:
+        return [f"{name}={info[name]}" for name in ("run_id", "master_replid") if name in info]
+    return [
+        f"{node}:{found}"
+        for node, part in info.items()
+        if isinstance(part, dict)
+        for found in _ids(part)
+    ]
+
+
 def validate_scope(tenant: str, key: str) -> None:
     if not TENANT_PATTERN.match(tenant):
         raise InvalidRequest("tenant", f"must match {TENANT_PATTERN.pattern}")
@@ -147,10 +159,13 @@ class Engine:
     freeze time) and a store that does not answer, or answers "again" or "elsewhere",
     raises BackendUnavailable.
 
-    With `recovery_share` set, the engine tracks the store's epoch (`lua/epoch.lua`): when
-    the store loses its state, every windowed limit grants at most that share of its
-    amount until its window no longer overlaps the loss. `loss_on_start` treats an empty
-    store at start as a loss too. Without it (None), no epoch is tracked.
+    With `recovery_share` set, the engine tracks losses of state (design rule 9): per hash
+    tag, the scripts compare each (tenant, api)'s state with what this engine last saw of
+    it (`acquire.lua`), and a failover or restart of the store it talks to (a new run or
+    replication id) counts as a loss of what was not yet written through; after a loss
+    every windowed limit grants at most that share of its amount until its window no
+    longer overlaps the loss. `loss_on_start` treats state missing at start as lost too.
+    Without `recovery_share` (None), no loss is tracked.
     """
 
     def __init__(
@@ -170,36 +185,41 @@ class Engine:
         self.timeout = timeout
         self.learned_ttl_ms = learned_ttl_ms
         self._hinted: set[tuple[str, str, int, int]] = set()  # named limits logged once
-        self.epoch = ""  # start of the store's epoch (ms), as the scripts compare it
-        self.recovery = ""  # "since_ms:share_permille" after a loss
+        # What this engine last saw of each (tenant, api)'s state: (epoch, sure to live
+        # until), both Redis ms; bounded, the oldest forgotten first (a forgotten state
+        # only loses its loss detection here, other coordinators may still know it).
+        self._known: OrderedDict[tuple[str, str], tuple[int, int]] = OrderedDict()
+        self._started_ms: int | None = None  # Redis time of the first decision
+        self.recovery: int | None = None  # Redis ms of the last failover or restart seen
+        self._store_id: frozenset[str] | None = None  # the run and replication ids
+        self._suspect = False  # a store error since the ids were last read
         self.lua_acquire = redis.register_script(SCRIPT_ACQUIRE)
         self.lua_release = redis.register_script(SCRIPT_RELEASE)
         self.lua_renew = redis.register_script(SCRIPT_RENEW)
         self.lua_usage = redis.register_script(SCRIPT_USAGE)
         self.lua_forget = redis.register_script(SCRIPT_FORGET)
-        self.lua_epoch = redis.register_script(SCRIPT_EPOCH)
         # Resolved once per (tenant, api, key) seen lately: a decision then costs one
         # dictionary look-up before its round trip.
         self.target = functools.lru_cache(maxsize=4096)(self._resolve)
 
-    async def check_epoch(self, *, now: int | None = None) -> None:
-        """Read (or start) the store's epoch, and enter recovery if it began with a loss."""
-        known = self.epoch
-        args = EpochArgs(now_ms=now, known=known, loss_on_start=self.loss_on_start)
-        reply = codec.decode_epoch(
-            await self._call(self.lua_epoch(keys=[EPOCH_KEY], args=args.argv()))
-        )
-        start = str(reply.start_ms)
-        self.epoch = start
-        if reply.kind == "loss" and self.recovery_share is not None:
-            if start != known:
-                log.warning(
-                    "the quota store lost its state at %s ms: granting %.0f%% of each limit "
-                    "until its window no longer overlaps the loss",
-                    start,
-                    self.recovery_share * 100,
-                )
-            self.recovery = f"{start}:{round(self.recovery_share * 1000)}"
+    async def check_store(self) -> None:
+        """Read the store's run and replication ids; when they changed since the last
+        read (a failover, or a restart), enter recovery from now: the writes not yet
+        replicated or persisted may be gone."""
+        info = await self._call(self.redis.info())
+        ids = frozenset(_ids(info))
+        self._suspect = False
+        if self._store_id is not None and ids != self._store_id and self.recovery_share:
+            now = await self._call(self.redis.time())
+            self.recovery = int(now[0]) * 1000 + int(now[1]) // 1000
+            log.warning(
+                "the quota store changed (failover or restart): granting %.0f%% of each "
+                "limit until its window no longer overlaps %d ms",
+                self.recovery_share * 100,
+                self.recovery,
+                extra={"event": "store_changed"},
+            )
+        self._store_id = ids
 
     def policy(self, tenant: str, api: str) -> Policy:
         policy = self.policies.resolve(tenant, api)
@@ -220,6 +240,7 @@ class Engine:
         """Check that Redis answers and load every script into its cache (EVALSHA reloads
         on demand anyway). Raises BackendUnavailable."""
         await self._call(self.redis.ping())
+        await self.check_store()
         scripts = (
             self.lua_acquire,
             self.lua_release,
@@ -227,7 +248,7 @@ class Engine:
             self.lua_usage,
             self.lua_forget,
         )
-        for script in (*scripts, self.lua_epoch):
+        for script in scripts:
             await self._call(self.redis.script_load(script.script))
 
     async def acquire(
@@ -262,17 +283,12 @@ class Engine:
                 f"{too_long.amount / 1000:g} s",
             )
         ref = LeaseRef.new(tenant, api, key)
-        tracked = self.recovery_share is not None
-        if tracked and not self.epoch:
-            await self.check_epoch(now=now)
-        reply = await self._acquire(ref, target, cost, estimate, now, verified=False)
-        if isinstance(reply, codec.CheckEpoch):
-            await self.check_epoch(now=now)
-            reply = await self._acquire(ref, target, cost, estimate, now, verified=True)
+        if self._suspect and now is None and self.recovery_share is not None:
+            await self.check_store()  # after a store error: was it a failover?
+        reply = await self._acquire(ref, target, cost, estimate, now)
+        self._remember(tenant, api, reply)
         if isinstance(reply, codec.Granted):
             return Grant(ref.lease_id, tenant, api, key, cost, reply.now_ms, reply.expiry_ms)
-        if isinstance(reply, codec.CheckEpoch):  # a verified acquire never asks again
-            raise BackendUnavailable("the store's epoch changed during the acquire")
         return Denial(
             "cooling_down" if reply.bound == 0 else "quota_exhausted",
             reply.retry_ms,
@@ -283,26 +299,49 @@ class Engine:
         )
 
     async def _acquire(
-        self,
-        ref: LeaseRef,
-        target: Target,
-        cost: int,
-        estimate: int,
-        now: int | None,
-        *,
-        verified: bool,
-    ) -> codec.Granted | codec.Denied | codec.CheckEpoch:
+        self, ref: LeaseRef, target: Target, cost: int, estimate: int, now: int | None
+    ) -> codec.Granted | codec.Denied:
+        share = self.recovery_share
+        known = self._known.get((ref.tenant, ref.api)) if share is not None else None
+        if self.loss_on_start and self._started_ms is None:
+            self._started_ms = now if now is not None else await self._redis_ms()
         args = AcquireArgs(
             now_ms=now,
             token=ref.member,
             cost=cost,
             estimate_ms=estimate,
-            epoch=self.epoch,
-            verified=verified,
+            known_epoch=None if known is None else known[0],
+            known_until=None if known is None else known[1],
+            loss_on_start=self._started_ms,
             recovery=self.recovery,
+            share_permille=None if share is None else round(share * 1000),
         )
         reply = await self._call(self.lua_acquire(keys=target.keys, args=args.argv(target.args)))
         return codec.decode_acquire(reply)
+
+    def _remember(self, tenant: str, api: str, reply: codec.Granted | codec.Denied) -> None:
+        if not reply.epoch_ms:
+            return
+        scope = (tenant, api)
+        before = self._known.get(scope)
+        if before is not None and before[0] != reply.epoch_ms and before[1] > reply.now_ms:
+            log.warning(
+                "the quota store lost the state of tenant %s api %s: granting %.0f%% of each "
+                "limit until its window no longer overlaps %d ms",
+                tenant,
+                api,
+                (self.recovery_share or 0) * 100,
+                reply.epoch_ms,
+                extra={"event": "store_loss", "tenant": tenant, "api": api},
+            )
+        self._known[scope] = (reply.epoch_ms, reply.until_ms)
+        self._known.move_to_end(scope)
+        if len(self._known) > KNOWN_STATES:
+            self._known.popitem(last=False)
+
+    async def _redis_ms(self) -> int:
+        seconds, micros = await self._call(self.redis.time())
+        return int(seconds) * 1000 + int(micros) // 1000
 
     async def release(
         self,
@@ -435,8 +474,10 @@ class Engine:
             async with asyncio.timeout(self.timeout):
                 return await awaitable
         except TimeoutError as exc:
+            self._suspect = True
             raise BackendUnavailable(f"no answer from Redis within {self.timeout:g} s") from exc
         except TRANSIENT as exc:
+            self._suspect = True
             raise BackendUnavailable(str(exc) or type(exc).__name__) from exc
         except RedisError as exc:
             # A reply that redis-py knows no class for, e.g. MASTERDOWN from a replica

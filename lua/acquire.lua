@@ -4,56 +4,86 @@
 -- "counter hash"); a grant puts the lease's cost (calls) and estimate (runtime) in flight.
 -- Checks everything first and writes only when all pass: a denial changes no count,
 -- lease or cooldown (it may drop state that has already expired).
--- Epoch: when the caller names the store epoch it knows and this (tenant, api) carries
--- another stamp (or none, or a lapsed one), the script changes nothing and asks the
--- caller to check the epoch first (reply CHECK_EPOCH): the store may have lost its
--- state. With `verified`, the caller has just checked, and a grant stamps the epoch for
--- stamp_ttl_ms (once it lapses, the next acquire makes the caller check again: one more
--- round trip per stamp_ttl_ms).
--- Recovery: after a loss, a windowed limit whose window still overlaps the loss grants at
--- most share_permille / 1000 of its amount.
+-- Loss of state, per hash tag (design rule 9): the state hash carries the epoch of this
+-- (tenant, api), `ep` = "start_ms:fresh|loss", and lives at least until `tx` (never less
+-- than stamp_ttl_ms after a grant). The caller passes what it knew of them (known_epoch,
+-- known_until). A state hash that is missing although the caller knew it must still live,
+-- or that carries another epoch than the one the caller knew alive, was lost: the epoch
+-- becomes a loss, from its start, for every caller. A missing hash the caller never knew
+-- is fresh (or, with loss_on_start, a loss since that time).
+-- Recovery: after a loss (of this hash tag's state, or a failover the caller saw: the
+-- `recovery` time), a windowed limit whose window still overlaps the loss grants at most
+-- share_permille / 1000 of its amount.
 -- A grant on an api without concurrent limits costs TIME, one HMGET of the state hash,
 -- one HMGET and one HSET per windowed limit (and a PTTL once per bucket of expiries), and
 -- one HSET of the state hash.
 -- KEYS: state, inflight_api, inflight_key; then one per limit (lib.lua).
--- ARGV: now_ms, token, cost, estimate_ms, epoch, verified, recovery; then the policy block.
---   now_ms       "" = Redis TIME
---   token        the lease's random part and key
---   cost         call units
---   estimate_ms  run time reserved
---   epoch        the store epoch the caller knows, "" = no check
---   verified     "1" or ""
---   recovery     "since_ms:share_permille" or ""
--- Reply: {GRANTED, now_ms, expiry_ms}; {DENIED, now_ms, retry_ms, bound, soonest_ms,
---        amount}, where retry_ms is the wait if nothing else happens (leases in flight
---        expire unreleased), bound the 1-based limit that bound it (0 for the cooldown),
---        soonest_ms the wait if every lease in flight were released now (both -1 when no
---        wait can ever grant it), and amount the bound limit's amount in force (a learned
---        one may be lower than the policy's); {CHECK_EPOCH, now_ms}.
+-- ARGV: now_ms, token, cost, estimate_ms, known_epoch, known_until, loss_on_start,
+--       recovery, share_permille; then the policy block.
+--   now_ms          "" = Redis TIME
+--   token           the lease's random part and key
+--   cost            call units
+--   estimate_ms     run time reserved
+--   known_epoch     the start of this state's epoch as the caller last saw it, "" = none
+--   known_until     until when the caller saw the state hash sure to live, "" = none
+--   loss_on_start   a time (ms) since which a missing state counts as lost, "" = none
+--   recovery        the time (ms) of a loss the caller saw (a failover), "" = none
+--   share_permille  the share of each limit granted in recovery, "" = no loss tracking
+-- Reply: {GRANTED, now_ms, expiry_ms, epoch_ms, until_ms}; {DENIED, now_ms, retry_ms,
+--        bound, soonest_ms, amount, epoch_ms, until_ms}, where retry_ms is the wait if
+--        nothing else happens (leases in flight expire unreleased), bound the 1-based
+--        limit that bound it (0 for the cooldown), soonest_ms the wait if every lease in
+--        flight were released now (both -1 when no wait can ever grant it), and amount the
+--        bound limit's amount in force (a learned one may be lower than the policy's);
+--        epoch_ms and until_ms are what the caller should know next time (0 untracked).
 -- Learned limits (design rule 8) lower a calls limit's amount while they hold.
 
 local now = clock(ARGV[ARG.now_ms])
 local token = ARGV[ARG.token]
 local cost = tonumber(ARGV[ARG.cost])
 local estimate = tonumber(ARGV[ARG.estimate_ms])
-local epoch = ARGV[ARG.epoch]
-local verified = ARGV[ARG.verified] == '1'
-local since, share
-if ARGV[ARG.recovery] ~= '' then
-  since, share = string.match(ARGV[ARG.recovery], '^(%d+):(%d+)$')
-  since, share = tonumber(since), tonumber(share)
-end
+local known_epoch = tonumber(ARGV[ARG.known_epoch])
+local known_until = tonumber(ARGV[ARG.known_until]) or 0
+local loss_on_start = tonumber(ARGV[ARG.loss_on_start])
+local since = tonumber(ARGV[ARG.recovery])
+local share = tonumber(ARGV[ARG.share_permille])
 local ttl, track_api, track_key, stamp_ttl, limits = read_policy()
 
-local state = redis.call('HMGET', KEYS[1], 'cd', 'ep', 'et', 'px', 'tx',
+local state = redis.call('HMGET', KEYS[1], 'cd', 'ep', 'px', 'tx',
   unpack(learned_fields(limits)))
-if epoch ~= '' and not verified and
-    (state[2] ~= epoch or (tonumber(state[3]) or 0) <= now) then
-  return {REPLY.CHECK_EPOCH, now}
+apply_learned(limits, {unpack(state, 5)}, now)
+local state_until = tonumber(state[4]) or 0
+
+local epoch, epoch_text = 0, nil  -- epoch_text: to write with a grant
+if share then
+  local start, kind
+  if state[2] then
+    start, kind = string.match(state[2], '^(%d+):(%a+)$')
+    start = tonumber(start)
+  end
+  local knew = known_epoch and known_until > now
+  if not start then
+    start, kind = now, 'fresh'
+    if knew then
+      kind = 'loss'
+    elseif loss_on_start and loss_on_start <= now then
+      start, kind = loss_on_start, 'loss'
+    end
+    epoch_text = string.format('%d:%s', start, kind)
+  elseif knew and start ~= known_epoch and kind ~= 'loss' then
+    kind = 'loss'  -- recreated while the caller knew it alive: a loss another took as fresh
+    epoch_text = string.format('%d:%s', start, kind)
+  end
+  epoch = start
+  if kind == 'loss' and (not since or start > since) then
+    since = start
+  end
+end
+if not share then
+  since = nil
 end
 
-apply_learned(limits, {unpack(state, 6)}, now)
-local purge_at = tonumber(state[4])
+local purge_at = tonumber(state[3])
 if purge_at and purge_at <= now then
   purge_at = purge_leases(now, ttl, track_api)
   if purge_at then
@@ -103,7 +133,7 @@ for i, lim in ipairs(limits) do
     end
   end
   if wait < 0 then
-    return {REPLY.DENIED, now, -1, i, -1, lim.amount}
+    return {REPLY.DENIED, now, -1, i, -1, lim.amount, epoch, state_until}
   end
   if wait > retry then
     retry, bound = wait, i
@@ -118,7 +148,7 @@ if retry > 0 then
   if bound > 0 then
     amount = limits[bound].amount
   end
-  return {REPLY.DENIED, now, retry, bound, soonest, amount}
+  return {REPLY.DENIED, now, retry, bound, soonest, amount, epoch, state_until}
 end
 
 -- The lease's units go in flight in every windowed limit, filed under its expiry.
@@ -141,18 +171,24 @@ end
 
 local fields = {token, string.format('%d:%d:%d:%d', now, cost, estimate, expiry)}
 local deadline = expiry
-if verified then
-  fields[3], fields[4], fields[5], fields[6] = 'ep', epoch, 'et', now + stamp_ttl
+if share then
+  -- The hash outlives every window this grant counts in, so that a missing one within
+  -- that time is a loss, and the loss's epoch lasts as long as it matters.
   deadline = math.max(deadline, now + stamp_ttl)
+end
+if epoch_text then
+  fields[#fields + 1] = 'ep'
+  fields[#fields + 1] = epoch_text
 end
 if not purge_at then
   fields[#fields + 1] = 'px'
   fields[#fields + 1] = expiry
 end
-local tx, expire_ms = plan_state_ttl(now, tonumber(state[5]) or 0, deadline, ttl)
+local tx, expire_ms = plan_state_ttl(now, state_until, deadline, ttl)
 if tx then
   fields[#fields + 1] = 'tx'
   fields[#fields + 1] = tx
+  state_until = tx
 end
 redis.call('HSET', KEYS[1], unpack(fields))
 if expire_ms then
@@ -166,4 +202,4 @@ if track_key then
   redis.call('ZADD', KEYS[3], expiry, token)
   extend_ttl(KEYS[3], ttl)
 end
-return {REPLY.GRANTED, now, expiry}
+return {REPLY.GRANTED, now, expiry, epoch, state_until}

@@ -13,8 +13,7 @@
 --                 key) -> "grant_ms:cost:estimate_ms:expiry_ms", and five fields that hold
 --                 no ':' in their names:
 --                   cd  the end of the fleet-wide pause (cooldown)
---                   ep  the store epoch the (tenant, api) was last granted under (see
---                       epoch.lua), and et, until when that stamp holds
+--                   ep  the epoch of this state: "start_ms:fresh|loss" (acquire.lua)
 --                   px  when to next drop the records of expired leases (absent: none left)
 --                   tx  a time the hash is sure to live until (its TTL ends no earlier):
 --                       a grant that needs no longer only reads it
@@ -36,7 +35,8 @@
 --   ttl_ms, track_api, track_key, stamp_ttl_ms; then per limit: kind, amount, window_ms,
 --   granularity_ms, margin_ms.
 -- ttl_ms is a new lease's time to live; track_api and track_key are "1" or "0";
--- stamp_ttl_ms is how long an epoch stamp holds; kind is "calls" | "runtime" |
+-- stamp_ttl_ms is how long the state hash lives at least after a grant (its longest
+-- window or its lease ttl, whichever is longer); kind is "calls" | "runtime" |
 -- "concurrent"; there are as many limits as KEYS after the first three. (Separate values,
 -- not one string: Lua parses a string dearer than the client packs arguments.)
 

@@ -76,7 +76,7 @@ def test_the_prelude_numbers_the_fields_from_one() -> None:
     assert "local ARG = {now_ms = 1, token = 2, renew_ttl_ms = 3}" in text
     assert "local POLICY_AT = 4" in text
     assert "local LEARN = {NONE = 0, LOWERED = 1, KEPT = 2, HIGHER = 3, NO_LIMIT = 4}" in text
-    assert "GRANTED = 1" in text and "DENIED = 0" in text and "CHECK_EPOCH = 2" in text
+    assert "local REPLY = {DENIED = 0, GRANTED = 1}" in text
 
 
 def test_every_script_carries_the_whole_library_and_its_prelude() -> None:
@@ -89,20 +89,24 @@ def test_every_script_carries_the_whole_library_and_its_prelude() -> None:
 
 def test_arguments_encode_none_and_booleans_as_the_scripts_read_them() -> None:
     args = codec.AcquireArgs(
-        now_ms=None, token="t:k", cost=2, estimate_ms=0, epoch="", verified=True, recovery=""
+        now_ms=None,
+        token="t:k",
+        cost=2,
+        estimate_ms=0,
+        known_epoch=None,
+        known_until=7,
+        loss_on_start=None,
+        recovery=None,
+        share_permille=500,
     )
-    assert args.argv(("x", 1)) == ["", "t:k", 2, 0, "", "1", "", "x", 1]
-    assert codec.EpochArgs(now_ms=5, known="", loss_on_start=False).argv(("ignored",)) == [
-        5,
-        "",
-        "",
-    ]
+    assert args.argv(("x", 1)) == ["", "t:k", 2, 0, "", 7, "", "", 500, "x", 1]
+    assert codec.RenewArgs(now_ms=5, token="t", renew_ttl_ms=9).argv(("p",)) == [5, "t", 9, "p"]
 
 
 def test_replies_decode_by_code() -> None:
-    assert codec.decode_acquire([codec.GRANTED, 10, 70]) == codec.Granted(10, 70)
-    assert codec.decode_acquire([codec.DENIED, 10, 5, 2, 1, 3]) == codec.Denied(10, 5, 2, 1, 3)
-    assert codec.decode_acquire([codec.CHECK_EPOCH, 10]) == codec.CheckEpoch(10)
+    assert codec.decode_acquire([codec.GRANTED, 10, 70, 3, 90]) == codec.Granted(10, 70, 3, 90)
+    denied = codec.decode_acquire([codec.DENIED, 10, 5, 2, 1, 3, 4, 80])
+    assert denied == codec.Denied(10, 5, 2, 1, 3, 4, 80)
     with pytest.raises(ValueError, match="unknown code"):
         codec.decode_acquire([7, 10])
     assert codec.decode_release([codec.DENIED, 3, b"expired"]).reason == "expired"

@@ -78,9 +78,10 @@ async def _run(
     recovery: tuple[int, int] | None = None,
 ) -> Run:
     client = Redis.from_url(url)
-    engine = Engine(client, PolicySet(apis={"p": policy}))
+    share = None if recovery is None else recovery[1] / 1000
+    engine = Engine(client, PolicySet(apis={"p": policy}), recovery_share=share)
     if recovery is not None:
-        engine.recovery = f"{recovery[0]}:{recovery[1]}"
+        engine.recovery = recovery[0]  # as after a failover the engine saw
     tenant = f"t-{uuid.uuid4().hex}"
     model = Model(policy, recovery=recovery)
     now = EPOCH_MS
