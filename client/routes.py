@@ -53,6 +53,7 @@ _CAPTURE = re.compile(r"\{(\w+)\}")
 # names), `@` (UPNs) or the `-_-` of software ids.
 _NAME = re.compile(r"[A-Za-z][A-Za-z_-]*")
 _HEX_ID = re.compile(r"[0-9A-Fa-f]{16,}")
+_VERSION = re.compile(r"v\d+(?:\.\d+)?", re.IGNORECASE)  # `v1.0` of Graph: a name, not an id
 # OData function calls such as `findbyip(ip='10.1.1.1',timestamp=...)`.
 _CALL = re.compile(r"([A-Za-z][A-Za-z_-]*)\(.*\)")
 # The namespace of a qualified OData action or function: `microsoft.graph.security.`,
@@ -82,6 +83,8 @@ def normalise_path(path: str) -> str:
 
 
 def _template_segment(segment: str) -> str:
+    if _VERSION.fullmatch(segment):
+        return segment.lower()
     if _NAME.fullmatch(segment) and "-_-" not in segment and not _HEX_ID.fullmatch(segment):
         return segment.lower()
     call = _CALL.fullmatch(segment)
