@@ -22,9 +22,10 @@ from quotagate.coordinator.embedded import EmbeddedServer
 
 from ..emulator import DefenderEmulator, Endpoint, calls
 from ..service import serve_in_thread
-from .fakes import FakeCoordinator
+from .fakes import URL, FakeCoordinator
 from .upstreams import EmulatorAdapter, coordinator, most_in_any_window
 
+TENANT = "contoso/app1"
 INCIDENTS = "https://api.security.microsoft.com/api/incidents"
 HUNTING = "https://api.security.microsoft.com/api/advancedhunting/run"
 CALLS_429 = (
@@ -141,6 +142,22 @@ class TestOutcomes:
             assert json.loads(b"".join(response.iter_content(4))) == {"value": [1, 2, 3]}
         assert released(client, fake)[0]["outcome"] == "ok"
 
+    def test_slow_call_renews_its_lease(self, fake: FakeCoordinator) -> None:
+        fake.expires_in = 0.3
+
+        class Slow(Stub):
+            def send(self, request: requests.PreparedRequest, **options: Any) -> requests.Response:  # type: ignore[override]
+                assert fake.renewed.wait(timeout=5)
+                return super().send(request, **options)
+
+        with (
+            QuotaClient(URL, TENANT, transport=fake.transport) as quota,
+            session(quota, Slow()) as http,
+        ):
+            http.get(INCIDENTS)
+        assert fake.paths()[:2] == ["/v1/leases", "/v1/leases/L1/renew"]
+        assert fake.paths()[-1] == "/v1/leases/L1/release"
+
 
 class TestOptions:
     def test_respond(self, client: QuotaClient, fake: FakeCoordinator) -> None:
@@ -200,7 +217,6 @@ class TestOptions:
 
 # -- a real Session, the real coordinator, the emulator -----------------------------------
 
-TENANT = "contoso/app1"
 LIMIT, WINDOW = 20, 1.0
 POLICIES = f"""
 margin: 0
