@@ -188,10 +188,13 @@ class Gate:
         with `on_exhausted="respond"` the denial instead of raising it."""
         for _ in range(REACQUIRES):
             with ExitStack() as stack:
+                denial: QuotaExhausted | None = None
                 try:
                     lease = stack.enter_context(client.lease(found.api, found.key, wait=self.wait))
-                except QuotaExhausted as denial:
-                    yield self._denied(denial)
+                except QuotaExhausted as exc:
+                    denial = self._denied(exc)
+                if denial is not None:
+                    yield denial
                     return
                 acquired_at = self.clock()  # the acquire reply has just arrived
                 # What follows the yield is the inner send: this is the last look.
@@ -208,12 +211,15 @@ class Gate:
         """The asyncio twin of `held`."""
         for _ in range(REACQUIRES):
             async with AsyncExitStack() as stack:
+                denial = None
                 try:
                     lease = await stack.enter_async_context(
                         client.lease(found.api, found.key, wait=self.wait)
                     )
-                except QuotaExhausted as denial:
-                    yield self._denied(denial)
+                except QuotaExhausted as exc:
+                    denial = self._denied(exc)
+                if denial is not None:
+                    yield denial
                     return
                 acquired_at = self.clock()  # the acquire reply has just arrived
                 # What follows the yield is the inner send: this is the last look.

@@ -309,7 +309,12 @@ def test_throttled_answer_stops_every_worker(
         (release,) = calls(recording.log, "/release")
         assert release.status == 200
         release.body.pop("runtime")
-        assert release.body == {"outcome": "throttled", "status_code": 429, "retry_after": 2.0}
+        assert release.body == {
+            "outcome": "throttled",
+            "status_code": 429,
+            "retry_after": 2.0,
+            "limit": {"amount": 50, "window": 60.0},  # "Maximum allowed 50 per 00:01:00"
+        }
 
         usage = second.usage("m365d.incidents")
         assert 0 < usage["cooldown"] <= 2.0
