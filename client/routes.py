@@ -59,6 +59,8 @@ _CALL = re.compile(r"([A-Za-z][A-Za-z_-]*)\(.*\)")
 # The namespace of a qualified OData action or function: `microsoft.graph.security.`,
 # `microsoft.graph.` (`.../tiIndicators/microsoft.graph.submitTiIndicators`).
 _NAMESPACE = re.compile(r"microsoft\.graph\.(?:[A-Za-z]\w*\.)*(?=[A-Za-z])", re.IGNORECASE)
+# What `normalise_path` changes; most paths have none of it and are taken as they are.
+_ODD = re.compile(r"//|%|/\.(?:/|$)|microsoft\.graph\.", re.IGNORECASE)
 
 
 class RouteMatch(NamedTuple):
@@ -76,6 +78,8 @@ def normalise_path(path: str) -> str:
     """`path` (percent-encoded or not, without its query) as the routes read it:
     `/v1.0//security/microsoft.graph.security.runHuntingQuery` is
     `/v1.0/security/runHuntingQuery`."""
+    if path.startswith("/") and not _ODD.search(path):
+        return path
     segments = (unquote(segment) for segment in path.split("/"))
     return "/" + "/".join(
         _NAMESPACE.sub("", segment, count=1) for segment in segments if segment not in ("", ".")

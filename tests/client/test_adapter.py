@@ -23,7 +23,7 @@ from quotagate.coordinator.embedded import EmbeddedServer
 from ..emulator import DefenderEmulator, Endpoint, calls
 from ..service import serve_in_thread
 from .fakes import URL, FakeCoordinator
-from .upstreams import EmulatorAdapter, coordinator, most_in_any_window
+from .upstreams import EmulatorAdapter, coordinator, forward_proxy, most_in_any_window
 
 TENANT = "contoso/app1"
 INCIDENTS = "https://api.security.microsoft.com/api/incidents"
@@ -207,6 +207,23 @@ class TestOptions:
             http.send(request)
             http.send(request)
         assert (request.url, dict(request.headers)) == before
+        assert len(fake.bodies("/v1/leases")) == 2
+
+    def test_the_sessions_proxy_settings_apply(
+        self, client: QuotaClient, fake: FakeCoordinator, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+            monkeypatch.delenv(name.lower(), raising=False)
+        plain = "http://api.security.microsoft.com/api/incidents"  # a proxy sees http
+        with forward_proxy() as (url, seen), requests.Session() as http:
+            http.mount("http://", QuotaAdapter(client))
+            http.proxies = {"http": url}  # the Session's proxies reach the inner adapter
+            assert http.get(plain).json()["via"] == "proxy"
+            monkeypatch.setenv("HTTP_PROXY", url)  # and so does the environment's
+            http.proxies = {}
+            assert http.get(plain).json()["via"] == "proxy"
+        assert seen == [plain, plain]
         assert len(fake.bodies("/v1/leases")) == 2
 
     def test_closing_closes_the_inner_adapter(self, client: QuotaClient) -> None:

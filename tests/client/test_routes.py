@@ -3,6 +3,8 @@ hosts") on every host."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from quotagate.client import (
@@ -264,3 +266,21 @@ def test_version_segments_are_names_in_endpoint_keys() -> None:
 def test_known_hosts_are_the_tables_and_microsofts() -> None:
     table = RouteTable([Route("svc", "/jobs", hosts={"Svc.Example"})], defaults=())
     assert table.hosts() == DEFENDER_HOSTS | GRAPH_HOSTS | {"svc.example"}
+
+
+def route_table_markdown() -> str:
+    """The route table as the README shows it."""
+    rows = ["| methods | hosts | path | api | key |", "|---|---|---|---|---|"]
+    for route in DEFENDER_ROUTES:
+        methods = ", ".join(sorted(route.methods)) or "any"
+        hosts = "Defender" if route.hosts == DEFENDER_HOSTS else "Graph"
+        key = f"`{route.key}`" if route.key else ""
+        rows.append(f"| {methods} | {hosts} | `{route.path}` | `{route.api}` | {key} |")
+    return "\n".join(rows)
+
+
+def test_the_readme_shows_the_route_table() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    if "| methods | hosts | path | api | key |" not in readme:
+        pytest.skip("the README has no route table yet")
+    assert route_table_markdown() in readme

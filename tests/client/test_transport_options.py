@@ -4,11 +4,8 @@ answer names, and the caller's request left as it was."""
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -27,6 +24,7 @@ from quotagate.client import (
 from quotagate.client._gate import DENIED_HEADER
 
 from .fakes import FakeCoordinator
+from .upstreams import forward_proxy
 
 INCIDENTS = "https://api.security.microsoft.com/api/incidents"
 GRAPH_ME = "https://graph.microsoft.com/v1.0/me"
@@ -259,36 +257,10 @@ class TestLeaseAge:
 # -- proxies ----------------------------------------------------------------------------
 
 
-class _Proxy(BaseHTTPRequestHandler):
-    """A forward proxy on loopback that answers for the upstream itself and records the
-    absolute URLs it was asked for."""
-
-    seen: list[str]
-
-    def do_GET(self) -> None:
-        self.server.seen.append(self.path)  # type: ignore[attr-defined]
-        body = json.dumps({"value": [], "via": "proxy"}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def proxy() -> Iterator[tuple[str, list[str]]]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Proxy)
-    server.seen = []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", server.seen  # type: ignore[attr-defined]
-    finally:
-        server.shutdown()
-        server.server_close()
+    with forward_proxy() as found:
+        yield found
 
 
 PLAIN_INCIDENTS = "http://api.security.microsoft.com/api/incidents"  # a proxy sees http

@@ -5,11 +5,13 @@ policies, and counting what the emulator saw."""
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +128,35 @@ def most_in_any_window(times: list[float], window: float) -> int:
             first += 1
         most = max(most, last - first + 1)
     return most
+
+
+class _Proxy(BaseHTTPRequestHandler):
+    """A forward proxy that answers for the upstream itself and records the absolute URLs
+    it was asked for."""
+
+    def do_GET(self) -> None:
+        self.server.seen.append(self.path)  # type: ignore[attr-defined]
+        body = json.dumps({"value": [], "via": "proxy"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def forward_proxy() -> Iterator[tuple[str, list[str]]]:
+    """A plain-HTTP forward proxy on loopback: its URL, and the URLs it was asked for."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Proxy)
+    seen: list[str] = []
+    server.seen = seen  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
