@@ -5,7 +5,11 @@ from quotagate.client import QuotaClient, QuotaTransport
 with QuotaClient("http://quotagate:8080", "contoso/app", token) as quota:
     http = httpx.Client(transport=QuotaTransport(quota))
     http.get("https://api.security.microsoft.com/api/incidents")
+
+`QuotaAdapter` does the same for a `requests.Session` (extra `quotagate[requests]`).
 """
+
+from typing import TYPE_CHECKING, Any
 
 from ._async import AsyncQuotaClient
 from ._sync import QuotaClient
@@ -18,6 +22,7 @@ from .exceptions import (
     Unauthorized,
     UnknownApi,
     UnknownLease,
+    UnroutedRequest,
 )
 from .lease import OUTCOMES, Lease, Outcome
 from .parsing import (
@@ -38,8 +43,12 @@ from .routes import (
     RouteMatch,
     RouteTable,
     endpoint_key,
+    normalise_path,
 )
 from .transport import AsyncQuotaTransport, QuotaTransport
+
+if TYPE_CHECKING:
+    from .adapter import QuotaAdapter
 
 __all__ = [
     "DEFENDER_HOSTS",
@@ -54,6 +63,7 @@ __all__ = [
     "Forbidden",
     "Lease",
     "Outcome",
+    "QuotaAdapter",
     "QuotaClient",
     "QuotaError",
     "QuotaExhausted",
@@ -65,11 +75,22 @@ __all__ = [
     "Unauthorized",
     "UnknownApi",
     "UnknownLease",
+    "UnroutedRequest",
     "endpoint_key",
     "execution_time",
+    "normalise_path",
     "parse_duration",
     "parse_limit",
     "parse_retry_after",
     "parse_throttle",
     "throttle_from_response",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # `requests` is an optional extra: imported when its adapter is first asked for.
+    if name == "QuotaAdapter":
+        from .adapter import QuotaAdapter
+
+        return QuotaAdapter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,7 +7,8 @@
     ├── Forbidden               403: the token may not use this tenant
     ├── BadRequest              400/422: invalid input, e.g. a cost no limit could ever grant
     ├── UnknownLease            404 `unknown_lease`: unknown, expired or already released
-    └── UnknownApi              404 `unknown_api`: no policy for the api
+    ├── UnknownApi              404 `unknown_api`: no policy for the api
+    └── UnroutedRequest         a request to a known host that no route matches (`unrouted="raise"`)
 
 Transport errors of httpx are translated at the boundary (`raise ... from exc`), so
 callers catch these and never httpx's own.
@@ -89,3 +90,8 @@ class UnknownLease(QuotaError):
 
 class UnknownApi(QuotaError):
     """404 `unknown_api`: the coordinator has no policy for this api."""
+
+
+class UnroutedRequest(QuotaError):
+    """A request to a Microsoft host (or one the route table names) that no route matches,
+    refused before it was sent because the transport was built with `unrouted="raise"`."""

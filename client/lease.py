@@ -12,6 +12,7 @@ makes the call. When a lease ends, the record becomes the body of the release:
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -33,6 +34,7 @@ class _Record:
     status_code: int | None = None
     retry_after: float | None = None
     runtime: float | None = None
+    limit: tuple[int, float] | None = None  # (calls, window seconds) a throttle named
 
 
 def outcome_for_status(status_code: int) -> Outcome:
@@ -72,38 +74,53 @@ class Lease:
         status_code: int | None = None,
         retry_after: float | None = None,
         runtime: float | None = None,
+        *,
+        limit: tuple[int, float] | None = None,
     ) -> None:
-        """Record how the call went; `retry_after` and `runtime` are seconds."""
+        """Record how the call went; `retry_after` and `runtime` are seconds, `limit` the
+        (calls, window seconds) a throttled answer named."""
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {sorted(OUTCOMES)}, not {outcome!r}")
         record = self._record
         record.outcome, record.called = outcome, outcome != "not_called"
         record.status_code, record.retry_after, record.runtime = status_code, retry_after, runtime
+        record.limit = limit
 
     def report(self, response: httpx.Response, *, runtime: float | None = None) -> Outcome:
         """Record the outcome an upstream answer shows, and return it.
 
-        A throttled answer gives `throttled` with its retry time; `Stats.ExecutionTime`
-        of a read hunting answer is the run time, else `runtime` (e.g. measured).
+        A throttled answer gives `throttled` with its retry time and the limit it names;
+        `Stats.ExecutionTime` of a read hunting answer is the run time, else `runtime`
+        (e.g. measured).
         """
         try:
             content = response.content
         except httpx.ResponseNotRead:
             content = b""
-        status = response.status_code
-        body = content if status == 429 or _MAYBE_THROTTLED.search(content) else b""
-        throttle = parse_throttle(status, response.headers, body)
+        return self.record_answer(response.status_code, response.headers, content, runtime)
+
+    def record_answer(
+        self,
+        status_code: int,
+        headers: Mapping[str, str],
+        content: bytes,
+        runtime: float | None = None,
+    ) -> Outcome:
+        """`report` of an answer given as its parts (any HTTP library's)."""
+        throttled = status_code == 429 or _MAYBE_THROTTLED.search(content)
+        throttle = parse_throttle(status_code, headers, content if throttled else b"")
         reported = execution_time(content) if content else None
-        outcome: Outcome = (
-            "throttled" if throttle is not None else outcome_for_status(response.status_code)
-        )
-        self.set_outcome(
-            outcome,
-            status_code=response.status_code,
-            retry_after=throttle.retry_after if throttle is not None else None,
-            runtime=reported if reported is not None else runtime,
-        )
-        return outcome
+        runtime = reported if reported is not None else runtime
+        if throttle is None:
+            outcome = outcome_for_status(status_code)
+            self.set_outcome(outcome, status_code, runtime=runtime)
+            return outcome
+        limit = None
+        # What the coordinator accepts: at least one call in a window that has a length.
+        if throttle.calls and throttle.window and throttle.calls >= 1 and throttle.window > 0:
+            limit = (throttle.calls, throttle.window)
+        self.set_outcome("throttled", status_code, throttle.retry_after, runtime, limit=limit)
+        return "throttled"
 
     def release_body(self, raised: bool = False) -> dict[str, Any]:
         """The JSON body of the release, for a block that `raised` or ended normally."""
@@ -116,4 +133,6 @@ class Lease:
             value = getattr(record, name)
             if value is not None:
                 body[name] = value
+        if record.limit is not None:
+            body["limit"] = {"amount": record.limit[0], "window": record.limit[1]}
         return body

@@ -8,8 +8,14 @@ hosts and the default routes are those of `coordinator/defender.md`, "Endpoints 
 
 Path patterns: `{name}` matches one segment and captures it, `*` matches within one
 segment, `**` matches any number of segments. Matching ignores case, as the Defender
-APIs do. A key template is `""` (no key), `ENDPOINT` (method and path template, ids
-replaced by `_id_`), or text with `{name}` captures (`"{id}"`).
+APIs do, and reads a path as the upstream does (`normalise_path`): percent-encoding
+decoded, empty and `.` segments dropped (an SDK with a base URL ending in `/` sends
+`/v1.0//security/...`), and Graph's qualified names unqualified: the Graph SDK posts to
+`/v1.0/security/microsoft.graph.security.runHuntingQuery`, which Graph also serves as
+`/v1.0/security/runHuntingQuery`, so one route holds both.
+
+A key template is `""` (no key), `ENDPOINT` (method and path template, ids replaced by
+`_id_`), or text with `{name}` captures (`"{id}"`).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import re
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
+from urllib.parse import unquote
 
 from .policy_core import KEY_PATTERN as KEY_PATTERN  # the coordinator's, re-exported
 
@@ -46,8 +53,14 @@ _CAPTURE = re.compile(r"\{(\w+)\}")
 # names), `@` (UPNs) or the `-_-` of software ids.
 _NAME = re.compile(r"[A-Za-z][A-Za-z_-]*")
 _HEX_ID = re.compile(r"[0-9A-Fa-f]{16,}")
+_VERSION = re.compile(r"v\d+(?:\.\d+)?", re.IGNORECASE)  # `v1.0` of Graph: a name, not an id
 # OData function calls such as `findbyip(ip='10.1.1.1',timestamp=...)`.
 _CALL = re.compile(r"([A-Za-z][A-Za-z_-]*)\(.*\)")
+# The namespace of a qualified OData action or function: `microsoft.graph.security.`,
+# `microsoft.graph.` (`.../tiIndicators/microsoft.graph.submitTiIndicators`).
+_NAMESPACE = re.compile(r"microsoft\.graph\.(?:[A-Za-z]\w*\.)*(?=[A-Za-z])", re.IGNORECASE)
+# What `normalise_path` changes; most paths have none of it and are taken as they are.
+_ODD = re.compile(r"//|%|/\.(?:/|$)|microsoft\.graph\.", re.IGNORECASE)
 
 
 class RouteMatch(NamedTuple):
@@ -61,7 +74,21 @@ def safe_key(text: str) -> str:
     return re.sub(r"^[^A-Za-z0-9]+", "", text)[:256]
 
 
+def normalise_path(path: str) -> str:
+    """`path` (percent-encoded or not, without its query) as the routes read it:
+    `/v1.0//security/microsoft.graph.security.runHuntingQuery` is
+    `/v1.0/security/runHuntingQuery`."""
+    if path.startswith("/") and not _ODD.search(path):
+        return path
+    segments = (unquote(segment) for segment in path.split("/"))
+    return "/" + "/".join(
+        _NAMESPACE.sub("", segment, count=1) for segment in segments if segment not in ("", ".")
+    )
+
+
 def _template_segment(segment: str) -> str:
+    if _VERSION.fullmatch(segment):
+        return segment.lower()
     if _NAME.fullmatch(segment) and "-_-" not in segment and not _HEX_ID.fullmatch(segment):
         return segment.lower()
     call = _CALL.fullmatch(segment)
@@ -126,6 +153,11 @@ class Route:
                 raise ValueError(f"key {self.key!r} names {sorted(missing)} not in {self.path!r}")
 
     def match(self, method: str, host: str, path: str) -> RouteMatch | None:
+        """(api, key) when the request matches, else None; `path` as `normalise_path` reads."""
+        return self.match_normal(method, host, normalise_path(path))
+
+    def match_normal(self, method: str, host: str, path: str) -> RouteMatch | None:
+        """`match` of a path that `normalise_path` gave."""
         if self.methods and method.upper() not in self.methods:
             return None
         if self.hosts and host.lower() not in self.hosts:
@@ -197,10 +229,19 @@ class RouteTable:
     def __len__(self) -> int:
         return len(self._routes) + len(self._defaults)
 
+    def hosts(self) -> frozenset[str]:
+        """Every host a route names, with the Defender and Graph hosts: where a request
+        that no route matches is a miss worth telling (`unrouted=`)."""
+        return frozenset().union(DEFENDER_HOSTS, GRAPH_HOSTS, *(r.hosts for r in self))
+
     def match(self, method: str, host: str, path: str) -> RouteMatch | None:
         """(api, key) of the first matching route, or None for an unrouted request."""
+        return self.match_normal(method, host, normalise_path(path))
+
+    def match_normal(self, method: str, host: str, path: str) -> RouteMatch | None:
+        """`match` of a path that `normalise_path` gave."""
         for route in self:
-            found = route.match(method, host, path)
+            found = route.match_normal(method, host, path)
             if found is not None:
                 return found
         return None

@@ -180,6 +180,23 @@ DEFENDER_ENDPOINTS: tuple[Endpoint, ...] = (
     _endpoint("mde", r"/api/.*", METHODS, calls(100, MINUTE), calls(1500, HOUR), per_path=True),
 )
 
+# Graph's security API (defender.md, "Catalog"), for a test that passes
+# `endpoints=DEFENDER_ENDPOINTS + GRAPH_ENDPOINTS`. Paths as an SDK sends them: an empty
+# segment after the version (a base URL ending in `/`), the qualified action name.
+_GRAPH = r"/(?:v1\.0|beta)/+security/+"
+GRAPH_ENDPOINTS: tuple[Endpoint, ...] = (
+    _endpoint(
+        "graph.hunting",
+        _GRAPH + r"(?:microsoft\.graph\.security\.)?runhuntingquery",
+        {"POST"},
+        calls(45, MINUTE),
+    ),
+    _endpoint(
+        "graph.ti-indicators", _GRAPH + r"tiindicators(?:/.*)?", METHODS, calls(1000, MINUTE)
+    ),
+    _endpoint("graph.security", _GRAPH + r".+", METHODS, calls(150, MINUTE)),
+)
+
 _ID = re.compile(r".*\d.*")
 
 

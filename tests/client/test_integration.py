@@ -40,6 +40,7 @@ from quotagate.coordinator.settings import Settings
 
 from ..emulator import DefenderEmulator as Upstream
 from ..service import serve_in_thread
+from .upstreams import most_in_any_window
 
 pytestmark = pytest.mark.server
 
@@ -143,17 +144,6 @@ def dead_url() -> Iterator[str]:
 
 def used(usage: dict[str, Any]) -> list[float]:
     return [limit["used"] for limit in usage["limits"]]
-
-
-def most_in_any_window(times: list[float], window: float) -> int:
-    """The most arrivals in any half-open interval `[t, t + window)`, exactly."""
-    times = sorted(times)
-    most, first = 0, 0
-    for last, at in enumerate(times):
-        while at - times[first] >= window:
-            first += 1
-        most = max(most, last - first + 1)
-    return most
 
 
 def test_most_in_any_window() -> None:
@@ -319,7 +309,12 @@ def test_throttled_answer_stops_every_worker(
         (release,) = calls(recording.log, "/release")
         assert release.status == 200
         release.body.pop("runtime")
-        assert release.body == {"outcome": "throttled", "status_code": 429, "retry_after": 2.0}
+        assert release.body == {
+            "outcome": "throttled",
+            "status_code": 429,
+            "retry_after": 2.0,
+            "limit": {"amount": 50, "window": 60.0},  # "Maximum allowed 50 per 00:01:00"
+        }
 
         usage = second.usage("m365d.incidents")
         assert 0 < usage["cooldown"] <= 2.0

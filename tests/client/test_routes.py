@@ -3,6 +3,8 @@ hosts") on every host."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from quotagate.client import (
@@ -14,6 +16,7 @@ from quotagate.client import (
     RouteMatch,
     RouteTable,
     endpoint_key,
+    normalise_path,
 )
 from quotagate.client.routes import KEY_PATTERN
 
@@ -189,3 +192,95 @@ def test_key_template_must_name_captures() -> None:
         "x",
         "GET:/api/a/_id_",
     )
+
+
+# -- paths as SDKs send them ----------------------------------------------------------------
+
+SDK_PATHS = [
+    # msgraph-sdk posts the qualified action name; with a base URL, after an empty segment.
+    ("POST", "/v1.0/security/microsoft.graph.security.runHuntingQuery", "graph.hunting"),
+    ("POST", "/v1.0//security/microsoft.graph.security.runHuntingQuery", "graph.hunting"),
+    ("POST", "/beta/security/microsoft.graph.security.runHuntingQuery", "graph.hunting"),
+    ("POST", "/V1.0/Security/Microsoft.Graph.Security.RunHuntingQuery", "graph.hunting"),
+    ("GET", "/v1.0//security/alerts_v2", "graph.security"),
+    ("GET", "/v1.0/security/alerts%5Fv2/da637", "graph.security"),
+    ("GET", "/v1.0/security/./incidents", "graph.security"),
+    (
+        "POST",
+        "/beta/security/tiIndicators/microsoft.graph.submitTiIndicators",
+        "graph.ti-indicators",
+    ),
+    (
+        "POST",
+        "/beta/security/tiIndicators/microsoft.graph.deleteTiIndicators",
+        "graph.ti-indicators",
+    ),
+    (
+        "POST",
+        "/v1.0/security/cases/ediscoveryCases/7/microsoft.graph.security.close",
+        "graph.security",
+    ),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "api"), SDK_PATHS)
+def test_graph_paths_as_sdks_send_them(method: str, path: str, api: str) -> None:
+    assert RouteTable().match(method, "graph.microsoft.com", path) == RouteMatch(api, "")
+
+
+@pytest.mark.parametrize(
+    ("path", "normal"),
+    [
+        (
+            "/v1.0//security/microsoft.graph.security.runHuntingQuery",
+            "/v1.0/security/runHuntingQuery",
+        ),
+        ("//api///incidents/", "/api/incidents"),
+        ("/api/files/my%20file.exe", "/api/files/my file.exe"),
+        ("/api/./machines", "/api/machines"),
+        ("/v1.0/security/microsoft.graph.", "/v1.0/security/microsoft.graph."),
+        ("/", "/"),
+    ],
+)
+def test_normalise_path(path: str, normal: str) -> None:
+    assert normalise_path(path) == normal
+
+
+def test_defender_paths_with_empty_segments_and_encoding() -> None:
+    table = RouteTable()
+    host = HOSTS[0]
+    assert table.match("GET", host, "//api//incidents") == RouteMatch("m365d.incidents", "")
+    assert table.match("POST", host, f"/api/machines/{MACHINE}/runLiveResponse%2F") == RouteMatch(
+        "mde.live-response", MACHINE
+    )
+    assert table.match("GET", host, "/api/machines/SoftwareVulnerabilities%45xport") == RouteMatch(
+        "mde.export.files", ""
+    )
+
+
+def test_version_segments_are_names_in_endpoint_keys() -> None:
+    assert endpoint_key("GET", "/v1.0/me") == "GET:/v1.0/me"
+    assert endpoint_key("GET", f"/beta/users/{GUID}") == "GET:/beta/users/_id_"
+
+
+def test_known_hosts_are_the_tables_and_microsofts() -> None:
+    table = RouteTable([Route("svc", "/jobs", hosts={"Svc.Example"})], defaults=())
+    assert table.hosts() == DEFENDER_HOSTS | GRAPH_HOSTS | {"svc.example"}
+
+
+def route_table_markdown() -> str:
+    """The route table as the README shows it."""
+    rows = ["| methods | hosts | path | api | key |", "|---|---|---|---|---|"]
+    for route in DEFENDER_ROUTES:
+        methods = ", ".join(sorted(route.methods)) or "any"
+        hosts = "Defender" if route.hosts == DEFENDER_HOSTS else "Graph"
+        key = f"`{route.key}`" if route.key else ""
+        rows.append(f"| {methods} | {hosts} | `{route.path}` | `{route.api}` | {key} |")
+    return "\n".join(rows)
+
+
+def test_the_readme_shows_the_route_table() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    if "| methods | hosts | path | api | key |" not in readme:
+        pytest.skip("the README has no route table yet")
+    assert route_table_markdown() in readme
