@@ -281,6 +281,4 @@ def route_table_markdown() -> str:
 
 def test_the_readme_shows_the_route_table() -> None:
     readme = (Path(__file__).parents[2] / "README.md").read_text()
-    if "| methods | hosts | path | api | key |" not in readme:
-        pytest.skip("the README has no route table yet")
     assert route_table_markdown() in readme
