@@ -8,7 +8,9 @@ renders the overlays as `kustomize build` would.
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -167,6 +169,37 @@ def test_the_placeholders_are_refused_until_replaced(rendered: Rendered, tmp_pat
     assert found == [f"a token of --tokens-file {tokens}", "--redis-url (QUOTAGATE_REDIS_URL)"]
     replaced = store_url(rendered).replace("change-me-to-a-long-random-password", "0f" * 16)
     assert ("change-me" in replaced) == (rendered.overlay == "overlays/azure-cache")
+
+
+def test_an_overlay_of_ones_own_replaces_the_placeholders(
+    rendered: Rendered, tmp_path: Path
+) -> None:
+    """The way deploy/README.md gives: secretGenerator `behavior: replace` in an overlay of
+    one's own. Only the Azure cache's name is then left to replace."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "tokens.yaml").write_text('"' + "0f" * 16 + '": ["contoso/*"]\n')
+    (mine / "password").write_text("3a" * 16)
+    kustomization = {
+        "resources": [os.path.relpath(KUBERNETES / rendered.overlay, mine)],
+        "secretGenerator": [
+            {"name": "quotagate-tokens", "behavior": "replace", "files": ["tokens.yaml"]},
+            {"name": "quotagate-redis", "behavior": "replace", "files": ["password"]},
+        ],
+    }
+    (mine / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    result = run(tool("kubectl"), "kustomize", str(mine))
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    assert set(secrets) == {"quotagate-tokens", "quotagate-redis"}
+    assert all("stringData" not in secret for secret in secrets.values())
+    password = base64.b64decode(secrets["quotagate-redis"]["data"]["password"]).decode()
+    tokens = mine / "tokens.yaml"
+    url = env_of(coordinator(Rendered("mine", mine, docs)))["QUOTAGATE_REDIS_URL"]["value"]
+    settings = Settings(tokens_file=tokens, redis_url=url.replace("$(REDIS_PASSWORD)", password))
+    azure = rendered.overlay == "overlays/azure-cache"
+    assert settings.placeholders() == (["--redis-url (QUOTAGATE_REDIS_URL)"] if azure else [])
 
 
 def test_the_store_url_matches_the_store_each_overlay_runs(rendered: Rendered) -> None:
