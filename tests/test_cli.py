@@ -104,6 +104,7 @@ def test_the_environment_carries_every_setting_to_another_process(
         max_wait=2.5,
         access_log=True,
         recover_on_start=True,
+        embedded=True,
         loop="asyncio",
         http="h11",
     )
