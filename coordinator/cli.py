@@ -24,7 +24,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from .policy import PolicyError, PolicySet, load_policies
-from .settings import Settings, env_names, get_settings
+from .settings import PLACEHOLDER, Settings, env_names, get_settings
 
 app = typer.Typer(
     help="quotagate: keep a fleet of workers inside throttled APIs.", no_args_is_help=True
@@ -37,6 +37,11 @@ SERVER_EXTRA = "pip install 'quotagate[server]'"
 TOKENS_HELP = (
     'set QUOTAGATE_TOKENS=\'{"<token>": ["<tenant glob>", ...]}\' or pass --tokens-file FILE '
     "(the same mapping in JSON or YAML)"
+)
+STORE_HELP = (
+    "set QUOTAGATE_REDIS_URL (--redis-url URL) to the store that every instance shares, or"
+    " pass --embedded (QUOTAGATE_EMBEDDED=true) to run this one instance on its own"
+    " embedded server"
 )
 # Types a flag parses itself. A container (mapping, list, model) is given as JSON, as its
 # environment variable is; any other type as text, for the settings model to parse.
@@ -188,6 +193,26 @@ def _stack_choice(setting: str, fast: str, fallback: str, flag: str) -> str:
     return setting
 
 
+def _refuse_unsafe(settings: Settings, tokens: dict[str, list[str]]) -> None:
+    """Configurations that would start but run wrong: a secret nobody replaced, an open
+    port without tokens, or instances that each count in a private store."""
+    if placeholders := settings.placeholders():
+        raise _fail(
+            f"refusing to start: the example manifests' placeholder '{PLACEHOLDER.pattern}'"
+            f" is still in {' and '.join(placeholders)}; replace it with the real value (a"
+            " token or a password: long and random, e.g. `openssl rand -hex 32`)"
+        )
+    if not tokens and not settings.loopback_only:
+        raise _fail(f"refusing to listen on {settings.host} without tokens: {TOKENS_HELP}")
+    if settings.embedded and settings.redis_url is not None:
+        raise _fail("--embedded starts a store of its own: give it or --redis-url, not both")
+    if settings.redis_url is None and not settings.embedded and not settings.loopback_only:
+        raise _fail(
+            f"refusing to listen on {settings.host} without a store URL (each instance"
+            f" would keep its own budget): {STORE_HELP}"
+        )
+
+
 def _export(settings: Settings) -> None:
     """Put the settings where every worker's `get_settings()` reads them."""
     for name, value in settings.environment().items():
@@ -218,8 +243,7 @@ def serve(ctx: typer.Context, **flags: Any) -> None:
         raise _fail(_settings_error(exc)) from exc
     except (PolicyError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from exc
-    if not tokens and not settings.loopback_only:
-        raise _fail(f"refusing to listen on {settings.host} without tokens: {TOKENS_HELP}")
+    _refuse_unsafe(settings, tokens)
     loop = _stack_choice(settings.loop, "uvloop", "asyncio", "--loop")
     http = _stack_choice(settings.http, "httptools", "h11", "--http")
 

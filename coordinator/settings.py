@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +19,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TokenMap = dict[str, list[str]]
 ENV_PREFIX = "QUOTAGATE_"
+# What the example manifests (deploy/) put where a secret belongs. A token or a store URL
+# that contains it is refused at start: manifests applied unedited must not run with a
+# secret that anyone can read in this repository.
+PLACEHOLDER = re.compile("change-me", re.IGNORECASE)
 
 
 class Settings(BaseSettings):
@@ -33,6 +38,11 @@ class Settings(BaseSettings):
         description="worker processes; they share the port and the store",
     )
     redis_url: str | None = Field(None, description="Redis URL; none starts an embedded server")
+    embedded: bool = Field(
+        False,
+        description="start the embedded server though listening beyond loopback (a private"
+        " store: other instances do not share its counts)",
+    )
     policies: Path | None = Field(None, description="policy file on top of the built-in catalog")
     data_dir: Path = Field(Path(".quotagate"), description="the embedded server's data")
     tokens: TokenMap = Field(
@@ -89,6 +99,19 @@ class Settings(BaseSettings):
                 )
             merged.update(self._check_tokens({str(k): v for k, v in loaded.items()}))
         return merged
+
+    def placeholders(self) -> list[str]:
+        """The settings that still hold the example manifests' placeholder, by flag."""
+        found = []
+        if any(PLACEHOLDER.search(token) for token in self.tokens):
+            found.append("a token of --tokens (QUOTAGATE_TOKENS)")
+        if self.tokens_file is not None and any(
+            PLACEHOLDER.search(token) for token in self.all_tokens().keys() - self.tokens.keys()
+        ):
+            found.append(f"a token of --tokens-file {self.tokens_file}")
+        if self.redis_url is not None and PLACEHOLDER.search(self.redis_url):
+            found.append("--redis-url (QUOTAGATE_REDIS_URL)")
+        return found
 
     @property
     def loopback_only(self) -> bool:

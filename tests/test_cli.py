@@ -19,6 +19,7 @@ import httpx
 import pytest
 import typer
 import typer.main
+import yaml
 from pydantic import Field, SecretStr
 from typer.testing import CliRunner
 
@@ -103,6 +104,7 @@ def test_the_environment_carries_every_setting_to_another_process(
         max_wait=2.5,
         access_log=True,
         recover_on_start=True,
+        embedded=True,
         loop="asyncio",
         http="h11",
     )
@@ -372,3 +374,51 @@ def test_usage_marks_a_learned_limit_and_forget_forgets_it(coordinator_url: str)
     assert "1 learned limit(s) forgotten" in forgot.output
     result = runner.invoke(app, ["usage", "c/app", "fast", "--url", coordinator_url])
     assert "20 calls / 1 s" in result.output and "learned" not in result.output
+
+
+TOKEN = '{"a-token-of-16-chars": ["*"]}'
+
+
+def test_serve_refuses_a_public_address_without_a_store_unless_embedded_is_asked_for() -> None:
+    from quotagate.coordinator.cli import _refuse_unsafe
+
+    result = runner.invoke(app, ["serve", "--host", "0.0.0.0", "--tokens", TOKEN])
+    assert result.exit_code == 2
+    assert "refusing to listen on 0.0.0.0 without a store URL" in result.output
+    for way_out in ("QUOTAGATE_REDIS_URL", "--redis-url", "--embedded", "QUOTAGATE_EMBEDDED"):
+        assert way_out in result.output, way_out
+    both = ["serve", "--embedded", "--redis-url", "redis://127.0.0.1:1/0", "--tokens", TOKEN]
+    result = runner.invoke(app, both)
+    assert result.exit_code == 2 and "not both" in result.output
+    tokens = {"a-token-of-16-chars": ["*"]}
+    for allowed in (
+        Settings(host="0.0.0.0", embedded=True, tokens=tokens),
+        Settings(host="0.0.0.0", redis_url="redis://store:6379/0", tokens=tokens),
+        Settings(host="127.0.0.1"),  # loopback: the embedded server, as before
+    ):
+        _refuse_unsafe(allowed, allowed.all_tokens())  # does not raise
+    assert serve_settings(["--embedded"]).embedded
+
+
+def test_the_manifests_placeholders_are_refused_at_start(tmp_path: Path) -> None:
+    secrets = ROOT / "deploy" / "kubernetes" / "base" / "secrets.yaml"
+    tokens = next(d for d in yaml.safe_load_all(secrets.read_text()) if d["kind"] == "Secret")
+    tokens_file = tmp_path / "tokens.yaml"
+    tokens_file.write_text(tokens["stringData"]["tokens.yaml"])
+    (placeholder,) = yaml.safe_load(tokens_file.read_text())
+    result = runner.invoke(app, ["serve", "--tokens-file", str(tokens_file)])
+    assert result.exit_code == 2
+    assert "placeholder 'change-me'" in result.output and "replace it" in result.output
+    assert f"--tokens-file {tokens_file}" in result.output and placeholder not in result.output
+
+    url = "redis+sentinel://:change-me-password@quotagate-redis-0.quotagate-redis:26379/quotagate"
+    result = runner.invoke(
+        app,
+        ["serve", "--redis-url", url],
+        env={"QUOTAGATE_TOKENS": '{"CHANGE-ME-0123456789": ["*"]}'},
+    )
+    assert result.exit_code == 2
+    assert "--redis-url (QUOTAGATE_REDIS_URL)" in result.output
+    assert "a token of --tokens (QUOTAGATE_TOKENS)" in result.output
+    real = Settings(redis_url="redis://:3f9c0a1b@store:6379/0", tokens={"0123456789abcdef0": ["*"]})
+    assert real.placeholders() == []
