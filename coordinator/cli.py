@@ -13,6 +13,7 @@ import json
 import logging
 import logging.config
 import os
+import signal
 import types
 import typing
 from collections.abc import Callable
@@ -270,6 +271,11 @@ def serve(ctx: typer.Context, **flags: Any) -> None:
         loop,
         http,
     )
+    if embedded is not None:
+        # uvicorn raises the signal that stopped it again once it has shut down; as an
+        # exception here, it still lets the embedded server stop with the coordinator.
+        for stop in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(stop, _exit_on_signal)
     try:
         uvicorn.run(
             APP_FACTORY,
@@ -286,6 +292,10 @@ def serve(ctx: typer.Context, **flags: Any) -> None:
     finally:
         if embedded is not None:
             embedded.stop()
+
+
+def _exit_on_signal(number: int, frame: object) -> None:
+    raise SystemExit(0)  # uvicorn has shut down gracefully already
 
 
 def _bar(used: float, amount: float, width: int = 20) -> str:

@@ -422,3 +422,27 @@ def test_the_manifests_placeholders_are_refused_at_start(tmp_path: Path) -> None
     assert "a token of --tokens (QUOTAGATE_TOKENS)" in result.output
     real = Settings(redis_url="redis://:3f9c0a1b@store:6379/0", tokens={"0123456789abcdef0": ["*"]})
     assert real.placeholders() == []
+
+
+@pytest.mark.slow
+def test_one_worker_stops_its_embedded_server_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTAGATE_")}
+    env["QUOTAGATE_DATA_DIR"] = str(tmp_path / "data")
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "quotagate.coordinator", "serve", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", 60, alive=lambda: process.poll() is None)
+        servers = [pid for pid, cmd in children(process.pid).items() if "valkey-server" in cmd]
+        assert len(servers) == 1
+    finally:
+        process.terminate()
+        code = process.wait(30)
+    assert code == 0, log.read_text()
+    assert not Path(f"/proc/{servers[0]}").exists(), "the embedded server ends with it"
