@@ -60,8 +60,8 @@ class ScriptArgs:
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
 
-    def argv(self, policy_block: Sequence[str | int] = ()) -> list[str | int]:
-        values = [_encode(getattr(self, name)) for name in self.names()]
+    def argv(self, policy_block: Sequence[str | int | bytes] = ()) -> list[str | int | bytes]:
+        values: list[str | int | bytes] = [_encode(getattr(self, name)) for name in self.names()]
         return values + list(policy_block) if self.policy else values
 
 

@@ -123,6 +123,10 @@ class Usage:
     now_ms: int
 
 
+def _bytes(value: str | int) -> bytes:
+    return value.encode() if isinstance(value, str) else b"%d" % value
+
+
 def _ids(info: Any) -> list[str]:
     """The run and replication ids in an INFO reply (one node's, or a cluster's per node)."""
     if "run_id" in info or "master_replid" in info:
@@ -145,11 +149,13 @@ def validate_scope(tenant: str, key: str) -> None:
 @dataclass(frozen=True)
 class Target:
     """What one (tenant, api, key) resolves to: its policy, the keys of its state, and the
-    policy block that closes every script's ARGV."""
+    policy block that closes every script's ARGV. Both are encoded once, here: redis-py
+    packs bytes as they are, two and a half times faster than strings and numbers, and a
+    decision sends some twenty of them."""
 
     policy: Policy
-    keys: tuple[str, ...]
-    args: tuple[str | int, ...]
+    keys: tuple[bytes, ...]
+    args: tuple[bytes, ...]
 
 
 class Engine:
@@ -233,7 +239,9 @@ class Engine:
         validate_scope(tenant, key)
         policy = self.policy(tenant, api)
         return Target(
-            policy, codec.redis_keys(tenant, api, key, policy), codec.policy_block(policy)
+            policy,
+            tuple(_bytes(name) for name in codec.redis_keys(tenant, api, key, policy)),
+            tuple(_bytes(value) for value in codec.policy_block(policy)),
         )
 
     async def ready(self) -> None:

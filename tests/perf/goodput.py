@@ -434,7 +434,9 @@ async def _fleet(plan: Plan, ready: Any, go: Any, start_at: Any) -> list[WorkerS
             inner: httpx.AsyncBaseTransport = stamp
             if plan.config == "late":
                 inner = Late(stamp, options, f"{options.seed}:{plan.process}:{number}")
-            transport = AsyncQuotaTransport(quota, ROUTES, inner=inner, wait=options.seconds + 5)
+            transport = AsyncQuotaTransport(
+                quota, ROUTES, inner=inner, wait=options.seconds + 5, unrouted="pass"
+            )
         elif plan.config == "local":
             gate = LocalGate(options, role)
         elif limits_gate is not None:
