@@ -156,11 +156,12 @@ for _, lim in ipairs(limits) do
   if lim.need and lim.need > 0 then
     local c = lim.c
     local index = math.floor(expiry / lim.gran)
-    c.fl = c.fl + lim.need
+    -- Only what changes: the bookkeeping that settling or pruning changed is written.
+    local fields = {lim.field, lim.here + lim.need, 'fl', c.fl + lim.need}
     if not c.xl or index < c.xl then
-      c.xl = index
+      fields[5], fields[6] = 'xl', index
     end
-    save_counter(lim, c, {lim.field, lim.here + lim.need})
+    redis.call('HSET', lim.key, unpack(fields))
     if lim.here == 0 then
       -- Until this expiry is settled and its bucket has left the window; a renewed lease
       -- may have made the counter live longer already.

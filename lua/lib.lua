@@ -70,7 +70,7 @@ end
 --   lo, sum   the oldest bucket that may still hold units, and the units of all buckets
 --   x<index>  units of leases in flight whose expiry falls in bucket <index>
 --   fl, xl    the units of every lease in flight, and the lowest x<index> that may hold
---             units
+--             units (ignored while fl is 0)
 -- Design rule 3: a call reaches the upstream somewhere between its grant and its release,
 -- so a lease's units count in full while it is in flight, whatever its age; at release
 -- they move to the bucket of the release time; a lease that expires unreleased is settled
@@ -133,7 +133,7 @@ end
 local function open_counter(lim, now, wanted)
   local meta = redis.call('HMGET', lim.key, 'lo', 'sum', 'fl', 'xl', unpack(wanted))
   local c = {lo = tonumber(meta[1]), sum = tonumber(meta[2]) or 0, fl = tonumber(meta[3]) or 0,
-             xl = tonumber(meta[4])}
+             xl = tonumber(meta[4]), existed = (meta[2] or meta[3]) and true}
   local values = {}
   for i = 1, #wanted do
     values[i] = tonumber(meta[4 + i]) or 0

@@ -70,8 +70,7 @@ for _, lim in ipairs(limits) do
         redis.call('HDEL', lim.key, field)
       end
       if c.fl <= 0 then
-        c.fl, c.xl = 0, nil
-        redis.call('HDEL', lim.key, 'xl')
+        c.fl, c.xl = 0, nil  -- a stale `xl` is ignored while `fl` is 0
       end
       if charged > 0 then
         extra[#extra + 1] = here
@@ -82,8 +81,9 @@ for _, lim in ipairs(limits) do
         end
       end
       save_counter(lim, c, extra)
-      if charged > 0 then
-        extend_ttl(lim.key, lim.gran + lim.window + lim.margin)
+      if charged > 0 and not c.existed then
+        -- Lost meanwhile: the grant made the counter live past this bucket, a new one not.
+        redis.call('PEXPIRE', lim.key, lim.gran + lim.window + lim.margin)
       end
     end
   end
