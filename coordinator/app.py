@@ -12,10 +12,12 @@ from redis.asyncio import Redis
 from .auth import Authorizer
 from .engine import Engine
 from .errors import BackendUnavailable
+from .gateway import PREFIX as GATEWAY_PREFIX
+from .gateway import Gateway, upstream_client
 from .handlers import EXCEPTION_HANDLERS
 from .middleware import BodyLimit
 from .policy import PolicySet, load_policies
-from .routers import health, leases, usage
+from .routers import gateway, health, leases, usage
 from .routers import policies as policy_routes
 from .settings import Settings, get_settings
 from .store import connect
@@ -50,11 +52,16 @@ def create_app(
         )
         app.state.engine = engine
         app.state.waiting = LocalLines(engine)
+        # The gateway's one client for upstream calls, closed after its releases are sent.
+        app.state.gateway = Gateway(
+            settings, engine, app.state.waiting, app.state.authorizer, upstream_client(settings)
+        )
         with contextlib.suppress(BackendUnavailable):
             await engine.check_epoch()  # else the first acquire does it
         try:
             yield
         finally:
+            await app.state.gateway.aclose()
             if redis is None:
                 await client.aclose()
 
@@ -67,8 +74,10 @@ def create_app(
     app.state.settings = settings
     app.state.policies = effective
     app.state.authorizer = Authorizer(settings.all_tokens())
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    for router in (leases.router, usage.router, policy_routes.router, health.router):
+    # Gateway bodies stream upstream, so the API's body limit does not apply to them.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, exempt=(GATEWAY_PREFIX,))
+    routers = (leases.router, usage.router, policy_routes.router, health.router, gateway.router)
+    for router in routers:
         app.include_router(router)
     return app
 
