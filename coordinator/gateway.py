@@ -19,7 +19,8 @@ What it does with one request, in order:
    `X-Quotagate-Priority` as in an acquire. No lease within the wait: a 429 in the
    upstream's own shape with `Retry-After`, so the tool's retry logic applies. A path no
    route matches passes without a lease, marked `X-Quotagate: uncoordinated` (or is
-   refused, with `gateway_unrouted: refuse`).
+   refused, with `gateway_unrouted: refuse`). A coordinated answer says so in
+   `X-Quotagate: coordinated`, with `X-Quotagate-Api` and `X-Quotagate-Waited` (seconds).
 4. The call. Bodies stream both ways; only what the outcome needs is held: a small error
    body (up to `PEEK` bytes, where throttles are told), and for an api with run-time limits
    the last `PEEK` bytes of the answer, where `Stats.ExecutionTime` is. The outcome is
@@ -335,13 +336,16 @@ class Gateway:
             priority=int(priority) if priority and priority.isdigit() else priority,
             holder="gateway",
         )
+        asked = time.monotonic()
         result = await self.waiting.acquire(ask, inbox.gone)
         if result is None:
             return error_reply(499, "client_closed", "the client disconnected while waiting")
         if isinstance(result, Denial):
             return exhausted_reply(result, target.host, found)
         call = _Call(self, result)
-        return await self._send(request, target, inbox, call, {b"x-quotagate": b"coordinated"})
+        waited = f"{time.monotonic() - asked:.3f}".encode()
+        marks = {b"x-quotagate": b"coordinated", b"x-quotagate-waited": waited}
+        return await self._send(request, target, inbox, call, marks)
 
     async def _send(
         self,
@@ -404,22 +408,30 @@ class _Call:
         )
         policy = gateway.engine.policy(grant.tenant, grant.api)
         self.timed = any(limit.kind is Kind.RUNTIME for limit in policy.limits)
-        self._renewal = asyncio.create_task(self._renew(grant.expires_in_ms / 1000))
+        # A timer, not a task, until a call lives long enough to need its lease renewed.
+        ttl = grant.expires_in_ms / 1000
+        loop = asyncio.get_running_loop()
+        self._renewal: asyncio.TimerHandle | asyncio.Task[None] = loop.call_later(
+            ttl / 2, self._start_renewal, ttl
+        )
 
     @property
     def runtime(self) -> float:
         return time.monotonic() - self.started
 
+    def _start_renewal(self, ttl: float) -> None:
+        self._renewal = asyncio.create_task(self._renew(ttl))
+
     async def _renew(self, ttl: float) -> None:
         """Keep the lease alive while a long call (an export, a hunting query) runs."""
         while True:
-            await asyncio.sleep(ttl / 2)
             try:
                 ttl = await self.gateway.engine.renew(self.grant.lease_id) / 1000
             except UnknownLease:
                 return
             except BackendUnavailable as exc:
                 log.warning("gateway: renewing a lease of %s failed: %s", self.grant.api, exc)
+            await asyncio.sleep(ttl / 2)
 
     def report(
         self, status: int, headers: httpx.Headers, body: bytes | None, runtime: float | None

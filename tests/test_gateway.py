@@ -511,6 +511,57 @@ def test_graph_gets_graphs_429_shape(coordinator: str, emulated: DefenderEmulato
     assert error["code"] == "TooManyRequests" and error["innerError"]["code"] == "429"
 
 
+# -- waiting and long calls --------------------------------------------------------------
+
+SHORT = (
+    TEST_POLICIES
+    + """  m365d.incidents:
+    lease_ttl: 400ms
+    limits: [{calls: 1, per: 500ms, granularity: 100ms}]
+"""
+)
+
+
+def _short(valkey: EmbeddedServer, tmp_path: Path, upstream: str) -> Settings:
+    _wipe(valkey.url)
+    settings = _settings(valkey, tmp_path, upstream, upstream)
+    assert settings.policies is not None
+    settings.policies.write_text(SHORT)
+    return settings
+
+
+def test_a_request_waits_for_its_lease_with_its_body(
+    valkey_server: EmbeddedServer, tmp_path: Path, echo: tuple[Echo, str]
+) -> None:
+    body = bytes(range(256)) * 1000  # several ASGI messages
+    with serve_in_thread(create_app(_short(valkey_server, tmp_path, echo[1]))) as url:
+        gw = f"{url}/gateway/{DEFENDER}/api/incidents/7"
+        headers = {"X-Quotagate-Tenant": TENANT, "X-Quotagate-Wait": "3"}
+        with httpx.Client(headers=headers) as http:
+            first = http.patch(gw, content=body)
+            second = http.patch(gw, content=body, headers={"X-Quotagate-Priority": "1"})
+    assert first.status_code == second.status_code == 200
+    assert first.json()["size"] == second.json()["size"] == len(body)
+    assert float(second.headers["x-quotagate-waited"]) > 0.1  # the window had to pass
+
+
+def test_a_long_call_keeps_its_lease(
+    valkey_server: EmbeddedServer,
+    tmp_path: Path,
+    emulator: tuple[DefenderEmulator, str],
+    emulated: DefenderEmulator,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    emulated.delay(INCIDENTS, 1.0)  # real seconds: more than twice the lease's 400 ms
+    with serve_in_thread(create_app(_short(valkey_server, tmp_path, emulator[1]))) as url:
+        answer = httpx.get(
+            f"{url}/gateway/{DEFENDER}{INCIDENTS}", headers={"X-Quotagate-Tenant": TENANT}
+        )
+        assert answer.status_code == 200
+        assert calls_used(settled(url, TENANT, "m365d.incidents")) == 1
+    assert not [r for r in caplog.records if "failed" in r.getMessage()]
+
+
 # -- bodies stream ------------------------------------------------------------------------
 
 
