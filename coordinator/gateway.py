@@ -72,6 +72,7 @@ log = logging.getLogger("quotagate")
 
 PREFIX = "/gateway/"
 PEEK = 64 * 1024  # bytes of an answer held to read its outcome
+WARNED = 1024  # unrouted path templates warned about at most (paths come from clients)
 # Headers of one connection, not of the message (RFC 9110, 7.6.1), and those of ours.
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
@@ -243,6 +244,11 @@ class Gateway:
         self.hosts = frozenset(
             {*DEFENDER_HOSTS, *GRAPH_HOSTS, *route_hosts, *settings.gateway_hosts, *self.upstreams}
         )
+        # Where each host's requests must land: checked on the built request too.
+        self._authorities = {
+            host: (httpx.URL(base).host, httpx.URL(base).port)
+            for host, base in self.upstreams.items()
+        }
         self._warned: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -310,7 +316,7 @@ class Gateway:
         if self.settings.gateway_unrouted == "refuse":
             raise Unrouted(f"no route of the gateway matches {method} {target.path}")
         template = endpoint_template(method, target.path)
-        if (target.host, template) not in self._warned:
+        if (target.host, template) not in self._warned and len(self._warned) < WARNED:
             self._warned.add((target.host, template))
             log.warning("gateway: %s %s has no route: passed uncoordinated", target.host, template)
 
@@ -365,9 +371,22 @@ class Gateway:
         if sized is not None and sized.isdigit():
             headers.append((b"content-length", sized.encode()))
         has_body = (sized is not None and sized != "0") or "transfer-encoding" in request.headers
-        outgoing = self.client.build_request(
-            request.method, target.url, headers=headers, content=inbox.body() if has_body else None
-        )
+        try:
+            outgoing = self.client.build_request(
+                request.method,
+                target.url,
+                headers=headers,
+                content=inbox.body() if has_body else None,
+            )
+        except (httpx.InvalidURL, ValueError) as exc:
+            if call is not None:
+                await call.release_now("not_called")
+            raise PathRefused(f"not a URL the gateway can send: {exc}") from exc
+        landing = self._authorities.get(target.host, (target.host, None))
+        if (outgoing.url.host, outgoing.url.port) != landing:  # never another host
+            if call is not None:
+                await call.release_now("not_called")
+            raise PathRefused("the path would leave the host it names")
         try:
             upstream = await self.client.send(outgoing, stream=True)
         except NOT_SENT as exc:

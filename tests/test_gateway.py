@@ -385,6 +385,16 @@ def test_paths_that_could_mean_another_path_are_refused(coordinator: str, path: 
     assert body["error"] == "invalid_path"
 
 
+@pytest.mark.parametrize("path", ["//evil.example/x", "/@evil.example/x", "/x@evil.example"])
+def test_a_path_cannot_name_another_host(
+    coordinator: str, echo: tuple[Echo, str], elsewhere: tuple[Echo, str], path: str
+) -> None:
+    status, body = raw_get(coordinator, f"/gateway/{ECHO}{path}")
+    assert status == 200, body
+    assert body["raw_path"] == path  # it reached the host it named, path and all
+    assert elsewhere[0].hits == []
+
+
 def test_a_redirect_is_handed_back_not_followed(
     coordinator: str, echo: tuple[Echo, str], elsewhere: tuple[Echo, str]
 ) -> None:
