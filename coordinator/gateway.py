@@ -42,7 +42,7 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -257,6 +257,12 @@ class Gateway:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.client.aclose()
+
+    def in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` off the critical path, held until it ends (and by `aclose`)."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- the request --------------------------------------------------------------------
 
@@ -492,9 +498,7 @@ class _Call:
 
     def release_later(self) -> None:
         """Release off the critical path; `Gateway.aclose` waits for it."""
-        task = asyncio.create_task(self.release_now())
-        self.gateway._tasks.add(task)
-        task.add_done_callback(self.gateway._tasks.discard)
+        self.gateway.in_background(self.release_now())
 
 
 class _Relay(Response):

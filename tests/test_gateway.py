@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import logging
 import shutil
 import subprocess
 import threading
@@ -263,9 +264,13 @@ def test_curl_through_the_gateway(coordinator: str, emulated: DefenderEmulator) 
     assert [a.caller for a in emulated.arrivals(INCIDENTS)] == ["app3"]
 
 
-def test_forwarded_as_sent(coordinator: str, echo: tuple[Echo, str]) -> None:
-    """Path and query as sent, Authorization untouched, ours and hop-by-hop headers not
-    forwarded, Host the upstream's; the answer's hop-by-hop headers dropped too."""
+def test_forwarded_as_sent(
+    coordinator: str, echo: tuple[Echo, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Path and query as sent, Authorization untouched (and in no log line), ours and
+    hop-by-hop headers not forwarded, Host the upstream's; the answer's hop-by-hop
+    headers dropped too."""
+    caplog.set_level(logging.DEBUG)
     answer = httpx.post(
         f"{coordinator}/gateway/{ECHO}/api/a%20b/x?$filter=a%20eq%20'b'&x=1",
         content=b"payload",
@@ -293,6 +298,8 @@ def test_forwarded_as_sent(coordinator: str, echo: tuple[Echo, str]) -> None:
         assert name not in headers
     assert "x-private" not in answer.headers
     assert "keep-alive" not in answer.headers
+    assert caplog.records  # the unrouted host was logged ...
+    assert not [r for r in caplog.records if "upstream-secret" in r.getMessage()]  # ... not this
 
 
 def test_tenant_from_token_claims() -> None:
