@@ -43,7 +43,7 @@ def test_latency_runs(tmp_path: Path) -> None:
     results = latency.main(
         [
             *("--calls", "5", "--json", str(out), "--before", str(latency.ROOT)),
-            *("--throughput-seconds", "1"),
+            *("--throughput-seconds", "1", "--throughput-rounds", "1"),
         ]
     )
     modes = ["QuotaTransport", "AsyncQuotaTransport"]
