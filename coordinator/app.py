@@ -76,7 +76,8 @@ def create_app(
     app.state.authorizer = Authorizer(settings.all_tokens())
     # Gateway bodies stream upstream, so the API's body limit does not apply to them.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, exempt=(GATEWAY_PREFIX,))
-    routers = (leases.router, usage.router, policy_routes.router, health.router, gateway.router)
+    # The gateway first: its calls are the most frequent, and a mount fails fast elsewhere.
+    routers = (gateway.router, leases.router, usage.router, policy_routes.router, health.router)
     for router in routers:
         app.include_router(router)
     return app

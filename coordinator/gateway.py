@@ -35,6 +35,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import http.cookiejar
 import json
 import logging
 import math
@@ -54,9 +55,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from quotagate.client.lease import Lease
+from quotagate.client.lease import Lease, outcome_for_status
 from quotagate.client.lease import Outcome as Said
-from quotagate.client.parsing import execution_time
+from quotagate.client.parsing import execution_time, parse_throttle
 from quotagate.client.routes import DEFENDER_HOSTS, GRAPH_HOSTS, RouteMatch, RouteTable
 from quotagate.client.routes import endpoint_key as endpoint_template
 
@@ -112,10 +113,13 @@ class Target:
 
 
 def upstream_client(settings: Settings) -> httpx.AsyncClient:
-    """The one client for every upstream call: redirects are the tool's business, and
-    the environment's proxy settings apply (an egress proxy)."""
+    """The one client for every upstream call: redirects are the tool's business, the
+    environment's proxy settings apply (an egress proxy), and no cookie is kept: the
+    client serves every tenant, so one tenant's cookie must never reach another's call."""
+    keep_none = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
     return httpx.AsyncClient(
         follow_redirects=False,
+        cookies=keep_none,
         timeout=httpx.Timeout(settings.gateway_timeout, connect=10.0),
         limits=httpx.Limits(
             max_connections=settings.gateway_connections,
@@ -162,15 +166,21 @@ def _end_to_end(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]
 
 class _Inbox:
     """The request body as ASGI messages, read once. `gone` looks for a disconnect the
-    way Starlette does, but keeps a body message it finds for `body()`."""
+    way Starlette does, but keeps a body message it finds for `body()`. A request that
+    has waited less than `FRESH` seconds is taken to be there still: the look costs more
+    than the rest of a call through the gateway, and one that comes at once would find
+    nothing (a client gone by then is found when its answer is sent)."""
+
+    FRESH = 0.05
 
     def __init__(self, receive: Receive) -> None:
         self._receive = receive
         self._held: deque[Message] = deque()
         self._gone = False
+        self._since = time.monotonic()
 
     async def gone(self) -> bool:
-        if not self._gone:
+        if not self._gone and time.monotonic() - self._since >= self.FRESH:
             message: Message = {}
             with anyio.CancelScope() as scope:
                 scope.cancel()  # only a message that is there already
@@ -461,14 +471,21 @@ class _Call:
     def report(
         self, status: int, headers: httpx.Headers, body: bytes | None, runtime: float | None
     ) -> None:
-        """The outcome of the answer (`body`: all of it, or None when not held)."""
+        """The outcome of the answer (`body`: all of it, or None when not held), as the
+        client reads one (`Lease.report`; without a body, what its status line and
+        headers say, as the client's transport does for a body that broke off)."""
+        runtime = runtime if runtime is not None else self.runtime
         if body is None:
-            peek = httpx.Response(status, headers=headers)
-        else:
-            peek = httpx.Response(status, headers=headers, stream=httpx.ByteStream(body))
-            with contextlib.suppress(httpx.DecodingError):
-                peek.read()  # decodes gzip etc.; left unread, `report` skips the body
-        self.lease.report(peek, runtime=runtime if runtime is not None else self.runtime)
+            throttle = parse_throttle(status, headers, b"")
+            if throttle is None:
+                self.lease.set_outcome(outcome_for_status(status), status, runtime=runtime)
+            else:
+                self.lease.set_outcome("throttled", status, throttle.retry_after, runtime)
+            return
+        peek = httpx.Response(status, headers=headers, stream=httpx.ByteStream(body))
+        with contextlib.suppress(httpx.DecodingError):
+            peek.read()  # decodes gzip etc.; left unread, `report` skips the body
+        self.lease.report(peek, runtime=runtime)
 
     async def release_now(self, outcome: Said | None = None) -> None:
         if outcome is not None:

@@ -77,6 +77,7 @@ class Echo:
                 WebRoute("/bytes/{n:int}", self.stream, methods=["GET"]),
                 WebRoute("/sink", self.sink, methods=["POST", "PUT"]),
                 WebRoute("/throttle", self.throttle, methods=["GET"]),
+                WebRoute("/cookie", self.cookie, methods=["GET"]),
                 WebRoute("/{path:path}", self.echo, methods=["GET", "POST", "DELETE", "PATCH"]),
             ]
         )
@@ -117,6 +118,9 @@ class Echo:
         async for chunk in request.stream():
             size += len(chunk)
         return JSONResponse({"size": size})
+
+    async def cookie(self, request: Request) -> Response:
+        return JSONResponse({}, headers={"Set-Cookie": "session=tenant-a; Path=/"})
 
     async def throttle(self, request: Request) -> Response:
         body = {"error": {"code": "TooManyRequests", "message": "Please retry again later."}}
@@ -300,6 +304,15 @@ def test_forwarded_as_sent(
     assert "keep-alive" not in answer.headers
     assert caplog.records  # the unrouted host was logged ...
     assert not [r for r in caplog.records if "upstream-secret" in r.getMessage()]  # ... not this
+
+
+def test_no_cookie_is_kept_between_calls(coordinator: str) -> None:
+    """One upstream client serves every tenant: a cookie one answer sets goes to that
+    tool, and never along with another call."""
+    first = httpx.get(f"{coordinator}/gateway/{ECHO}/cookie")
+    assert first.headers["set-cookie"].startswith("session=tenant-a")
+    later = httpx.get(f"{coordinator}/gateway/{ECHO}/echo")
+    assert "cookie" not in dict(later.json()["headers"])
 
 
 def test_tenant_from_token_claims() -> None:
