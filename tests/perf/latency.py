@@ -76,6 +76,7 @@ BEFORE = " (before)"
 GATEWAY, BARE = "gateway", "bare proxy"
 HOST = "api.security.microsoft.com"
 PROXY_UPSTREAM = "QUOTAGATE_BENCH_PROXY_UPSTREAM"  # where the bare proxy sends requests
+PIDS: dict[str, int] = {}  # server URL -> its process, for the CPU each request costs
 
 # The catalog's two incidents windows, out of reach, so every call is granted and counted.
 POLICIES = """\
@@ -193,6 +194,7 @@ def process(
             argv, cwd=ROOT, env=os.environ | (env or {}), stdout=out, stderr=subprocess.STDOUT
         )
     url = f"http://127.0.0.1:{port}"
+    PIDS[url] = child.pid
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -414,25 +416,50 @@ def wrk(url: str, seconds: float, connections: int) -> float:
     return float(found.group(1))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (Linux `/proc`)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def throughput(
-    gateway: str, proxy: str, seconds: float, connections: int, rounds: int
+    gateway: str,
+    proxy: str,
+    seconds: float,
+    connections: int,
+    rounds: int,
+    processes: dict[str, int],
 ) -> dict[str, Any]:
     """Bare proxy and gateway in turn, `rounds` times each, after a warm-up of both; the
-    ratio is that of the mean rates (each round's ratio is kept too: the machine drifts)."""
-    targets = {BARE: proxy + PATH, GATEWAY: gateway + PATH}
+    ratio is that of the mean rates (each round's ratio is kept too: the machine drifts).
+    Beside it, the CPU milliseconds each request cost in each of `processes` (name ->
+    pid): on a shared machine the rate moves with the load, the CPU per request less."""
+    targets = {BARE: proxy, GATEWAY: gateway}
     for url in targets.values():
-        wrk(url, 2, connections)
+        wrk(url + PATH, 2, connections)
     rates: dict[str, list[float]] = {name: [] for name in targets}
+    cpu: dict[str, dict[str, float]] = {name: dict.fromkeys(processes, 0.0) for name in targets}
+    done: dict[str, float] = dict.fromkeys(targets, 0.0)
     for _ in range(rounds):
         for name, url in targets.items():
-            rates[name].append(wrk(url, seconds, connections))
+            before = {p: cpu_seconds(pid) for p, pid in processes.items()}
+            rate = wrk(url + PATH, seconds, connections)
+            for p, pid in processes.items():
+                cpu[name][p] += cpu_seconds(pid) - before[p]
+            rates[name].append(rate)
+            done[name] += rate * max(round(seconds), 1)
     mean = {name: sum(values) / len(values) for name, values in rates.items()}
+    per_request = {
+        name: {p: round(1000 * used / done[name], 3) for p, used in cpu[name].items()}
+        for name in targets
+    }
     return {
         "connections": connections,
         "seconds": seconds,
         "rates": rates,
         "round_ratios": [g / b for g, b in zip(rates[GATEWAY], rates[BARE], strict=True)],
         "ratio": mean[GATEWAY] / mean[BARE],
+        "cpu_ms_per_request": per_request,
     }
 
 
@@ -561,12 +588,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         rates = None
         if args.throughput_seconds > 0 and shutil.which("wrk") is not None:
             gateway = f"{urls['after']}/gateway/{HOST}"
+            processes = {
+                "coordinator": PIDS[urls["after"]],
+                "bare proxy": PIDS[proxy_url.removesuffix("/proxy")],
+                "emulator": PIDS[emulator_url],
+                "redis": store.process.pid,
+            }
             rates = throughput(
                 gateway,
                 proxy_url,
                 args.throughput_seconds,
                 args.connections,
                 args.throughput_rounds,
+                processes,
             )
     rows = summarise(timings)
     results: dict[str, Any] = {
@@ -594,6 +628,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"ratio {rates['ratio']:.2f} (target >= 0.7; per round "
             f"{', '.join(f'{r:.2f}' for r in rates['round_ratios'])})"
         )
+        for name, used in rates["cpu_ms_per_request"].items():
+            shown = ", ".join(f"{p} {ms:.3f}" for p, ms in used.items())
+            print(f"CPU ms per request through the {name}: {shown}")
     print(
         f"{args.calls} calls per mode in {seconds:.1f} s; load average "
         f"{results['load_before'][0]} before, {results['load_after'][0]} after; "
