@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -86,7 +87,12 @@ def create_app(
 def app_from_environment() -> FastAPI:
     """The service as `QUOTAGATE_*` settings describe it: the factory each worker process
     of `quotagate serve --workers N` calls (uvicorn's `factory=True`)."""
-    return create_app(get_settings())
+    app = create_app(get_settings())
+    # What start-up allocated lives as long as the process: frozen, the collector's full
+    # passes no longer walk it, and a busy gateway makes those passes frequent.
+    gc.collect()
+    gc.freeze()
+    return app
 
 
 __all__ = ["app_from_environment", "create_app"]
