@@ -124,6 +124,9 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
         limits=httpx.Limits(
             max_connections=settings.gateway_connections,
             max_keepalive_connections=settings.gateway_connections,
+            # Idle connections go before a server's usual 5 s keep-alive closes them
+            # under a request that is being sent.
+            keepalive_expiry=4.0,
         ),
     )
 
