@@ -78,6 +78,7 @@ class Echo:
                 WebRoute("/sink", self.sink, methods=["POST", "PUT"]),
                 WebRoute("/throttle", self.throttle, methods=["GET"]),
                 WebRoute("/cookie", self.cookie, methods=["GET"]),
+                WebRoute("/api/advancedhunting/run", self.hunting, methods=["POST"]),
                 WebRoute("/{path:path}", self.echo, methods=["GET", "POST", "DELETE", "PATCH"]),
             ]
         )
@@ -118,6 +119,18 @@ class Echo:
         async for chunk in request.stream():
             size += len(chunk)
         return JSONResponse({"size": size})
+
+    async def hunting(self, request: Request) -> Response:
+        """A large hunting answer (more than the gateway holds), `Stats` at its end."""
+        row = json.dumps({"DeviceName": "d" * 200, "Timestamp": "2024-01-01T00:00:00Z"})
+
+        async def chunks() -> Any:
+            yield b'{"Schema": [], "Results": ['
+            for i in range(5000):
+                yield (("," if i else "") + row).encode()
+            yield b'], "Stats": {"ExecutionTime": 4.25, "resource_usage": {}}}'
+
+        return StreamingResponse(chunks(), media_type="application/json")
 
     async def cookie(self, request: Request) -> Response:
         return JSONResponse({}, headers={"Set-Cookie": "session=tenant-a; Path=/"})
@@ -304,6 +317,25 @@ def test_forwarded_as_sent(
     assert "keep-alive" not in answer.headers
     assert caplog.records  # the unrouted host was logged ...
     assert not [r for r in caplog.records if "upstream-secret" in r.getMessage()]  # ... not this
+
+
+def test_a_large_hunting_answer_charges_its_execution_time(
+    valkey_server: EmbeddedServer, tmp_path: Path, echo: tuple[Echo, str]
+) -> None:
+    _wipe(valkey_server.url)
+    settings = _settings(valkey_server, tmp_path, echo[1], echo[1])
+    with serve_in_thread(create_app(settings)) as url:
+        answer = httpx.post(
+            f"{url}/gateway/{DEFENDER}/api/advancedhunting/run",
+            json={"Query": "DeviceInfo"},
+            headers={"X-Quotagate-Tenant": TENANT},
+        )
+        assert answer.status_code == 200
+        assert len(answer.content) > 10 * PEEK
+        assert answer.json()["Stats"]["ExecutionTime"] == 4.25
+        hunting = settled(url, TENANT, "m365d.advanced-hunting")
+    runtime = [lim["used"] for lim in hunting["limits"] if lim["kind"] == "runtime"]
+    assert runtime == [4.25, 4.25]
 
 
 def test_no_cookie_is_kept_between_calls(coordinator: str) -> None:
