@@ -605,8 +605,7 @@ class _Relay(Response):
                 else:
                     call.lease.set_outcome("failed", status, runtime=call.runtime)
                 call.release_later()
-            with anyio.CancelScope(shield=True):
-                await self.upstream.aclose()
+            await self.upstream.aclose()
 
 
 def exhausted_reply(denial: Denial, host: str, found: RouteMatch) -> Response:
