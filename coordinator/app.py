@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,10 +14,12 @@ from redis.asyncio import Redis
 from .auth import Authorizer
 from .engine import Engine
 from .errors import BackendUnavailable
+from .gateway import PREFIX as GATEWAY_PREFIX
+from .gateway import Gateway, upstream_client
 from .handlers import EXCEPTION_HANDLERS
 from .middleware import BodyLimit
 from .policy import PolicySet, load_policies
-from .routers import health, learned, leases, usage
+from .routers import gateway, health, learned, leases, usage
 from .routers import policies as policy_routes
 from .settings import Settings, get_settings
 from .store import connect
@@ -52,11 +55,16 @@ def create_app(
         )
         app.state.engine = engine
         app.state.waiting = LocalLines(engine)
+        # The gateway's one client for upstream calls, closed after its releases are sent.
+        app.state.gateway = Gateway(
+            settings, engine, app.state.waiting, app.state.authorizer, upstream_client(settings)
+        )
         with contextlib.suppress(BackendUnavailable):
             await engine.check_store()  # the store's ids, to tell a failover later
         try:
             yield
         finally:
+            await app.state.gateway.aclose()
             if redis is None:
                 await client.aclose()
 
@@ -69,8 +77,17 @@ def create_app(
     app.state.settings = settings
     app.state.policies = effective
     app.state.authorizer = Authorizer(settings.all_tokens())
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    routers = (leases.router, usage.router, learned.router, policy_routes.router, health.router)
+    # Gateway bodies stream upstream, so the API's body limit does not apply to them.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, exempt=(GATEWAY_PREFIX,))
+    # The gateway first: its calls are the most frequent, and a mount fails fast elsewhere.
+    routers = (
+        gateway.router,
+        leases.router,
+        usage.router,
+        learned.router,
+        policy_routes.router,
+        health.router,
+    )
     for router in routers:
         app.include_router(router)
     return app
@@ -79,7 +96,12 @@ def create_app(
 def app_from_environment() -> FastAPI:
     """The service as `QUOTAGATE_*` settings describe it: the factory each worker process
     of `quotagate serve --workers N` calls (uvicorn's `factory=True`)."""
-    return create_app(get_settings())
+    app = create_app(get_settings())
+    # What start-up allocated lives as long as the process: frozen, the collector's full
+    # passes no longer walk it, and a busy gateway makes those passes frequent.
+    gc.collect()
+    gc.freeze()
+    return app
 
 
 __all__ = ["app_from_environment", "create_app"]

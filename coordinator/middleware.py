@@ -9,14 +9,16 @@ from .replies import error_reply
 
 
 class BodyLimit:
-    """413 for a declared body over the limit, and for a streamed one once it passes it."""
+    """413 for a declared body over the limit, and for a streamed one once it passes it.
+    Paths under an `exempt` prefix (the gateway's, whose bodies stream upstream) pass."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, exempt: tuple[str, ...] = ()) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.exempt = exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"].startswith(self.exempt):
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):

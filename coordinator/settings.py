@@ -24,6 +24,17 @@ ENV_PREFIX = "QUOTAGATE_"
 # secret that anyone can read in this repository.
 PLACEHOLDER = re.compile("change-me", re.IGNORECASE)
 
+# A DNS name: labels of letters, digits and hyphens (no port, userinfo or path).
+_HOST_NAME = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9-]{1,63}")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host.replace(".", "").isdigit()  # 2130706433, 127.1: still addresses
+    return True
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_by_name=True)
@@ -73,6 +84,51 @@ class Settings(BaseSettings):
     http: Literal["auto", "h11", "httptools"] = Field(
         "auto", description="HTTP parser; auto takes httptools when installed"
     )
+
+    # The gateway (`/gateway/{host}/{path}`): which hosts it forwards to, and where.
+    gateway_hosts: list[str] = Field(
+        [],
+        description="hosts the gateway forwards to besides the route table's Defender and Graph"
+        ' hosts, ["api.example.com"]; names only (no IP address, no port)',
+    )
+    gateway_upstreams: dict[str, str] = Field(
+        {},
+        description="gateway host -> base URL its requests go to instead of https://{host},"
+        ' {"api.security.microsoft.com": "https://egress.example:8443"}',
+    )
+    gateway_wait: float = Field(
+        30.0, ge=0, description="seconds a gateway request waits for its lease by default"
+    )
+    gateway_unrouted: Literal["pass", "refuse"] = Field(
+        "pass",
+        description="a gateway request no route matches: pass (uncoordinated, said in the"
+        " X-Quotagate header) or refuse (404)",
+    )
+    gateway_timeout: float = Field(
+        300.0, gt=0, description="seconds an upstream may stay silent during a gateway call"
+    )
+    gateway_connections: int = Field(
+        200, ge=1, description="upstream connections the gateway keeps open at most"
+    )
+
+    @field_validator("gateway_hosts")
+    @classmethod
+    def _check_gateway_hosts(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            if not _HOST_NAME.fullmatch(host) or _is_ip(host):
+                raise ValueError(f"{host!r}: a gateway host is a DNS name, without port or path")
+        return [host.lower() for host in hosts]
+
+    @field_validator("gateway_upstreams")
+    @classmethod
+    def _check_gateway_upstreams(cls, upstreams: dict[str, str]) -> dict[str, str]:
+        for host, base in upstreams.items():
+            if not _HOST_NAME.fullmatch(host) or _is_ip(host):
+                raise ValueError(f"{host!r}: a gateway host is a DNS name, without port or path")
+            scheme, _, rest = base.partition("://")
+            if scheme not in ("http", "https") or not rest or "?" in rest or "#" in rest:
+                raise ValueError(f"{base!r}: a gateway upstream is an http(s) base URL")
+        return {host.lower(): base.rstrip("/") for host, base in upstreams.items()}
 
     @field_validator("tokens")
     @classmethod

@@ -22,6 +22,10 @@ for a fixed time. The same fleet runs four times, each on a fresh tenant:
   TLS handshake), far beyond any margin.
 - `learned`: the same, on a tenant whose calls limits the emulator holds at
   `learned_factor` of the catalog's; the coordinator learns them from the first 429s.
+- `gateway`: plain httpx workers with no quotagate code, sending to the same coordinator's
+  gateway (`/gateway/api.security.microsoft.com/...`, which `gateway_upstreams` sends on
+  to the emulator) with `X-Quotagate-Tenant` and `X-Quotagate-Wait` headers; a 429 they
+  get is waited out like the upstream's.
 
 Per configuration it reports upstream 429s, calls completed, the utilisation of each
 job's binding limit, the wait before a call (p50, p99: from the moment a worker wants
@@ -77,8 +81,10 @@ from ..emulator import (
 )
 from .harness import SPAWN, app_process, jain, percentile, watchdog
 
-CONFIGS = ("none", "local", "limits", "quotagate", "late", "learned")
-LEASED = ("quotagate", "late", "learned")  # the configurations that lease
+CONFIGS = ("none", "local", "limits", "quotagate", "late", "learned", "gateway")
+LEASED = ("quotagate", "late", "learned")  # the configurations that lease in the transport
+COORDINATED = (*LEASED, "gateway")  # the configurations that need a coordinator
+GATEWAY_HOST = "api.security.microsoft.com"
 DEFAULT_OUT = Path(__file__).parent / "results"
 
 
@@ -354,6 +360,8 @@ async def _worker(
     settle = deadline - plan.options.seconds + plan.options.real(MINUTE)
     job = JOBS[role]
     url = plan.emulator_url + job.path
+    if plan.config == "gateway":
+        url = f"{plan.coordinator_url}/gateway/{GATEWAY_HOST}{job.path}"
     params = {"$top": "100"} if job.method == "GET" else None
     try:
         await asyncio.sleep(max(begin - time.monotonic(), 0))
@@ -375,7 +383,8 @@ async def _worker(
                     stats.errors += 1
                     await asyncio.sleep(0.01)
                     continue
-                sent = stamp.sent
+                # Through the gateway the call leaves for the upstream once the lease came.
+                sent = stamp.sent + float(response.headers.get("x-quotagate-waited", 0))
                 if response.status_code == 429:
                     stats.throttled += 1
                     gate.after(role, None)
@@ -441,7 +450,13 @@ async def _fleet(plan: Plan, ready: Any, go: Any, start_at: Any) -> list[WorkerS
             gate = LocalGate(options, role)
         elif limits_gate is not None:
             gate = limits_gate
-        http = httpx.AsyncClient(transport=transport, headers=headers, timeout=timeout)
+        extra = {}
+        if plan.config == "gateway":
+            extra = {
+                "X-Quotagate-Tenant": plan.tenant,
+                "X-Quotagate-Wait": f"{options.seconds + 5}",
+            }
+        http = httpx.AsyncClient(transport=transport, headers={**headers, **extra}, timeout=timeout)
         clients.append((role, http, stamp, gate))
 
     # Open every connection before the start: a cold first call takes hundreds of ms,
@@ -501,12 +516,14 @@ def emulator_app(options: Options) -> Any:
     ).app
 
 
-def coordinator_app(redis_url: str, policies: str, max_wait: float) -> Any:
+def coordinator_app(redis_url: str, policies: str, max_wait: float, upstream: str) -> Any:
     from quotagate.coordinator.app import create_app
     from quotagate.coordinator.policy import parse_policies
     from quotagate.coordinator.settings import Settings
 
-    settings = Settings(redis_url=redis_url, max_wait=max_wait)
+    settings = Settings(
+        redis_url=redis_url, max_wait=max_wait, gateway_upstreams={GATEWAY_HOST: upstream}
+    )
     return create_app(settings, policies=parse_policies(policies, "<goodput>"))
 
 
@@ -819,7 +836,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             )
         )
         coordinator_url = None
-        if set(LEASED) & set(options.configs):
+        if any(config in COORDINATED for config in options.configs):
             coordinator_url = stack.enter_context(
                 app_process(
                     coordinator_app,
@@ -828,6 +845,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                     redis_url=server.url,
                     policies=quotagate_policies(options),
                     max_wait=options.seconds + 10,
+                    upstream=emulator_url,
                 )
             )
         for config in options.configs:

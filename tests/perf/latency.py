@@ -8,7 +8,13 @@ whatever drifts on the machine hits every mode alike:
 
 - `direct`: an `httpx.Client` straight to the emulator;
 - `QuotaTransport`: an `httpx.Client` over `QuotaTransport`, leasing from the coordinator;
-- `AsyncQuotaTransport`: an `httpx.AsyncClient` over `AsyncQuotaTransport`.
+- `AsyncQuotaTransport`: an `httpx.AsyncClient` over `AsyncQuotaTransport`;
+- `gateway`: a plain `httpx.Client` (no quotagate code) through the coordinator's gateway,
+  `/gateway/api.security.microsoft.com/api/incidents`, sent on to the emulator by
+  `QUOTAGATE_GATEWAY_UPSTREAMS`;
+- `bare proxy`: the same through `bare_proxy_app`, a minimal pass-through proxy on the same
+  stack (uvicorn's auto stack, one shared `httpx.AsyncClient`, bodies streamed), without a
+  lease: what any proxy hop costs.
 
 With `--before TREE` (a checkout of an older commit), that tree's client runs the same two
 transports as two more modes, against a second coordinator on uvicorn's plain stack (h11,
@@ -23,8 +29,11 @@ Sync calls run in a worker thread so the event loop, idle meanwhile, can send th
 client's releases, as the sync client's own thread sends its releases.
 
 Per mode: p50 and p99 of the whole call as the caller sees it; per transport mode its p50
-over the direct p50 and its p99 minus the direct p99 (ms). Results go to `--json`
-(default `tests/perf/results/latency.json`) and the table to standard output.
+over the direct p50 and its p99 minus the direct p99 (ms). Then, with `wrk` installed,
+throughput: `wrk` (one thread, `--connections`) drives the bare proxy and the gateway in
+turn, `--throughput-rounds` times each, `--throughput-seconds` each; the ratio compares
+their mean requests per second. Results go to `--json` (default
+`tests/perf/results/latency.json`) and the tables to standard output.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ import asyncio
 import importlib.util
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -62,6 +73,10 @@ LIFETIME = 600.0  # seconds a child process lives at most
 DIRECT, ADIRECT = "direct", "direct (async)"
 UPSTREAM_MS = "QUOTAGATE_BENCH_UPSTREAM_MS"  # the emulator's answer time, for its process
 BEFORE = " (before)"
+GATEWAY, BARE = "gateway", "bare proxy"
+HOST = "api.security.microsoft.com"
+PROXY_UPSTREAM = "QUOTAGATE_BENCH_PROXY_UPSTREAM"  # where the bare proxy sends requests
+PIDS: dict[str, int] = {}  # server URL -> its process, for the CPU each request costs
 
 # The catalog's two incidents windows, out of reach, so every call is granted and counted.
 POLICIES = """\
@@ -81,6 +96,59 @@ def emulator_app() -> Any:
     )
     latency = float(os.environ.get(UPSTREAM_MS, "0")) / 1000
     return DefenderEmulator(endpoints=(endpoint,), latency=latency).app
+
+
+def bare_proxy_app() -> Any:
+    """A minimal pass-through proxy: `/proxy/{path}` to `PROXY_UPSTREAM` + `/{path}`, with
+    one shared `httpx.AsyncClient`, bodies streamed and hop-by-hop headers dropped, no
+    lease: the baseline of the gateway's throughput."""
+    upstream = os.environ[PROXY_UPSTREAM]
+    client = httpx.AsyncClient(follow_redirects=False)
+    hop = {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
+    skipped = hop | {b"host", b"content-length"}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await client.aclose()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+        async def body() -> Any:
+            while True:
+                message = await receive()
+                if message.get("body"):
+                    yield message["body"]
+                if not message.get("more_body"):
+                    return
+
+        headers = [(k, v) for k, v in scope["headers"] if k not in skipped]
+        sized = dict(scope["headers"]).get(b"content-length")
+        if sized is not None:
+            headers.append((b"content-length", sized))
+        url = upstream + scope["raw_path"].decode().removeprefix("/proxy")
+        if scope["query_string"]:
+            url += "?" + scope["query_string"].decode()
+        request = client.build_request(
+            scope["method"],
+            url,
+            headers=headers,
+            content=body() if sized not in (None, b"0") else None,
+        )
+        response = await client.send(request, stream=True)
+        try:
+            out = [(k, v) for k, v in response.headers.raw if k.lower() not in hop]
+            await send(
+                {"type": "http.response.start", "status": response.status_code, "headers": out}
+            )
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            await response.aclose()
+
+    return app
 
 
 # -- the coordinators ----------------------------------------------------------------------
@@ -126,6 +194,7 @@ def process(
             argv, cwd=ROOT, env=os.environ | (env or {}), stdout=out, stderr=subprocess.STDOUT
         )
     url = f"http://127.0.0.1:{port}"
+    PIDS[url] = child.pid
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -237,7 +306,11 @@ Closer = Callable[[], Awaitable[None]]
 
 
 def _modes(
-    emulator_url: str, urls: dict[str, str], before: types.ModuleType | None, settle: bool
+    emulator_url: str,
+    urls: dict[str, str],
+    before: types.ModuleType | None,
+    settle: bool,
+    proxy_url: str | None = None,
 ) -> dict[str, tuple[Call, Closer]]:
     """Each mode's timed call and what closes it. Every transport mode is compared with
     the direct call of its own kind (sync or async)."""
@@ -267,6 +340,15 @@ def _modes(
 
     add_sync(DIRECT, None)
     add_async(ADIRECT, None)
+    for name, url in ((GATEWAY, f"{urls['after']}/gateway/{HOST}"), (BARE, proxy_url)):
+        if url is None:
+            continue
+        http = httpx.Client(headers={**headers, "X-Quotagate-Tenant": TENANT})
+
+        async def close_plain(http: httpx.Client = http) -> None:
+            http.close()
+
+        modes[name] = (sync_mode(http, url + PATH, None, settle), close_plain)
     clients = [("", current_client, urls["after"])]
     if before is not None:
         clients.append((BEFORE, before, urls["before"]))
@@ -285,8 +367,9 @@ async def measure(
     before: types.ModuleType | None,
     calls: int,
     settle: bool,
+    proxy_url: str | None = None,
 ) -> dict[str, list[float]]:
-    modes = _modes(emulator_url, urls, before, settle)
+    modes = _modes(emulator_url, urls, before, settle, proxy_url)
     timings: dict[str, list[float]] = {name: [] for name in modes}
     try:
         for round_ in range(WARMUP + calls):
@@ -298,6 +381,86 @@ async def measure(
         for _, close in modes.values():
             await close()
     return timings
+
+
+_WRK_HEADERS = f"""
+wrk.headers["Authorization"] = "Bearer contoso-app1"
+wrk.headers["X-Quotagate-Tenant"] = "{TENANT}"
+"""
+
+
+def wrk(url: str, seconds: float, connections: int) -> float:
+    """Requests per second that `wrk` (one thread) gets from `url`; fails on any non-2xx."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        script.write(_WRK_HEADERS)
+        script.flush()
+        done = subprocess.run(
+            [
+                "wrk",
+                "-t1",
+                f"-c{connections}",
+                f"-d{max(round(seconds), 1)}s",
+                "-s",
+                script.name,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    if "Non-2xx" in done.stdout:
+        raise RuntimeError(f"{url} answered errors under load:\n{done.stdout}")
+    found = re.search(r"Requests/sec:\s+([\d.]+)", done.stdout)
+    if found is None:
+        raise RuntimeError(f"no rate in wrk's output:\n{done.stdout}")
+    return float(found.group(1))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (Linux `/proc`)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def throughput(
+    gateway: str,
+    proxy: str,
+    seconds: float,
+    connections: int,
+    rounds: int,
+    processes: dict[str, int],
+) -> dict[str, Any]:
+    """Bare proxy and gateway in turn, `rounds` times each, after a warm-up of both; the
+    ratio is that of the mean rates (each round's ratio is kept too: the machine drifts).
+    Beside it, the CPU milliseconds each request cost in each of `processes` (name ->
+    pid): on a shared machine the rate moves with the load, the CPU per request less."""
+    targets = {BARE: proxy, GATEWAY: gateway}
+    for url in targets.values():
+        wrk(url + PATH, 2, connections)
+    rates: dict[str, list[float]] = {name: [] for name in targets}
+    cpu: dict[str, dict[str, float]] = {name: dict.fromkeys(processes, 0.0) for name in targets}
+    done: dict[str, float] = dict.fromkeys(targets, 0.0)
+    for _ in range(rounds):
+        for name, url in targets.items():
+            before = {p: cpu_seconds(pid) for p, pid in processes.items()}
+            rate = wrk(url + PATH, seconds, connections)
+            for p, pid in processes.items():
+                cpu[name][p] += cpu_seconds(pid) - before[p]
+            rates[name].append(rate)
+            done[name] += rate * max(round(seconds), 1)
+    mean = {name: sum(values) / len(values) for name, values in rates.items()}
+    per_request = {
+        name: {p: round(1000 * used / done[name], 3) for p, used in cpu[name].items()}
+        for name in targets
+    }
+    return {
+        "connections": connections,
+        "seconds": seconds,
+        "rates": rates,
+        "round_ratios": [g / b for g, b in zip(rates[GATEWAY], rates[BARE], strict=True)],
+        "ratio": mean[GATEWAY] / mean[BARE],
+        "cpu_ms_per_request": per_request,
+    }
 
 
 # -- figures -------------------------------------------------------------------------------
@@ -357,6 +520,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="serve the emulator on uvicorn's auto stack too (default: asyncio + h11)",
     )
+    parser.add_argument(
+        "--throughput-seconds",
+        type=float,
+        default=5.0,
+        help="seconds of each wrk run against the bare proxy and the gateway (0: none)",
+    )
+    parser.add_argument("--connections", type=int, default=32, help="wrk's connections")
+    parser.add_argument("--throughput-rounds", type=int, default=3, help="wrk runs per proxy")
     args = parser.parse_args(argv)
     if args.calls < 1:
         parser.error("--calls must be at least 1")
@@ -380,19 +551,57 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             process(_UVICORN, emulator, "/_emulator/health", folder / "emulator.log", upstream_env)
         )
         serve = ["serve", "--port", "{port}", "--redis-url", store.url, "--policies"]
+        gateway_env = {"QUOTAGATE_GATEWAY_UPSTREAMS": json.dumps({HOST: emulator_url})}
         urls = {
             "after": stack.enter_context(
-                process(_SERVE, [*serve, str(policy_file)], "/readyz", folder / "after.log")
+                process(
+                    _SERVE,
+                    [*serve, str(policy_file)],
+                    "/readyz",
+                    folder / "after.log",
+                    gateway_env,
+                )
             )
         }
+        proxy_url = (
+            stack.enter_context(
+                process(
+                    _UVICORN,
+                    uvicorn_args("tests.perf.latency:bare_proxy_app", AUTO),
+                    "/proxy/_emulator/health",
+                    folder / "proxy.log",
+                    {PROXY_UPSTREAM: emulator_url},
+                )
+            )
+            + "/proxy"
+        )
         if before is not None:
             plain = uvicorn_args("quotagate.coordinator.app:app_from_environment", PLAIN)
             urls["before"] = stack.enter_context(
                 process(_UVICORN, plain, "/readyz", folder / "before.log", env)
             )
         started = time.monotonic()
-        timings = asyncio.run(measure(emulator_url, urls, before, args.calls, not args.overlap))
+        timings = asyncio.run(
+            measure(emulator_url, urls, before, args.calls, not args.overlap, proxy_url)
+        )
         seconds = time.monotonic() - started
+        rates = None
+        if args.throughput_seconds > 0 and shutil.which("wrk") is not None:
+            gateway = f"{urls['after']}/gateway/{HOST}"
+            processes = {
+                "coordinator": PIDS[urls["after"]],
+                "bare proxy": PIDS[proxy_url.removesuffix("/proxy")],
+                "emulator": PIDS[emulator_url],
+                "redis": store.process.pid,
+            }
+            rates = throughput(
+                gateway,
+                proxy_url,
+                args.throughput_seconds,
+                args.connections,
+                args.throughput_rounds,
+                processes,
+            )
     rows = summarise(timings)
     results: dict[str, Any] = {
         "calls": args.calls,
@@ -406,10 +615,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "overlap": args.overlap,
         "before": checkout_name(args.before) if args.before is not None else None,
         "modes": rows,
+        "throughput": rates,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(table(rows))
+    if rates is not None:
+        print(
+            f"throughput ({rates['connections']} connections): bare proxy "
+            f"{', '.join(f'{r:,.0f}' for r in rates['rates'][BARE])} requests/s, gateway "
+            f"{', '.join(f'{r:,.0f}' for r in rates['rates'][GATEWAY])}; "
+            f"ratio {rates['ratio']:.2f} (target >= 0.7; per round "
+            f"{', '.join(f'{r:.2f}' for r in rates['round_ratios'])})"
+        )
+        for name, used in rates["cpu_ms_per_request"].items():
+            shown = ", ".join(f"{p} {ms:.3f}" for p, ms in used.items())
+            print(f"CPU ms per request through the {name}: {shown}")
     print(
         f"{args.calls} calls per mode in {seconds:.1f} s; load average "
         f"{results['load_before'][0]} before, {results['load_after'][0]} after; "

@@ -5,6 +5,7 @@ Measurements, not tests: nothing here looks at a figure."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -39,13 +40,23 @@ def test_decisions_runs(tmp_path: Path) -> None:
 def test_latency_runs(tmp_path: Path) -> None:
     out = tmp_path / "latency.json"
     # This checkout's own client stands in for an older one.
-    results = latency.main(["--calls", "5", "--json", str(out), "--before", str(latency.ROOT)])
+    results = latency.main(
+        [
+            *("--calls", "5", "--json", str(out), "--before", str(latency.ROOT)),
+            *("--throughput-seconds", "1", "--throughput-rounds", "1"),
+        ]
+    )
     modes = ["QuotaTransport", "AsyncQuotaTransport"]
     assert list(results["modes"]) == [
         latency.DIRECT,
         latency.ADIRECT,
+        latency.GATEWAY,
+        latency.BARE,
         *modes,
         *(mode + latency.BEFORE for mode in modes),
     ]
     assert json.loads(out.read_text())["calls"] == 5
     assert all("p99_added_ms" in results["modes"][mode] for mode in modes)
+    assert "p50_added_ms" in results["modes"][latency.GATEWAY]
+    if shutil.which("wrk") is not None:
+        assert results["throughput"]["ratio"] > 0

@@ -1,0 +1,641 @@
+"""The gateway: `/gateway/{host}/{path}?{query}` forwarded to `https://{host}/{path}?{query}`
+under a lease, for tools that can set a base URL but cannot load Python.
+
+What it does with one request, in order:
+
+1. The target. Only a host of the route table (the Defender and Graph hosts) or one that
+   the settings add is forwarded to, named exactly: an IP literal, a port, userinfo, a
+   percent-escape or any other host is refused (403) before any connection, and so is a
+   path that could mean another path upstream than here (escaped slashes, dot segments;
+   400). `gateway_upstreams` sends a host to another base URL (sovereign cloud, egress
+   proxy, test upstream). Redirects are handed back, never followed.
+2. Who pays. The tenant is `X-Quotagate-Tenant`, else `<tid>/<appid>` (or `azp`) from the
+   claims of the request's own bearer token, decoded and not verified: it only picks whose
+   budget is charged, Microsoft verifies the token. With tokens configured, quotagate's own
+   token travels in `X-Quotagate-Token`; `Authorization` goes upstream untouched and is
+   never logged.
+3. The lease, taken in-process through the app's `Waiting`, for the (api, key) that the
+   client's route table gives; `X-Quotagate-Wait` (seconds, capped by `max_wait`) and
+   `X-Quotagate-Priority` as in an acquire. No lease within the wait: a 429 in the
+   upstream's own shape with `Retry-After`, so the tool's retry logic applies. A path no
+   route matches passes without a lease, marked `X-Quotagate: uncoordinated` (or is
+   refused, with `gateway_unrouted: refuse`). A coordinated answer says so in
+   `X-Quotagate: coordinated`, with `X-Quotagate-Api` and `X-Quotagate-Waited` (seconds).
+4. The call. Bodies stream both ways; only what the outcome needs is held: a small error
+   body (up to `PEEK` bytes, where throttles are told), and for an api with run-time limits
+   the last `PEEK` bytes of the answer, where `Stats.ExecutionTime` is. The outcome is
+   the client's own (`Lease.report`, `quotagate.client.parsing`): a 429 releases as
+   `throttled` before the tool sees it, so the whole fleet pauses first; other releases
+   leave the critical path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import http.cookiejar
+import json
+import logging
+import math
+import re
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Coroutine, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote
+
+import anyio
+import httpx
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
+
+from quotagate.client.lease import Lease, outcome_for_status
+from quotagate.client.lease import Outcome as Said
+from quotagate.client.parsing import execution_time, parse_throttle
+from quotagate.client.routes import DEFENDER_HOSTS, GRAPH_HOSTS, RouteMatch, RouteTable
+from quotagate.client.routes import endpoint_key as endpoint_template
+
+from .auth import OPEN, Authorizer, Principal
+from .engine import Denial, Engine, Grant, Outcome
+from .errors import BackendUnavailable, InvalidRequest, QuotagateError, Unauthorized, UnknownLease
+from .policy import Kind
+from .replies import error_reply
+from .settings import Settings
+from .waiting import Ask, Waiting
+
+log = logging.getLogger("quotagate")
+
+PREFIX = "/gateway/"
+PEEK = 64 * 1024  # bytes of an answer held to read its outcome
+WARNED = 1024  # unrouted path templates warned about at most (paths come from clients)
+# Headers of one connection, not of the message (RFC 9110, 7.6.1), and those of ours.
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
+)
+_NOT_FORWARDED = frozenset({b"host", b"expect", b"content-length"})
+_OURS = b"x-quotagate-"
+_HOST = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?")
+# Failures that leave before a byte of the request was sent: nothing to charge.
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+class HostRefused(QuotagateError):
+    code = "host_not_allowed"
+    status = 403
+
+
+class PathRefused(QuotagateError):
+    code = "invalid_path"
+    status = 400
+
+
+class TenantMissing(QuotagateError):
+    code = "tenant_required"
+    status = 400
+
+
+class Unrouted(QuotagateError):
+    code = "unrouted"
+    status = 404
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str  # as named in the gateway path, lower case
+    path: str  # decoded, for the route table
+    url: str  # where the request goes
+
+
+def upstream_client(settings: Settings) -> httpx.AsyncClient:
+    """The one client for every upstream call: redirects are the tool's business, the
+    environment's proxy settings apply (an egress proxy), and no cookie is kept: the
+    client serves every tenant, so one tenant's cookie must never reach another's call."""
+    keep_none = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+    return httpx.AsyncClient(
+        follow_redirects=False,
+        cookies=keep_none,
+        timeout=httpx.Timeout(settings.gateway_timeout, connect=10.0),
+        limits=httpx.Limits(
+            max_connections=settings.gateway_connections,
+            max_keepalive_connections=settings.gateway_connections,
+            # Idle connections go before a server's usual 5 s keep-alive closes them
+            # under a request that is being sent.
+            keepalive_expiry=4.0,
+        ),
+    )
+
+
+def tenant_from_token(authorization: str | None) -> str | None:
+    """`<tid>/<appid>` (or `azp` for the app) from a bearer token's claims, unverified."""
+    scheme, _, token = (authorization or "").partition(" ")
+    parts = token.strip().split(".")
+    if scheme.lower() != "bearer" or len(parts) != 3 or len(parts[1]) > 16384:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error):  # includes UnicodeDecodeError
+        return None
+    if not isinstance(claims, dict):
+        return None
+    tid, app = claims.get("tid"), claims.get("appid") or claims.get("azp")
+    if isinstance(tid, str) and tid and isinstance(app, str) and app:
+        return f"{tid}/{app}"
+    return None
+
+
+def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    named = set(HOP_BY_HOP)
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named.update(token.strip().lower() for token in value.split(b","))
+    return named
+
+
+def _end_to_end(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """`headers` without the hop-by-hop ones (those `Connection` names too), Proxy-*."""
+    hop = _connection_tokens(headers)
+    return [
+        (name, value)
+        for name, value in headers
+        if (low := name.lower()) not in hop and not low.startswith(b"proxy-")
+    ]
+
+
+class _Inbox:
+    """The request body as ASGI messages, read once. `gone` looks for a disconnect the
+    way Starlette does, but keeps a body message it finds for `body()`. A request that
+    has waited less than `FRESH` seconds is taken to be there still: the look costs more
+    than the rest of a call through the gateway, and one that comes at once would find
+    nothing (a client gone by then is found when its answer is sent)."""
+
+    FRESH = 0.05
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._held: deque[Message] = deque()
+        self._gone = False
+        self._since = time.monotonic()
+
+    async def gone(self) -> bool:
+        if not self._gone and time.monotonic() - self._since >= self.FRESH:
+            message: Message = {}
+            with anyio.CancelScope() as scope:
+                scope.cancel()  # only a message that is there already
+                message = await self._receive()
+            if message.get("type") == "http.disconnect":
+                self._gone = True
+            elif message.get("type") == "http.request":
+                self._held.append(message)
+        return self._gone
+
+    async def body(self) -> AsyncIterator[bytes]:
+        while True:
+            message = self._held.popleft() if self._held else await self._receive()
+            if message["type"] == "http.disconnect":
+                self._gone = True
+                raise httpx.ReadError("the client went away while sending its body")
+            chunk = message.get("body", b"")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                return
+
+
+@dataclass
+class _Tail:
+    """The last `PEEK` bytes or more of a stream, in its chunks."""
+
+    chunks: deque[bytes] = field(default_factory=deque)
+    size: int = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+        self.size += len(chunk)
+        while self.size - len(self.chunks[0]) >= PEEK:
+            self.size -= len(self.chunks.popleft())
+
+    def execution_time(self) -> float | None:
+        """`Stats.ExecutionTime` from the end of a hunting answer, where `Stats` is."""
+        text = b"".join(self.chunks)
+        at = max(text.rfind(b'"Stats"'), text.rfind(b'"stats"'))
+        if at < 0:
+            return None
+        colon = text.find(b":", at + 7)
+        try:
+            stats, _ = json.JSONDecoder().raw_decode(text[colon + 1 :].decode().lstrip())
+        except ValueError:  # includes UnicodeDecodeError
+            return None
+        return execution_time({"Stats": stats})
+
+
+class Gateway:
+    """Forwards gateway requests; one per app, holding the upstream client."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        waiting: Waiting,
+        authorizer: Authorizer,
+        client: httpx.AsyncClient,
+        routes: RouteTable | None = None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.waiting = waiting
+        self.authorizer = authorizer
+        self.client = client
+        self.routes = routes if routes is not None else RouteTable()
+        self.upstreams = dict(settings.gateway_upstreams)
+        route_hosts = {host for route in self.routes for host in route.hosts}
+        self.hosts = frozenset(
+            {*DEFENDER_HOSTS, *GRAPH_HOSTS, *route_hosts, *settings.gateway_hosts, *self.upstreams}
+        )
+        # Where each host's requests must land: checked on the built request too.
+        self._authorities = {
+            host: (httpx.URL(base).host, httpx.URL(base).port)
+            for host, base in self.upstreams.items()
+        }
+        self._warned: set[tuple[str, str]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def aclose(self) -> None:
+        """Finish the releases under way, then close the upstream client."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.client.aclose()
+
+    def in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` off the critical path, held until it ends (and by `aclose`)."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- the request --------------------------------------------------------------------
+
+    def target(self, raw_path: bytes, query: bytes) -> Target:
+        """Where a gateway path goes; HostRefused or PathRefused before any connection."""
+        text = raw_path.decode("latin-1")
+        if not text.startswith(PREFIX):
+            raise PathRefused(f"gateway paths are {PREFIX}{{host}}/{{path}}")
+        named, slash, rest = text[len(PREFIX) :].partition("/")
+        host = named.lower()
+        if not _HOST.fullmatch(host) or host not in self.hosts:
+            raise HostRefused(
+                f"the gateway forwards only to the route table's hosts and those settings add"
+                f" (gateway_hosts), named exactly: not {named[:100]!r}"
+            )
+        path = unquote(slash + rest) or "/"
+        escaped = re.search(r"%(2f|5c)", rest, re.IGNORECASE)
+        if escaped or "\\" in path or any(seg in (".", "..") for seg in path.split("/")):
+            raise PathRefused("escaped slashes and dot segments are refused in gateway paths")
+        base = self.upstreams.get(host, f"https://{host}")
+        url = base + (slash + rest or "/") + ("?" + query.decode("latin-1") if query else "")
+        return Target(host, path, url)
+
+    def principal(self, request: Request) -> Principal:
+        """Who is asking, from quotagate's own token (`Authorization` is the upstream's)."""
+        if not self.authorizer.enabled:
+            return OPEN
+        token = request.headers.get("x-quotagate-token")
+        if not token:
+            raise Unauthorized("send quotagate's token in X-Quotagate-Token")
+        return self.authorizer.principal(f"Bearer {token}")
+
+    @staticmethod
+    def tenant(request: Request) -> str:
+        named = request.headers.get("x-quotagate-tenant")
+        tenant = named or tenant_from_token(request.headers.get("authorization"))
+        if not tenant:
+            raise TenantMissing(
+                "name the tenant in X-Quotagate-Tenant, or send a bearer token whose claims"
+                " hold tid and appid (or azp)"
+            )
+        return tenant
+
+    def wait(self, request: Request) -> float:
+        asked = request.headers.get("x-quotagate-wait")
+        if asked is None:
+            return min(self.settings.gateway_wait, self.settings.max_wait)
+        try:
+            seconds = float(asked)
+        except ValueError:
+            seconds = -1.0
+        if not math.isfinite(seconds) or seconds < 0:
+            raise InvalidRequest("X-Quotagate-Wait", "seconds to wait, a number >= 0")
+        return min(seconds, self.settings.max_wait)
+
+    def unrouted(self, method: str, target: Target) -> None:
+        if self.settings.gateway_unrouted == "refuse":
+            raise Unrouted(f"no route of the gateway matches {method} {target.path}")
+        template = endpoint_template(method, target.path)
+        if (target.host, template) not in self._warned and len(self._warned) < WARNED:
+            self._warned.add((target.host, template))
+            log.warning("gateway: %s %s has no route: passed uncoordinated", target.host, template)
+
+    async def forward(self, request: Request) -> Response:
+        scope = request.scope
+        target = self.target(scope.get("raw_path") or scope["path"].encode(), scope["query_string"])
+        who = self.principal(request)
+        method = request.method
+        found = self.routes.match(method, target.host, target.path)
+        inbox = _Inbox(request.receive)
+        if found is None:
+            self.unrouted(method, target)
+            marks = {b"x-quotagate": b"uncoordinated"}
+            return await self._send(request, target, inbox, None, marks)
+        tenant = self.tenant(request)
+        who.check(tenant)
+        priority = request.headers.get("x-quotagate-priority")
+        ask = Ask(
+            tenant=tenant,
+            api=found.api,
+            key=found.key,
+            wait=self.wait(request),
+            priority=int(priority) if priority and priority.isdigit() else priority,
+            holder="gateway",
+        )
+        asked = time.monotonic()
+        result = await self.waiting.acquire(ask, inbox.gone)
+        if result is None:
+            return error_reply(499, "client_closed", "the client disconnected while waiting")
+        if isinstance(result, Denial):
+            return exhausted_reply(result, target.host, found)
+        call = _Call(self, result)
+        waited = f"{time.monotonic() - asked:.3f}".encode()
+        marks = {b"x-quotagate": b"coordinated", b"x-quotagate-waited": waited}
+        return await self._send(request, target, inbox, call, marks)
+
+    async def _send(
+        self,
+        request: Request,
+        target: Target,
+        inbox: _Inbox,
+        call: _Call | None,
+        marks: dict[bytes, bytes],
+    ) -> Response:
+        raw = request.headers.raw
+        headers = [
+            (name, value)
+            for name, value in _end_to_end(raw)
+            if name not in _NOT_FORWARDED and not name.startswith(_OURS)
+        ]
+        sized = request.headers.get("content-length")
+        if sized is not None and sized.isdigit():
+            headers.append((b"content-length", sized.encode()))
+        has_body = (sized is not None and sized != "0") or "transfer-encoding" in request.headers
+        try:
+            outgoing = self.client.build_request(
+                request.method,
+                target.url,
+                headers=headers,
+                content=inbox.body() if has_body else None,
+            )
+        except (httpx.InvalidURL, ValueError) as exc:
+            if call is not None:
+                await call.release_now("not_called")
+            raise PathRefused(f"not a URL the gateway can send: {exc}") from exc
+        landing = self._authorities.get(target.host, (target.host, None))
+        if (outgoing.url.host, outgoing.url.port) != landing:  # never another host
+            if call is not None:
+                await call.release_now("not_called")
+            raise PathRefused("the path would leave the host it names")
+        try:
+            upstream = await self.client.send(outgoing, stream=True)
+        except NOT_SENT as exc:
+            if call is not None:
+                await call.release_now("not_called")
+            return error_reply(502, "upstream_unreachable", f"{target.host}: {type(exc).__name__}")
+        except (httpx.HTTPError, OSError) as exc:
+            if call is not None:
+                await call.release_now("failed")
+            status, code = (
+                (504, "upstream_timeout")
+                if isinstance(exc, httpx.TimeoutException)
+                else (502, "upstream_failed")
+            )
+            return error_reply(status, code, f"{target.host}: {type(exc).__name__}")
+        out = _end_to_end(upstream.headers.raw)
+        out.extend(marks.items())
+        if call is not None:
+            out.append((b"x-quotagate-api", call.grant.api.encode()))
+        return await _Relay.start(call, upstream, out)
+
+
+class _Call:
+    """One leased call, from its grant to its release."""
+
+    def __init__(self, gateway: Gateway, grant: Grant) -> None:
+        self.gateway = gateway
+        self.grant = grant
+        self.started = time.monotonic()
+        self.lease = Lease(
+            grant.lease_id,
+            grant.tenant,
+            grant.api,
+            grant.key,
+            grant.cost,
+            grant.expires_in_ms / 1000,
+            0.0,
+        )
+        policy = gateway.engine.policy(grant.tenant, grant.api)
+        self.timed = any(limit.kind is Kind.RUNTIME for limit in policy.limits)
+        # A timer, not a task, until a call lives long enough to need its lease renewed.
+        ttl = grant.expires_in_ms / 1000
+        loop = asyncio.get_running_loop()
+        self._renewal: asyncio.TimerHandle | asyncio.Task[None] = loop.call_later(
+            ttl / 2, self._start_renewal, ttl
+        )
+
+    @property
+    def runtime(self) -> float:
+        return time.monotonic() - self.started
+
+    def _start_renewal(self, ttl: float) -> None:
+        self._renewal = asyncio.create_task(self._renew(ttl))
+
+    async def _renew(self, ttl: float) -> None:
+        """Keep the lease alive while a long call (an export, a hunting query) runs."""
+        while True:
+            try:
+                ttl = await self.gateway.engine.renew(self.grant.lease_id) / 1000
+            except UnknownLease:
+                return
+            except BackendUnavailable as exc:
+                log.warning("gateway: renewing a lease of %s failed: %s", self.grant.api, exc)
+            await asyncio.sleep(ttl / 2)
+
+    def report(
+        self, status: int, headers: httpx.Headers, body: bytes | None, runtime: float | None
+    ) -> None:
+        """The outcome of the answer (`body`: all of it, or None when not held), as the
+        client reads one (`Lease.report`; without a body, what its status line and
+        headers say, as the client's transport does for a body that broke off)."""
+        runtime = runtime if runtime is not None else self.runtime
+        if body is None:
+            throttle = parse_throttle(status, headers, b"")
+            if throttle is None:
+                self.lease.set_outcome(outcome_for_status(status), status, runtime=runtime)
+            else:
+                self.lease.set_outcome("throttled", status, throttle.retry_after, runtime)
+            return
+        peek = httpx.Response(status, headers=headers, stream=httpx.ByteStream(body))
+        with contextlib.suppress(httpx.DecodingError):
+            peek.read()  # decodes gzip etc.; left unread, `report` skips the body
+        self.lease.report(peek, runtime=runtime)
+
+    async def release_now(self, outcome: Said | None = None) -> None:
+        if outcome is not None:
+            self.lease.set_outcome(outcome, runtime=self.runtime)
+        self._renewal.cancel()
+        body = self.lease.release_body()
+        retry_after = body.get("retry_after")
+        runtime = body.get("runtime")
+        named = body.get("limit")  # what a throttled answer said its limit is
+        if body["outcome"] == Outcome.THROTTLED:
+            log.warning(
+                "gateway: upstream throttled tenant=%s api=%s status=%s retry_after=%s",
+                self.grant.tenant,
+                self.grant.api,
+                body.get("status_code"),
+                retry_after,
+            )
+        try:
+            await self.gateway.engine.release(
+                self.grant.lease_id,
+                body["outcome"],
+                retry_after_ms=None if retry_after is None else math.ceil(retry_after * 1000),
+                runtime_ms=None if runtime is None else math.ceil(runtime * 1000),
+                named=None
+                if named is None
+                else (int(named["amount"]), math.ceil(named["window"] * 1000)),
+            )
+        except (UnknownLease, BackendUnavailable) as exc:
+            log.warning("gateway: releasing a lease of %s failed: %s", self.grant.api, exc)
+        self.gateway.waiting.released(self.grant.tenant, self.grant.api)
+
+    def release_later(self) -> None:
+        """Release off the critical path; `Gateway.aclose` waits for it."""
+        self.gateway.in_background(self.release_now())
+
+
+class _Relay(Response):
+    """The upstream's answer, streamed to the tool; the lease is released at its end."""
+
+    def __init__(
+        self,
+        call: _Call | None,
+        upstream: httpx.Response,
+        headers: list[tuple[bytes, bytes]],
+        head: list[bytes],
+        chunks: AsyncIterator[bytes] | None,
+    ) -> None:
+        super().__init__(status_code=upstream.status_code)
+        self.raw_headers = headers
+        self.call = call
+        self.upstream = upstream
+        self.head = head
+        self.chunks = chunks
+
+    @classmethod
+    async def start(
+        cls, call: _Call | None, upstream: httpx.Response, headers: list[tuple[bytes, bytes]]
+    ) -> Response:
+        """Read as much of the answer as its outcome needs: all of a small error body."""
+        chunks = upstream.aiter_raw()
+        status = upstream.status_code
+        length = upstream.headers.get("content-length")
+        small = length is None or (length.isdigit() and int(length) <= PEEK)
+        if call is None or status < 400 or not small:
+            return cls(call, upstream, headers, [], chunks)
+        head: list[bytes] = []
+        held = 0
+        try:
+            async for chunk in chunks:
+                head.append(chunk)
+                held += len(chunk)
+                if held > PEEK:
+                    return cls(call, upstream, headers, head, chunks)
+        except (httpx.HTTPError, OSError):
+            await upstream.aclose()
+            call.report(status, upstream.headers, None, None)
+            if call.lease.outcome != "throttled":
+                call.lease.set_outcome("failed", status, runtime=call.runtime)
+            await call.release_now()
+            return error_reply(502, "upstream_failed", "the upstream's answer broke off")
+        await upstream.aclose()
+        body = b"".join(head)
+        call.report(status, upstream.headers, body, None)
+        if call.lease.outcome == "throttled":
+            await call.release_now()  # the fleet pauses before the tool hears of it
+        else:
+            call.release_later()
+        return cls(None, upstream, headers, head, None)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        call, done = self.call, False
+        tail = _Tail() if call is not None and call.timed else None
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+            for chunk in self.head:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if tail is not None:
+                    tail.add(chunk)
+            if self.chunks is not None:
+                async for chunk in self.chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if tail is not None:
+                        tail.add(chunk)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            done = True
+        finally:
+            if call is not None:
+                status, headers = self.upstream.status_code, self.upstream.headers
+                if done:
+                    runtime = tail.execution_time() if tail is not None else None
+                    call.report(status, headers, None, runtime)
+                else:
+                    call.lease.set_outcome("failed", status, runtime=call.runtime)
+                call.release_later()
+            await self.upstream.aclose()
+
+
+def exhausted_reply(denial: Denial, host: str, found: RouteMatch) -> Response:
+    """No lease within the wait: a 429 as the upstream writes it (`defender.md`,
+    "Throttled answers"), so the tool's own handling of throttles applies."""
+    retry = max(math.ceil(denial.retry_after_ms / 1000), 1)
+    if denial.limit is None:
+        why = "the fleet is pausing after an upstream 429"
+    elif denial.limit.kind is Kind.CONCURRENT:
+        why = f"{denial.limit.amount} calls are in flight"
+    else:
+        shown = denial.limit.describe()
+        why = f"its {shown['kind']} limit {shown['amount']:g} per {shown['window']:g} s is spent"
+    message = (
+        f"quotagate: {found.api} for this tenant: {why}. "
+        f"You can send requests again in {retry} seconds."
+    )
+    request_id = str(uuid.uuid4())
+    body: dict[str, Any]
+    if host in GRAPH_HOSTS:
+        inner = {"code": "429", "date": datetime.now(UTC).isoformat(), "request-id": request_id}
+        body = {"error": {"code": "TooManyRequests", "message": message, "innerError": inner}}
+    else:
+        body = {"error": {"code": "429", "message": message, "target": request_id}}
+    headers = {"Retry-After": str(retry), "X-Quotagate": "exhausted", "X-Quotagate-Api": found.api}
+    return Response(json.dumps(body), 429, headers=headers, media_type="application/json")
+
+
+__all__ = ["PEEK", "Gateway", "Target", "exhausted_reply", "tenant_from_token", "upstream_client"]
