@@ -705,3 +705,17 @@ def test_a_429_that_names_a_lower_limit_teaches_it(
     assert throttled.status_code == 429
     first = settled(coordinator, TENANT, "m365d.incidents")["limits"][0]
     assert (first["amount"], first["configured"]) == (20, 50)
+
+
+def test_the_readmes_requests_recipe_runs_as_written(
+    coordinator: str, emulated: DefenderEmulator
+) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## The gateway")[1].split("\n## ")[0]
+    recipe = section.split("```python\n")[1].split("```")[0]
+    namespace: dict[str, Any] = {"token": jwt({"tid": "contoso", "appid": "readme"})}
+    exec(recipe.replace("http://quotagate:8080", coordinator), namespace)
+    assert namespace["incidents"] == []
+    assert emulated.arrivals("/api/incidents")[-1].caller.startswith("ey")  # its own token
+    found = settled(coordinator, "contoso/readme", "m365d.incidents")
+    assert calls_used(found) == 1  # charged to the tenant the token names
