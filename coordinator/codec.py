@@ -78,6 +78,7 @@ class AcquireArgs(ScriptArgs):
     loss_on_start: int | None  # since when a missing state counts as lost
     recovery: int | None  # the time of a loss the caller saw (a failover)
     share_permille: int | None  # the share granted in recovery; None: no loss tracking
+    class_permille: int | None  # the priority class's share of each windowed limit; None: all
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from . import codec
 from .codec import AcquireArgs, ForgetArgs, Learned, ReleaseArgs, RenewArgs, UsageArgs
 from .errors import BackendUnavailable, InvalidRequest, UnknownApi, UnknownLease
 from .leases import LeaseRef
-from .policy import KEY_PATTERN, TENANT_PATTERN, Limit, Policy, PolicySet
+from .policy import KEY_PATTERN, TENANT_PATTERN, Limit, Policy, PolicySet, PriorityClass
 
 T = TypeVar("T")
 
@@ -259,10 +259,14 @@ class Engine:
         cost: int = 1,
         runtime_estimate_ms: int | None = None,
         *,
+        priority: str | None = None,
         now: int | None = None,
     ) -> Grant | Denial:
+        """`priority` names a class of the api's policy (None: its default class); an api
+        without classes accepts any priority and gives it no effect."""
         target = self.target(tenant, api, key)
         policy = target.policy
+        klass = self.priority_class(policy, priority)
         if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
             raise InvalidRequest("cost", "must be a whole number >= 1")
         too_big = policy.impossible_cost(cost)
@@ -270,12 +274,19 @@ class Engine:
             raise InvalidRequest(
                 "cost", f"{cost} can never be granted: the limit is {too_big.amount} calls"
             )
+        too_big = policy.impossible_for_class(cost, klass)
+        if too_big is not None and klass is not None:
+            raise InvalidRequest(
+                "cost",
+                f"{cost} can never be granted to class {klass.name!r}: its share of the "
+                f"limit is {klass.cap(too_big.amount)} calls",
+            )
         estimate = (
             policy.runtime_estimate_ms if runtime_estimate_ms is None else runtime_estimate_ms
         )
         if estimate < 0:
             raise InvalidRequest("runtime_estimate", "must be >= 0")
-        too_long = policy.impossible_runtime(estimate)
+        too_long = policy.impossible_runtime(estimate, klass)
         if too_long is not None:
             raise InvalidRequest(
                 "runtime_estimate",
@@ -285,7 +296,8 @@ class Engine:
         ref = LeaseRef.new(tenant, api, key)
         if self._suspect and now is None and self.recovery_share is not None:
             await self.check_store()  # after a store error: was it a failover?
-        reply = await self._acquire(ref, target, cost, estimate, now)
+        permille = None if klass is None or klass.share_permille >= 1000 else klass.share_permille
+        reply = await self._acquire(ref, target, cost, estimate, permille, now)
         self._remember(tenant, api, reply)
         if isinstance(reply, codec.Granted):
             return Grant(ref.lease_id, tenant, api, key, cost, reply.now_ms, reply.expiry_ms)
@@ -298,8 +310,23 @@ class Engine:
             reply.amount,
         )
 
+    @staticmethod
+    def priority_class(policy: Policy, priority: str | None) -> PriorityClass | None:
+        """The class of `priority` in `policy`; raises InvalidRequest (field `priority`)
+        for a class the policy does not have."""
+        try:
+            return policy.priority_class(priority)
+        except ValueError as exc:
+            raise InvalidRequest("priority", str(exc)) from None
+
     async def _acquire(
-        self, ref: LeaseRef, target: Target, cost: int, estimate: int, now: int | None
+        self,
+        ref: LeaseRef,
+        target: Target,
+        cost: int,
+        estimate: int,
+        class_permille: int | None,
+        now: int | None,
     ) -> codec.Granted | codec.Denied:
         share = self.recovery_share
         known = self._known.get((ref.tenant, ref.api)) if share is not None else None
@@ -315,6 +342,7 @@ class Engine:
             loss_on_start=self._started_ms,
             recovery=self.recovery,
             share_permille=None if share is None else round(share * 1000),
+            class_permille=class_permille,
         )
         reply = await self._call(self.lua_acquire(keys=target.keys, args=args.argv(target.args)))
         return codec.decode_acquire(reply)

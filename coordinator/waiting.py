@@ -39,7 +39,7 @@ class Ask:
     cost: int = 1  # call units
     runtime_estimate_ms: int | None = None  # None: the policy's estimate
     wait: float = 0.0  # seconds the caller may be held, already capped by the server
-    priority: int | str | None = None
+    priority: str | None = None  # a class of the api's policy; None: its default
     holder: str | None = None
 
     @property
@@ -81,7 +81,9 @@ class LocalLines:
         return result
 
     def _attempt(self, ask: Ask) -> Awaitable[Grant | Denial]:
-        return self.engine.acquire(ask.tenant, ask.api, ask.key, ask.cost, ask.runtime_estimate_ms)
+        return self.engine.acquire(
+            ask.tenant, ask.api, ask.key, ask.cost, ask.runtime_estimate_ms, priority=ask.priority
+        )
 
     async def _wait_for_grant(self, ask: Ask, gone: Gone) -> Grant | Denial | None:
         """With nobody in line, the first attempt is at once, and a denial whose earliest

@@ -18,8 +18,15 @@
 -- one HMGET and one HSET per windowed limit (and a PTTL once per bucket of expiries), and
 -- one HSET of the state hash.
 -- KEYS: state, inflight_api, inflight_key; then one per limit (lib.lua).
+-- Priority classes: a lease of a class with a share may be granted only while each
+-- windowed limit's use (of every class, leases in flight included) plus its own units
+-- stays within amount * class_permille / 1000 (the share is a cap on how full the window
+-- may be, not a counter of the class's own use): the rest of each window is headroom
+-- for the classes above. retry_ms and soonest_ms are computed under that cap. In
+-- recovery the cap is the recovery share of the class's cap. Concurrent limits are
+-- shared by every class alike.
 -- ARGV: now_ms, token, cost, estimate_ms, known_epoch, known_until, loss_on_start,
---       recovery, share_permille; then the policy block.
+--       recovery, share_permille, class_permille; then the policy block.
 --   now_ms          "" = Redis TIME
 --   token           the lease's random part and key
 --   cost            call units
@@ -29,6 +36,7 @@
 --   loss_on_start   a time (ms) since which a missing state counts as lost, "" = none
 --   recovery        the time (ms) of a loss the caller saw (a failover), "" = none
 --   share_permille  the share of each limit granted in recovery, "" = no loss tracking
+--   class_permille  the lease's priority class's share of each windowed limit, "" = all
 -- Reply: {GRANTED, now_ms, expiry_ms, epoch_ms, until_ms}; {DENIED, now_ms, retry_ms,
 --        bound, soonest_ms, amount, epoch_ms, until_ms}, where retry_ms is the wait if
 --        nothing else happens (leases in flight expire unreleased), bound the 1-based
@@ -47,6 +55,7 @@ local known_until = tonumber(ARGV[ARG.known_until]) or 0
 local loss_on_start = tonumber(ARGV[ARG.loss_on_start])
 local since = tonumber(ARGV[ARG.recovery])
 local share = tonumber(ARGV[ARG.share_permille])
+local class_share = tonumber(ARGV[ARG.class_permille])
 local ttl, track_api, track_key, stamp_ttl, limits = read_policy()
 
 local state = redis.call('HMGET', KEYS[1], 'cd', 'ep', 'px', 'tx',
@@ -119,6 +128,10 @@ for i, lim in ipairs(limits) do
     -- After a loss the lost history may still fill this window upstream: grant only a
     -- share, until the window no longer overlaps the loss.
     local recovered = since and since + lim.window + lim.margin
+    local in_force = lim.amount
+    if class_share then
+      lim.amount = math.floor(in_force * class_share / 1000)  -- the class's cap, for now
+    end
     local room = lim.amount
     if recovered and now < recovered then
       room = math.floor(lim.amount * share / 1000)
@@ -131,6 +144,7 @@ for i, lim in ipairs(limits) do
         soon = window_wait(lim, released_now(lim, live, now), used, need, now, recovered, share)
       end
     end
+    lim.amount = in_force
   end
   if wait < 0 then
     return {REPLY.DENIED, now, -1, i, -1, lim.amount, epoch, state_until}

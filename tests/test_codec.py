@@ -98,8 +98,9 @@ def test_arguments_encode_none_and_booleans_as_the_scripts_read_them() -> None:
         loss_on_start=None,
         recovery=None,
         share_permille=500,
+        class_permille=None,
     )
-    assert args.argv(("x", 1)) == ["", "t:k", 2, 0, "", 7, "", "", 500, "x", 1]
+    assert args.argv(("x", 1)) == ["", "t:k", 2, 0, "", 7, "", "", 500, "", "x", 1]
     assert codec.RenewArgs(now_ms=5, token="t", renew_ttl_ms=9).argv(("p",)) == [5, "t", 9, "p"]
 
 
