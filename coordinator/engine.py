@@ -28,7 +28,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import codec
-from .codec import AcquireArgs, ForgetArgs, Learned, ReleaseArgs, RenewArgs, UsageArgs
+from .codec import (
+    AcquireArgs,
+    ForgetArgs,
+    Learned,
+    LeaveArgs,
+    ReleaseArgs,
+    RenewArgs,
+    UsageArgs,
+)
 from .errors import BackendUnavailable, InvalidRequest, UnknownApi, UnknownLease
 from .leases import LeaseRef
 from .policy import KEY_PATTERN, TENANT_PATTERN, Limit, Policy, PolicySet, PriorityClass
@@ -40,6 +48,8 @@ SCRIPT_RELEASE = codec.script_source(ReleaseArgs)
 SCRIPT_RENEW = codec.script_source(RenewArgs)
 SCRIPT_USAGE = codec.script_source(UsageArgs)
 SCRIPT_FORGET = codec.script_source(ForgetArgs)
+SCRIPT_LEAVE = codec.script_source(LeaveArgs)
+TICKET_TTL_MS = 2_000  # a waiter that stops refreshing its ticket loses its place after this
 KNOWN_STATES = 100_000  # (tenant, api) states an engine remembers, for loss detection
 
 # Store errors that mean "again" or "elsewhere" (a failover, a restart, a resharding):
@@ -121,6 +131,7 @@ class Usage:
     in_flight: int
     cooldown_ms: int
     now_ms: int
+    waiting: int = 0  # tickets in the key's line
 
 
 def _ids(info: Any) -> list[str]:
@@ -198,6 +209,7 @@ class Engine:
         self.lua_renew = redis.register_script(SCRIPT_RENEW)
         self.lua_usage = redis.register_script(SCRIPT_USAGE)
         self.lua_forget = redis.register_script(SCRIPT_FORGET)
+        self.lua_leave = redis.register_script(SCRIPT_LEAVE)
         # Resolved once per (tenant, api, key) seen lately: a decision then costs one
         # dictionary look-up before its round trip.
         self.target = functools.lru_cache(maxsize=4096)(self._resolve)
@@ -247,6 +259,7 @@ class Engine:
             self.lua_renew,
             self.lua_usage,
             self.lua_forget,
+            self.lua_leave,
         )
         for script in scripts:
             await self._call(self.redis.script_load(script.script))
@@ -260,10 +273,18 @@ class Engine:
         runtime_estimate_ms: int | None = None,
         *,
         priority: str | None = None,
+        ticket: str | None = None,
+        line_wait_ms: int | None = None,
         now: int | None = None,
     ) -> Grant | Denial:
         """`priority` names a class of the api's policy (None: its default class); an api
-        without classes accepts any priority and gives it no effect."""
+        without classes accepts any priority and gives it no effect.
+
+        The request takes its place in the line of its key (fleet-wide, in the store): it
+        is granted only when every limit has room for the waiters ahead of it and for
+        itself. With a `ticket`, a denial whose soonest grant lies within `line_wait_ms`
+        joins the line (or keeps its place, refreshed for `TICKET_TTL_MS`); any other
+        answer takes the ticket out of line."""
         target = self.target(tenant, api, key)
         policy = target.policy
         klass = self.priority_class(policy, priority)
@@ -297,7 +318,8 @@ class Engine:
         if self._suspect and now is None and self.recovery_share is not None:
             await self.check_store()  # after a store error: was it a failover?
         permille = None if klass is None or klass.share_permille >= 1000 else klass.share_permille
-        reply = await self._acquire(ref, target, cost, estimate, permille, now)
+        line = (ticket, 0 if klass is None else policy.classes.index(klass), line_wait_ms)
+        reply = await self._acquire(ref, target, cost, estimate, permille, line, now)
         self._remember(tenant, api, reply)
         if isinstance(reply, codec.Granted):
             return Grant(ref.lease_id, tenant, api, key, cost, reply.now_ms, reply.expiry_ms)
@@ -326,6 +348,7 @@ class Engine:
         cost: int,
         estimate: int,
         class_permille: int | None,
+        line: tuple[str | None, int, int | None],
         now: int | None,
     ) -> codec.Granted | codec.Denied:
         share = self.recovery_share
@@ -343,6 +366,10 @@ class Engine:
             recovery=self.recovery,
             share_permille=None if share is None else round(share * 1000),
             class_permille=class_permille,
+            ticket=line[0],
+            rank=line[1],
+            line_wait_ms=line[2],
+            ticket_ttl_ms=TICKET_TTL_MS,
         )
         reply = await self._call(self.lua_acquire(keys=target.keys, args=args.argv(target.args)))
         return codec.decode_acquire(reply)
@@ -446,6 +473,15 @@ class Engine:
                 extra={"event": "limit_hint", "tenant": ref.tenant, "api": ref.api},
             )
 
+    async def leave(
+        self, tenant: str, api: str, key: str, ticket: str, *, now: int | None = None
+    ) -> bool:
+        """Take `ticket` out of the line of (tenant, api, key); whether it was in line."""
+        target = self.target(tenant, api, key)
+        args = LeaveArgs(now_ms=now, ticket=ticket)
+        reply = await self._call(self.lua_leave(keys=target.keys, args=args.argv(target.args)))
+        return codec.decode_leave(reply)
+
     async def forget(self, tenant: str, api: str, *, now: int | None = None) -> int:
         """Forget the limits (tenant, api) learned; returns how many were in force."""
         target = self.target(tenant, api, "")
@@ -486,7 +522,16 @@ class Engine:
             LimitUsage(lim, used, resets, amount)
             for lim, (used, resets, amount) in zip(target.policy.limits, reply.limits, strict=True)
         )
-        return Usage(tenant, api, key, limits, reply.in_flight, reply.cooldown_ms, reply.now_ms)
+        return Usage(
+            tenant,
+            api,
+            key,
+            limits,
+            reply.in_flight,
+            reply.cooldown_ms,
+            reply.now_ms,
+            reply.waiting,
+        )
 
     def _lease(self, lease_id: str) -> tuple[LeaseRef, Target]:
         ref = LeaseRef.parse(lease_id)

@@ -5,7 +5,7 @@
 -- throttled: the same, and the fleet-wide cooldown moves to now + retry_ms (never
 -- earlier than it already is). not_called: nothing is charged (a refund).
 -- Unknown, expired or released leases change nothing (an expired record is dropped).
--- KEYS: state, inflight_api, inflight_key; then one per limit (lib.lua).
+-- KEYS: state, inflight_api, inflight_key, line, tickets; then one per limit (lib.lua).
 -- Learned limits (design rule 8): a throttled release may name the upstream's limit,
 -- named_amount calls per named_window_ms. When the api has a calls limit of that window
 -- and the amount is below the policy's, the (tenant, api) learns it until now +
