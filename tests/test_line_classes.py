@@ -136,3 +136,37 @@ def test_http_priority_names_a_class(http: httpx.Client) -> None:
     # The catalog's apis have no classes: a priority there has no effect.
     incidents = {"tenant": "t", "api": "m365d.incidents", "priority": "interactive"}
     assert http.post("/v1/leases", json=incidents).status_code == 200
+
+
+def test_usage_shows_each_class_and_the_line(http: httpx.Client) -> None:
+    body = {"tenant": "t", "api": "search"}
+    assert http.post("/v1/leases", json=body).status_code == 200
+    usage = http.get("/v1/usage/t/search").json()
+    assert usage["limits"][0]["remaining_by_class"] == {"interactive": 3, "batch": 1}
+    assert usage["waiting"] == 0
+    assert "remaining_by_class" not in http.get("/v1/usage/t/m365d.incidents").json()["limits"][0]
+
+
+def test_the_clients_and_transports_ask_with_a_priority(http: httpx.Client) -> None:
+    from quotagate.client import QuotaClient, QuotaExhausted, QuotaTransport
+    from quotagate.client.routes import Route
+
+    url = str(http.base_url).rstrip("/")
+    with QuotaClient(url, "t") as client:
+        for _ in range(2):
+            client.acquire("search")  # the default class, batch: 2 of 4
+        with pytest.raises(QuotaExhausted):
+            client.acquire("search")
+        with client.lease("search", priority="interactive") as lease:
+            assert lease.lease_id
+        routes = [Route("search", "/items", hosts=["api.example.test"])]
+        upstream = httpx.MockTransport(lambda request: httpx.Response(200, json={}))
+        batch = QuotaTransport(client, routes, inner=upstream, wait=0.0)
+        interactive = QuotaTransport(client, routes, inner=upstream, wait=0.0, priority="high")
+        with httpx.Client(transport=batch) as plain, pytest.raises(QuotaExhausted):
+            plain.get("https://api.example.test/items")
+        assert interactive.gate.priority == "high"
+        ok = QuotaTransport(client, routes, inner=upstream, wait=0.0, priority="interactive")
+        with httpx.Client(transport=ok) as fast:
+            assert fast.get("https://api.example.test/items").status_code == 200
+        client.flush()
