@@ -20,12 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from redis.exceptions import RedisError
+
 from .engine import Denial, Engine, Grant, Outcome
+
+log = logging.getLogger("quotagate")
 
 Gone = Callable[[], Awaitable[bool]]  # whether the client has gone away
 HEARTBEAT = 0.5  # seconds between a waiter's attempts at most: each refreshes its ticket
@@ -63,12 +69,23 @@ def _hopeless(denial: Denial, left: float) -> bool:
     return denial.soonest_ms < 0 or denial.soonest_ms / 1000 > left
 
 
-class FleetLines:
-    """Lines in the store, shared by every coordinator replica."""
+WAKE_CHANNELS = "qg:*:w"  # release.lua publishes on qg:{<tenant>|<api>}:w
+_CHANNEL = re.compile(r"^qg:\{(?P<tenant>[^|{}]+)\|(?P<api>[^|{}]+)\}:w$")
 
-    def __init__(self, engine: Engine) -> None:
+
+class FleetLines:
+    """Lines in the store, shared by every coordinator replica.
+
+    While any request of this coordinator waits, it listens to the releases published
+    for waiters (release.lua), so a release through any replica wakes its waiters at
+    once; without pub/sub (e.g. a Cluster client) they notice at the next heartbeat."""
+
+    def __init__(self, engine: Engine, *, heartbeat: float = HEARTBEAT) -> None:
         self.engine = engine
+        self.heartbeat = heartbeat
         self._wake: dict[tuple[str, str], asyncio.Event] = {}
+        self._waiters = 0
+        self._listener: asyncio.Task[None] | None = None
 
     async def acquire(self, ask: Ask, gone: Gone) -> Grant | Denial | None:
         if ask.wait <= 0:
@@ -99,6 +116,20 @@ class FleetLines:
     async def _wait_for_grant(
         self, ask: Ask, gone: Gone, ticket: str, deadline: float
     ) -> Grant | Denial | None:
+        self._waiters += 1
+        try:
+            return await self._in_line(ask, gone, ticket, deadline)
+        finally:
+            self._waiters -= 1
+            if not self._waiters and self._listener is not None:
+                listener, self._listener = self._listener, None
+                listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener
+
+    async def _in_line(
+        self, ask: Ask, gone: Gone, ticket: str, deadline: float
+    ) -> Grant | Denial | None:
         loop = asyncio.get_running_loop()
         queued = False
         while True:
@@ -111,7 +142,11 @@ class FleetLines:
                     await self.engine.leave(ask.tenant, ask.api, ask.key, ticket)
                 return result
             queued = True
-            pause = min(result.retry_after_ms / 1000, HEARTBEAT, max(deadline - loop.time(), 0))
+            if self._listener is None and hasattr(self.engine.redis, "pubsub"):
+                self._listener = asyncio.create_task(self._listen())
+            pause = min(
+                result.retry_after_ms / 1000, self.heartbeat, max(deadline - loop.time(), 0)
+            )
             await self._sleep(ask, pause)
             if await gone():
                 await self.engine.leave(ask.tenant, ask.api, ask.key, ticket)
@@ -128,6 +163,28 @@ class FleetLines:
         event = self._wake.pop((tenant, api), None)
         if event is not None:
             event.set()
+
+    async def _listen(self) -> None:
+        """Wake the waiters of each (tenant, api) whose release is published, until
+        cancelled; a store error ends the listening (the heartbeat still serves)."""
+        pubsub = self.engine.redis.pubsub()
+        try:
+            await pubsub.psubscribe(WAKE_CHANNELS)
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is None:
+                    continue
+                channel = message["channel"]
+                found = _CHANNEL.match(channel.decode() if isinstance(channel, bytes) else channel)
+                if found:
+                    self.released(found["tenant"], found["api"])
+        except Exception as exc:  # no pub/sub here (or the store failed): poll instead
+            log.info(
+                "not listening for releases (%s): waiters poll every %g s", exc, self.heartbeat
+            )
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 # The name the app wires; the lines are the fleet's now.
