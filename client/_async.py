@@ -104,10 +104,12 @@ class AsyncQuotaClient(BaseQuotaClient):
         cost: int = 1,
         wait: float = 0.0,
         runtime_estimate: float | None = None,
+        *,
+        priority: str | None = None,
     ) -> AsyncIterator[Lease]:
         """Hold a lease for the block; renew it while the block runs; release it after,
         in the background."""
-        lease = await self.acquire(api, key, cost, wait, runtime_estimate)
+        lease = await self.acquire(api, key, cost, wait, runtime_estimate, priority=priority)
         renewal = AsyncRenewal(lease, self.renew)
         raised = False
         try:
@@ -126,14 +128,19 @@ class AsyncQuotaClient(BaseQuotaClient):
         cost: int = 1,
         wait: float = 0.0,
         runtime_estimate: float | None = None,
+        *,
+        priority: str | None = None,
     ) -> Lease:
-        """A lease, waiting up to `wait` seconds (server-side) for one."""
+        """A lease, waiting up to `wait` seconds (server-side) for one; `priority` names a
+        class of the api's policy (the local limiter, during an outage, ignores it)."""
         key = key or ""
         start = time.monotonic()
         cause: CoordinatorUnavailable | None = None
         if self.coordinator_due(start):
             try:
-                data = await self._send(self.lease_call(api, key, cost, wait, runtime_estimate))
+                data = await self._send(
+                    self.lease_call(api, key, cost, wait, runtime_estimate, priority)
+                )
             except CoordinatorUnavailable as exc:
                 if self.on_unavailable == "fail":
                     raise

@@ -161,11 +161,19 @@ class BaseQuotaClient:
         return httpx.Timeout(self.timeout, read=self.timeout + call.wait)
 
     def lease_call(
-        self, api: str, key: str, cost: int, wait: float, runtime_estimate: float | None
+        self,
+        api: str,
+        key: str,
+        cost: int,
+        wait: float,
+        runtime_estimate: float | None,
+        priority: str | None = None,
     ) -> Call:
         body: dict[str, Any] = {"tenant": self.tenant, "api": api, "cost": cost}
         if key:
             body["key"] = key
+        if priority is not None:
+            body["priority"] = priority
         if wait > 0:
             body["wait"] = wait
         if runtime_estimate is not None:

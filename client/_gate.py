@@ -115,7 +115,8 @@ def settle_broken(
 
 class Gate:
     """The policy of one transport or adapter: `routes`, `wait` (seconds the coordinator may
-    hold an acquire), `on_exhausted`, `unrouted`, and the clock the lease age is read on."""
+    hold an acquire), `priority` (a class of the api's policy, for every lease), and
+    `on_exhausted`, `unrouted`, and the clock the lease age is read on."""
 
     def __init__(
         self,
@@ -126,6 +127,7 @@ class Gate:
         unrouted: Unrouted,
         headroom: float = HEADROOM,
         clock: Callable[[], float] = time.monotonic,
+        priority: str | None = None,
     ) -> None:
         if on_exhausted not in ("raise", "respond"):
             raise ValueError(f"on_exhausted must be 'raise' or 'respond', not {on_exhausted!r}")
@@ -133,6 +135,7 @@ class Gate:
             raise ValueError(f"unrouted must be 'pass', 'warn' or 'raise', not {unrouted!r}")
         self.routes = as_table(routes)
         self.wait = wait
+        self.priority = priority
         self.on_exhausted: OnExhausted = on_exhausted
         self.unrouted: Unrouted = unrouted
         self.headroom = headroom
@@ -190,7 +193,9 @@ class Gate:
             with ExitStack() as stack:
                 denial: QuotaExhausted | None = None
                 try:
-                    lease = stack.enter_context(client.lease(found.api, found.key, wait=self.wait))
+                    lease = stack.enter_context(
+                        client.lease(found.api, found.key, wait=self.wait, priority=self.priority)
+                    )
                 except QuotaExhausted as exc:
                     denial = self._denied(exc)
                 if denial is not None:
@@ -214,7 +219,7 @@ class Gate:
                 denial = None
                 try:
                     lease = await stack.enter_async_context(
-                        client.lease(found.api, found.key, wait=self.wait)
+                        client.lease(found.api, found.key, wait=self.wait, priority=self.priority)
                     )
                 except QuotaExhausted as exc:
                     denial = self._denied(exc)

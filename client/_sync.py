@@ -116,10 +116,12 @@ class QuotaClient(BaseQuotaClient):
         cost: int = 1,
         wait: float = 0.0,
         runtime_estimate: float | None = None,
+        *,
+        priority: str | None = None,
     ) -> Iterator[Lease]:
         """Hold a lease for the block; renew it while the block runs; release it after,
         in the background."""
-        lease = self.acquire(api, key, cost, wait, runtime_estimate)
+        lease = self.acquire(api, key, cost, wait, runtime_estimate, priority=priority)
         self._renewal.watch(lease)
         raised = False
         try:
@@ -138,14 +140,17 @@ class QuotaClient(BaseQuotaClient):
         cost: int = 1,
         wait: float = 0.0,
         runtime_estimate: float | None = None,
+        *,
+        priority: str | None = None,
     ) -> Lease:
-        """A lease, waiting up to `wait` seconds (server-side) for one."""
+        """A lease, waiting up to `wait` seconds (server-side) for one; `priority` names a
+        class of the api's policy (the local limiter, during an outage, ignores it)."""
         key = key or ""
         start = time.monotonic()
         cause: CoordinatorUnavailable | None = None
         if self.coordinator_due(start):
             try:
-                data = self._send(self.lease_call(api, key, cost, wait, runtime_estimate))
+                data = self._send(self.lease_call(api, key, cost, wait, runtime_estimate, priority))
             except CoordinatorUnavailable as exc:
                 if self.on_unavailable == "fail":
                     raise

@@ -73,6 +73,7 @@ class QuotaAdapter(HTTPAdapter):
         unrouted: Unrouted = "warn",
         headroom: float = HEADROOM,
         clock: Callable[[], float] = time.monotonic,
+        priority: str | None = None,
         **adapter_options: Any,
     ) -> None:
         super().__init__(**adapter_options)
@@ -84,6 +85,7 @@ class QuotaAdapter(HTTPAdapter):
             unrouted=unrouted,
             headroom=headroom,
             clock=clock,
+            priority=priority,
         )
         self.inner = inner
 

@@ -27,6 +27,7 @@ API_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 # Tenants and keys: no spaces, braces or `|`, so they fit in a hash tag `{<tenant>|<api>}`.
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,255}$")
+CLASS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")  # priority classes
 
 # --- durations: `500ms`, `1.5s`, `1m`, `4h`, `1d` or plain seconds ----------------------
 
@@ -201,11 +202,47 @@ def make_limit(
 
 
 @dataclass(frozen=True)
+class PriorityClass:
+    """A priority class of an api. `share_permille` caps how full each windowed limit may
+    be for a grant of this class: a lease of the class is granted only while the limit's
+    use (every class's, leases in flight included) plus its own units stays within
+    `amount * share_permille // 1000`; the rest of each window is headroom that only the
+    classes with a larger share can use. 1000: the whole limit."""
+
+    name: str
+    share_permille: int = 1000
+
+    def cap(self, amount: int) -> int:
+        """The most of a windowed limit of `amount` this class may fill."""
+        return amount * self.share_permille // 1000
+
+
+@dataclass(frozen=True)
 class Policy:
     api: str
     limits: tuple[Limit, ...]
     lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS
     runtime_estimate_ms: int = 0
+    classes: tuple[PriorityClass, ...] = ()  # highest first; () for an api without classes
+    default_class: str | None = None  # the class of a request that names none
+
+    def priority_class(self, name: str | None) -> PriorityClass | None:
+        """The class a request of priority `name` belongs to; None when the api has no
+        classes (a priority is then accepted and has no effect). Raises ValueError for a
+        name the api's classes do not hold."""
+        if not self.classes:
+            return None
+        wanted = self.default_class if name is None else name
+        for klass in self.classes:
+            if klass.name == wanted:
+                return klass
+        names = ", ".join(klass.name for klass in self.classes)
+        raise ValueError(f"unknown priority class {name!r}; this api has: {names}")
+
+    def class_rank(self, name: str | None) -> int:
+        """0 for the highest class, 1 for the next ...; 0 without classes."""
+        klass = self.priority_class(name)
+        return 0 if klass is None else self.classes.index(klass)
 
     @functools.cached_property
     def longest_window_ms(self) -> int:
@@ -234,14 +271,33 @@ class Policy:
                 return lim
         return None
 
-    def impossible_runtime(self, runtime_ms: int) -> Limit | None:
-        """The runtime limit that could never hold a reservation of `runtime_ms`, if any."""
+    def impossible_runtime(
+        self, runtime_ms: int, klass: PriorityClass | None = None
+    ) -> Limit | None:
+        """The runtime limit that could never hold a reservation of `runtime_ms`, if any
+        (for a lease of `klass`: within its share)."""
         for lim in self.limits:
-            if lim.kind is Kind.RUNTIME and runtime_ms > lim.amount:
+            if lim.kind is Kind.RUNTIME and runtime_ms > _room(lim, klass):
+                return lim
+        return None
+
+    def impossible_for_class(self, cost: int, klass: PriorityClass | None) -> Limit | None:
+        """The calls limit whose share for `klass` could never grant `cost` units."""
+        for lim in self.limits:
+            if lim.kind is Kind.CALLS and cost > _room(lim, klass):
                 return lim
         return None
 
     def describe(self) -> dict[str, Any]:
+        classes: dict[str, Any] = {}
+        if self.classes:
+            classes = {
+                "classes": [
+                    {"name": klass.name, "share": klass.share_permille / 1000}
+                    for klass in self.classes
+                ],
+                "default_class": self.default_class,
+            }
         return {
             "api": self.api,
             "limits": [
@@ -255,7 +311,12 @@ class Policy:
             ],
             "lease_ttl": self.lease_ttl_ms / 1000,
             "runtime_estimate": self.runtime_estimate_ms / 1000,
+            **classes,
         }
+
+
+def _room(lim: Limit, klass: PriorityClass | None) -> int:
+    return lim.amount if klass is None else klass.cap(lim.amount)
 
 
 def make_policy(
@@ -264,18 +325,47 @@ def make_policy(
     *,
     lease_ttl_ms: int | None = None,
     runtime_estimate_ms: int | None = None,
+    classes: tuple[PriorityClass, ...] = (),
+    default_class: str | None = None,
 ) -> Policy:
-    """A policy with the defaults applied: `DEFAULT_LEASE_TTL_MS`, and a runtime estimate of
-    `DEFAULT_RUNTIME_ESTIMATE_MS` when the api has a runtime limit (else none)."""
+    """A policy with the defaults applied: `DEFAULT_LEASE_TTL_MS`, a runtime estimate of
+    `DEFAULT_RUNTIME_ESTIMATE_MS` when the api has a runtime limit (else none), and the
+    lowest class as the default class. Raises ValueError when `default_class` names no
+    class, or a class's share leaves less than one call (or the runtime estimate) of a
+    windowed limit."""
     if runtime_estimate_ms is None:
         has_runtime = any(lim.kind is Kind.RUNTIME for lim in limits)
         runtime_estimate_ms = DEFAULT_RUNTIME_ESTIMATE_MS if has_runtime else 0
-    return Policy(
+    names = [klass.name for klass in classes]
+    if default_class is not None and default_class not in names:
+        if not classes:
+            raise ValueError(f"default_class {default_class!r} needs `classes`")
+        raise ValueError(
+            f"default_class {default_class!r} is not one of the classes ({', '.join(names)})"
+        )
+    if classes and default_class is None:
+        default_class = names[-1]
+    policy = Policy(
         api,
         limits,
         lease_ttl_ms=lease_ttl_ms or DEFAULT_LEASE_TTL_MS,
         runtime_estimate_ms=runtime_estimate_ms,
+        classes=classes,
+        default_class=default_class,
     )
+    for klass in classes:
+        for i, lim in enumerate(limits):
+            if lim.kind is Kind.CONCURRENT:
+                continue
+            need = 1 if lim.kind is Kind.CALLS else max(runtime_estimate_ms, 1)
+            if klass.cap(lim.amount) < need:
+                raise ValueError(
+                    f"classes.{klass.name}: share {klass.share_permille / 1000:g} leaves "
+                    f"{klass.cap(lim.amount)} of limits[{i}] ({lim.kind.value} "
+                    f"{lim.amount} per {format_duration(lim.window_ms)}), less than one "
+                    + ("call" if lim.kind is Kind.CALLS else "runtime estimate")
+                )
+    return policy
 
 
 @dataclass(frozen=True)

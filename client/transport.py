@@ -144,7 +144,8 @@ def _fresh(response: httpx.Response, raw: bytes) -> httpx.Response:
 
 
 class QuotaTransport(httpx.BaseTransport):
-    """Leases from `client` around each routed request; `wait` is seconds to wait for one.
+    """Leases from `client` around each routed request; `wait` is seconds to wait for one;
+    `priority` names the class of the api's policy every lease asks for (None: its default).
     `inner` sends the requests (default: httpx's, through `proxy` or, with `trust_env`, the
     environment's proxy); `headroom` is seconds a lease must have left to be sent on;
     `clock` is the monotonic clock that lease ages are read on. The client is not closed
@@ -163,6 +164,7 @@ class QuotaTransport(httpx.BaseTransport):
         trust_env: bool = True,
         headroom: float = HEADROOM,
         clock: Callable[[], float] = time.monotonic,
+        priority: str | None = None,
     ) -> None:
         if inner is not None and proxy is not None:
             raise ValueError("give the proxy to the inner transport, or no inner transport")
@@ -174,6 +176,7 @@ class QuotaTransport(httpx.BaseTransport):
             unrouted=unrouted,
             headroom=headroom,
             clock=clock,
+            priority=priority,
         )
         self.inner = inner if inner is not None else default_inner(proxy, trust_env)
 
@@ -231,6 +234,7 @@ class AsyncQuotaTransport(httpx.AsyncBaseTransport):
         trust_env: bool = True,
         headroom: float = HEADROOM,
         clock: Callable[[], float] = time.monotonic,
+        priority: str | None = None,
     ) -> None:
         if inner is not None and proxy is not None:
             raise ValueError("give the proxy to the inner transport, or no inner transport")
@@ -242,6 +246,7 @@ class AsyncQuotaTransport(httpx.AsyncBaseTransport):
             unrouted=unrouted,
             headroom=headroom,
             clock=clock,
+            priority=priority,
         )
         self.inner = inner if inner is not None else default_async_inner(proxy, trust_env)
 

@@ -23,7 +23,7 @@ from .routers import gateway, health, learned, leases, usage
 from .routers import policies as policy_routes
 from .settings import Settings, get_settings
 from .store import connect
-from .waiting import LocalLines
+from .waiting import FleetLines
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -54,7 +54,7 @@ def create_app(
             learned_ttl_ms=math.ceil(settings.learned_ttl * 1000),
         )
         app.state.engine = engine
-        app.state.waiting = LocalLines(engine)
+        app.state.waiting = FleetLines(engine)
         # The gateway's one client for upstream calls, closed after its releases are sent.
         app.state.gateway = Gateway(
             settings, engine, app.state.waiting, app.state.authorizer, upstream_client(settings)

@@ -33,7 +33,9 @@ REPLY_CODES = {"DENIED": DENIED, "GRANTED": GRANTED}
 LEARN_CODES = {"NONE": 0, "LOWERED": 1, "KEPT": 2, "HIGHER": 3, "NO_LIMIT": 4}
 
 # KEYS of every quota script (all share the hash tag {<tenant>|<api>}); one more per limit.
-KEY_LAYOUT = ("state", "inflight_api", "inflight_key")
+KEY_LAYOUT = ("state", "inflight_api", "inflight_key", "line", "tickets")
+# A ticket's place in line: class rank * RANK_SPAN + arrival ms (a span of centuries).
+RANK_SPAN = 10**13
 POLICY_FIELDS = ("ttl_ms", "track_api", "track_key", "stamp_ttl_ms")
 LIMIT_FIELDS = ("kind", "amount", "window_ms", "granularity_ms", "margin_ms")
 
@@ -78,6 +80,19 @@ class AcquireArgs(ScriptArgs):
     loss_on_start: int | None  # since when a missing state counts as lost
     recovery: int | None  # the time of a loss the caller saw (a failover)
     share_permille: int | None  # the share granted in recovery; None: no loss tracking
+    class_permille: int | None  # the priority class's share of each windowed limit; None: all
+    ticket: str | None  # the waiter's ticket in the line of its key; None: not waiting
+    rank: int  # the class's rank, 0 highest: its place in line before arrival
+    line_wait_ms: int | None  # stay in line if the soonest grant lies within; None: leave
+    ticket_ttl_ms: int  # a ticket not refreshed within this leaves the line
+
+
+@dataclass(frozen=True)
+class LeaveArgs(ScriptArgs):
+    script: ClassVar[str] = "leave"
+
+    now_ms: int | None
+    ticket: str  # the ticket that leaves the line of its key
 
 
 @dataclass(frozen=True)
@@ -119,6 +134,7 @@ class ForgetArgs(ScriptArgs):
 
 SCRIPTS: tuple[type[ScriptArgs], ...] = (
     AcquireArgs,
+    LeaveArgs,
     ReleaseArgs,
     RenewArgs,
     UsageArgs,
@@ -138,6 +154,7 @@ def prelude(args: type[ScriptArgs]) -> str:
     return (
         _lua_table("ARG", {name: at for at, name in enumerate(names, 1)})
         + f"local POLICY_AT = {len(names) + 1}\n"
+        + f"local RANK_SPAN = {RANK_SPAN}\n"
         + _lua_table("REPLY", REPLY_CODES)
         + _lua_table("LEARN", LEARN_CODES)
     )
@@ -158,7 +175,7 @@ def redis_keys(tenant: str, api: str, key: str, policy: Policy) -> tuple[str, ..
     documented in `lua/lib.lua`)."""
     base = f"qg:{{{tenant}|{api}}}"
     inflight_api, inflight_key = f"{base}:fa", f"{base}:fk:{key}"
-    keys = [f"{base}:s", inflight_api, inflight_key]
+    keys = [f"{base}:s", inflight_api, inflight_key, f"{base}:q:{key}", f"{base}:qt:{key}"]
     for lim in policy.limits:
         if lim.kind is Kind.CONCURRENT:
             keys.append(inflight_key if lim.scope is Scope.KEY else inflight_api)
@@ -272,15 +289,22 @@ class UsageReply:
     now_ms: int
     cooldown_ms: int
     in_flight: int
+    waiting: int  # tickets in the line of the key
     # (used, resets_in_ms, amount in force) per limit, in policy order
     limits: tuple[tuple[int, int, int], ...]
 
 
 def decode_usage(reply: Sequence[Any]) -> UsageReply:
-    """usage.lua: {now_ms, cooldown_ms, in_flight, used_1, resets_1, amount_1, used_2, ...}."""
-    rest = [_int(value) for value in reply[3:]]
+    """usage.lua: {now_ms, cooldown_ms, in_flight, waiting, used_1, resets_1, amount_1,
+    used_2, ...}."""
+    rest = [_int(value) for value in reply[4:]]
     triples = tuple(zip(rest[::3], rest[1::3], rest[2::3], strict=True))
-    return UsageReply(_int(reply[0]), _int(reply[1]), _int(reply[2]), triples)
+    return UsageReply(_int(reply[0]), _int(reply[1]), _int(reply[2]), _int(reply[3]), triples)
+
+
+def decode_leave(reply: Sequence[Any]) -> bool:
+    """leave.lua: {GRANTED, now_ms} when the ticket was in line, {DENIED, now_ms} if not."""
+    return _int(reply[0]) == GRANTED
 
 
 def decode_forget(reply: Sequence[Any]) -> int:
@@ -294,6 +318,7 @@ __all__ = [
     "KEY_LAYOUT",
     "LIMIT_FIELDS",
     "POLICY_FIELDS",
+    "RANK_SPAN",
     "SCRIPTS",
     "AcquireArgs",
     "Denied",
@@ -301,6 +326,7 @@ __all__ = [
     "Granted",
     "Learned",
     "LeaseReply",
+    "LeaveArgs",
     "ReleaseArgs",
     "RenewArgs",
     "ScriptArgs",
@@ -308,6 +334,7 @@ __all__ = [
     "UsageReply",
     "decode_acquire",
     "decode_forget",
+    "decode_leave",
     "decode_release",
     "decode_renew",
     "decode_usage",

@@ -28,10 +28,18 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import codec
-from .codec import AcquireArgs, ForgetArgs, Learned, ReleaseArgs, RenewArgs, UsageArgs
+from .codec import (
+    AcquireArgs,
+    ForgetArgs,
+    Learned,
+    LeaveArgs,
+    ReleaseArgs,
+    RenewArgs,
+    UsageArgs,
+)
 from .errors import BackendUnavailable, InvalidRequest, UnknownApi, UnknownLease
 from .leases import LeaseRef
-from .policy import KEY_PATTERN, TENANT_PATTERN, Limit, Policy, PolicySet
+from .policy import KEY_PATTERN, TENANT_PATTERN, Limit, Policy, PolicySet, PriorityClass
 
 T = TypeVar("T")
 
@@ -40,6 +48,8 @@ SCRIPT_RELEASE = codec.script_source(ReleaseArgs)
 SCRIPT_RENEW = codec.script_source(RenewArgs)
 SCRIPT_USAGE = codec.script_source(UsageArgs)
 SCRIPT_FORGET = codec.script_source(ForgetArgs)
+SCRIPT_LEAVE = codec.script_source(LeaveArgs)
+TICKET_TTL_MS = 2_000  # a waiter that stops refreshing its ticket loses its place after this
 KNOWN_STATES = 100_000  # (tenant, api) states an engine remembers, for loss detection
 
 # Store errors that mean "again" or "elsewhere" (a failover, a restart, a resharding):
@@ -121,6 +131,7 @@ class Usage:
     in_flight: int
     cooldown_ms: int
     now_ms: int
+    waiting: int = 0  # tickets in the key's line
 
 
 def _bytes(value: str | int) -> bytes:
@@ -204,6 +215,7 @@ class Engine:
         self.lua_renew = redis.register_script(SCRIPT_RENEW)
         self.lua_usage = redis.register_script(SCRIPT_USAGE)
         self.lua_forget = redis.register_script(SCRIPT_FORGET)
+        self.lua_leave = redis.register_script(SCRIPT_LEAVE)
         # Resolved once per (tenant, api, key) seen lately: a decision then costs one
         # dictionary look-up before its round trip.
         self.target = functools.lru_cache(maxsize=4096)(self._resolve)
@@ -255,6 +267,7 @@ class Engine:
             self.lua_renew,
             self.lua_usage,
             self.lua_forget,
+            self.lua_leave,
         )
         for script in scripts:
             await self._call(self.redis.script_load(script.script))
@@ -267,10 +280,22 @@ class Engine:
         cost: int = 1,
         runtime_estimate_ms: int | None = None,
         *,
+        priority: str | None = None,
+        ticket: str | None = None,
+        line_wait_ms: int | None = None,
         now: int | None = None,
     ) -> Grant | Denial:
+        """`priority` names a class of the api's policy (None: its default class); an api
+        without classes accepts any priority and gives it no effect.
+
+        The request takes its place in the line of its key (fleet-wide, in the store): it
+        is granted only when every limit has room for the waiters ahead of it and for
+        itself. With a `ticket`, a denial whose soonest grant lies within `line_wait_ms`
+        joins the line (or keeps its place, refreshed for `TICKET_TTL_MS`); any other
+        answer takes the ticket out of line."""
         target = self.target(tenant, api, key)
         policy = target.policy
+        klass = self.priority_class(policy, priority)
         if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
             raise InvalidRequest("cost", "must be a whole number >= 1")
         too_big = policy.impossible_cost(cost)
@@ -278,12 +303,19 @@ class Engine:
             raise InvalidRequest(
                 "cost", f"{cost} can never be granted: the limit is {too_big.amount} calls"
             )
+        too_big = policy.impossible_for_class(cost, klass)
+        if too_big is not None and klass is not None:
+            raise InvalidRequest(
+                "cost",
+                f"{cost} can never be granted to class {klass.name!r}: its share of the "
+                f"limit is {klass.cap(too_big.amount)} calls",
+            )
         estimate = (
             policy.runtime_estimate_ms if runtime_estimate_ms is None else runtime_estimate_ms
         )
         if estimate < 0:
             raise InvalidRequest("runtime_estimate", "must be >= 0")
-        too_long = policy.impossible_runtime(estimate)
+        too_long = policy.impossible_runtime(estimate, klass)
         if too_long is not None:
             raise InvalidRequest(
                 "runtime_estimate",
@@ -293,7 +325,9 @@ class Engine:
         ref = LeaseRef.new(tenant, api, key)
         if self._suspect and now is None and self.recovery_share is not None:
             await self.check_store()  # after a store error: was it a failover?
-        reply = await self._acquire(ref, target, cost, estimate, now)
+        permille = None if klass is None or klass.share_permille >= 1000 else klass.share_permille
+        line = (ticket, 0 if klass is None else policy.classes.index(klass), line_wait_ms)
+        reply = await self._acquire(ref, target, cost, estimate, permille, line, now)
         self._remember(tenant, api, reply)
         if isinstance(reply, codec.Granted):
             return Grant(ref.lease_id, tenant, api, key, cost, reply.now_ms, reply.expiry_ms)
@@ -306,8 +340,24 @@ class Engine:
             reply.amount,
         )
 
+    @staticmethod
+    def priority_class(policy: Policy, priority: str | None) -> PriorityClass | None:
+        """The class of `priority` in `policy`; raises InvalidRequest (field `priority`)
+        for a class the policy does not have."""
+        try:
+            return policy.priority_class(priority)
+        except ValueError as exc:
+            raise InvalidRequest("priority", str(exc)) from None
+
     async def _acquire(
-        self, ref: LeaseRef, target: Target, cost: int, estimate: int, now: int | None
+        self,
+        ref: LeaseRef,
+        target: Target,
+        cost: int,
+        estimate: int,
+        class_permille: int | None,
+        line: tuple[str | None, int, int | None],
+        now: int | None,
     ) -> codec.Granted | codec.Denied:
         share = self.recovery_share
         known = self._known.get((ref.tenant, ref.api)) if share is not None else None
@@ -323,6 +373,11 @@ class Engine:
             loss_on_start=self._started_ms,
             recovery=self.recovery,
             share_permille=None if share is None else round(share * 1000),
+            class_permille=class_permille,
+            ticket=line[0],
+            rank=line[1],
+            line_wait_ms=line[2],
+            ticket_ttl_ms=TICKET_TTL_MS,
         )
         reply = await self._call(self.lua_acquire(keys=target.keys, args=args.argv(target.args)))
         return codec.decode_acquire(reply)
@@ -426,6 +481,15 @@ class Engine:
                 extra={"event": "limit_hint", "tenant": ref.tenant, "api": ref.api},
             )
 
+    async def leave(
+        self, tenant: str, api: str, key: str, ticket: str, *, now: int | None = None
+    ) -> bool:
+        """Take `ticket` out of the line of (tenant, api, key); whether it was in line."""
+        target = self.target(tenant, api, key)
+        args = LeaveArgs(now_ms=now, ticket=ticket)
+        reply = await self._call(self.lua_leave(keys=target.keys, args=args.argv(target.args)))
+        return codec.decode_leave(reply)
+
     async def forget(self, tenant: str, api: str, *, now: int | None = None) -> int:
         """Forget the limits (tenant, api) learned; returns how many were in force."""
         target = self.target(tenant, api, "")
@@ -466,7 +530,16 @@ class Engine:
             LimitUsage(lim, used, resets, amount)
             for lim, (used, resets, amount) in zip(target.policy.limits, reply.limits, strict=True)
         )
-        return Usage(tenant, api, key, limits, reply.in_flight, reply.cooldown_ms, reply.now_ms)
+        return Usage(
+            tenant,
+            api,
+            key,
+            limits,
+            reply.in_flight,
+            reply.cooldown_ms,
+            reply.now_ms,
+            reply.waiting,
+        )
 
     def _lease(self, lease_id: str) -> tuple[LeaseRef, Target]:
         ref = LeaseRef.parse(lease_id)

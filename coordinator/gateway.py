@@ -358,7 +358,7 @@ class Gateway:
             api=found.api,
             key=found.key,
             wait=self.wait(request),
-            priority=int(priority) if priority and priority.isdigit() else priority,
+            priority=priority or None,  # a class name, checked by the engine
             holder="gateway",
         )
         asked = time.monotonic()

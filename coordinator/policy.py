@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from quotagate.client.policy_core import (
     API_PATTERN,
+    CLASS_PATTERN,
     CLOCK_RATE_PPM,
     DEFAULT_LEASE_TTL_MS,
     DEFAULT_RUNTIME_ESTIMATE_MS,
@@ -30,6 +31,7 @@ from quotagate.client.policy_core import (
     Limit,
     Policy,
     PolicySet,
+    PriorityClass,
     Scope,
     clock_margin_ms,
     default_granularity_ms,
@@ -42,6 +44,7 @@ from quotagate.client.policy_core import (
 __all__ = [
     "API_PATTERN",
     "CATALOG_PATH",
+    "CLASS_PATTERN",
     "CLOCK_RATE_PPM",
     "DEFAULT_LEASE_TTL_MS",
     "DEFAULT_RUNTIME_ESTIMATE_MS",
@@ -53,6 +56,7 @@ __all__ = [
     "Policy",
     "PolicyError",
     "PolicySet",
+    "PriorityClass",
     "Scope",
     "clock_margin_ms",
     "default_granularity_ms",
@@ -123,12 +127,46 @@ class _LimitSpec(BaseModel):
         )
 
 
+class _ClassSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    share: float | None = None  # (0, 1]: the most of each windowed limit; None: all of it
+
+    @field_validator("share", mode="before")
+    @classmethod
+    def _share(cls, value: object) -> object:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"share must be a number in (0, 1], got {value!r}")
+        if not 0.001 <= value <= 1:
+            raise ValueError(f"share must be in (0, 1] and at least 0.001, got {value!r}")
+        return value
+
+    def compile(self, name: str) -> PriorityClass:
+        share = 1.0 if self.share is None else self.share
+        return PriorityClass(name, round(share * 1000))
+
+
 class _ApiSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     limits: list[_LimitSpec]
     lease_ttl: int | None = None
     runtime_estimate: int | None = None
+    classes: dict[str, _ClassSpec | None] | None = None  # in priority order, highest first
+    default_class: str | None = None
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _class_names(cls, value: object) -> object:
+        if isinstance(value, dict):
+            if not value:
+                raise ValueError("classes needs at least one class (or leave it out)")
+            for name in value:
+                if not isinstance(name, str) or not CLASS_PATTERN.match(name):
+                    raise ValueError(f"class name {name!r} must match {CLASS_PATTERN.pattern}")
+        return value
 
     @field_validator("lease_ttl", "runtime_estimate", mode="before")
     @classmethod
@@ -163,9 +201,20 @@ class _ApiSpec(BaseModel):
                     f"{format_duration(lim.window_ms)} as limits[{first}] (same granularity "
                     "and scope): keep the smaller one"
                 )
-        policy = make_policy(
-            api, limits, lease_ttl_ms=self.lease_ttl, runtime_estimate_ms=self.runtime_estimate
+        classes = tuple(
+            (spec or _ClassSpec()).compile(name) for name, spec in (self.classes or {}).items()
         )
+        try:
+            policy = make_policy(
+                api,
+                limits,
+                lease_ttl_ms=self.lease_ttl,
+                runtime_estimate_ms=self.runtime_estimate,
+                classes=classes,
+                default_class=self.default_class,
+            )
+        except ValueError as exc:
+            raise PolicyError(str(exc)) from exc
         estimate = policy.runtime_estimate_ms
         too_big = policy.impossible_runtime(estimate)
         if too_big is not None:

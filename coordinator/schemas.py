@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .engine import Outcome
-from .policy import API_PATTERN, KEY_PATTERN, TENANT_PATTERN
+from .policy import API_PATTERN, CLASS_PATTERN, KEY_PATTERN, TENANT_PATTERN
 
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 MAX_REPORTED_SECONDS = 7 * 86_400.0  # a retry time or run time beyond a week is a mistake
@@ -22,7 +22,9 @@ class AcquireBody(BaseModel):
     cost: int = Field(1, ge=1, strict=True)  # call units
     runtime_estimate: Seconds | None = Field(None, le=MAX_REPORTED_SECONDS)
     wait: Seconds = 0.0  # capped by the server's max_wait
-    priority: int | str | None = None  # reserved for priority classes
+    # A priority class of the api's policy; None: its default class. An api without
+    # classes accepts any well-formed name and gives it no effect.
+    priority: str | None = Field(None, pattern=CLASS_PATTERN.pattern)
     holder: str | None = Field(None, max_length=128)  # who holds it, for operators
 
 

@@ -1,32 +1,40 @@
 """Waiting for a grant: the component between an acquire request and the engine.
 
-`Waiting` is the interface the HTTP layer (and the gateway) use; `LocalLines` is the
-implementation for one coordinator: waiting acquires take turns, first come, first served
-per (tenant, api, key). Only the waiter at the head of a line sleeps and tries again; the
-others wait behind it. Without the line, every waiter would wake at the same moment and
-race for the freed budget, and the winners would be random. Nothing is reserved while
-waiting, so a client that goes away leaves nothing behind.
+`Waiting` is the interface the HTTP layer (and the gateway) use; `FleetLines` is the
+implementation: one line per (tenant, api, key) in the store, shared by every
+coordinator replica (acquire.lua: tickets ordered by priority class, then arrival). A
+request is granted only when every limit has room for the waiters ahead of it and for
+itself, so a newcomer never overtakes a waiter, whichever replica either came through,
+and capacity that falls short goes to the head of the line.
 
-The head sleeps to the exact retry time, or until a release on this coordinator wakes
-it: a denial's retry time assumes that the leases in flight expire unreleased, and a
-release usually comes much sooner. A request whose wait ends before even the soonest
-grant (every lease in flight released at once) is answered at once. Releases through
-another coordinator are seen by polling every `POLL` seconds.
+A waiting request holds a ticket and tries again: at its exact retry time, when a
+release on this coordinator wakes it, and at least every `HEARTBEAT` seconds, each try
+refreshing its ticket (a ticket not refreshed for `TICKET_TTL_MS` leaves the line, so a
+waiter whose coordinator died loses its place within two seconds). A waiter whose client
+went away leaves the line at once. A request whose soonest grant (every lease in flight
+released at once, the waiters ahead served first) lies beyond its wait is answered at
+once: the script keeps no ticket for it. Nothing is reserved while waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+import logging
+import re
+import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from redis.exceptions import RedisError
+
 from .engine import Denial, Engine, Grant, Outcome
 
+log = logging.getLogger("quotagate")
+
 Gone = Callable[[], Awaitable[bool]]  # whether the client has gone away
-POLL = 0.25  # seconds between attempts while only a release can bring the grant in time
+HEARTBEAT = 0.5  # seconds between a waiter's attempts at most: each refreshes its ticket
 
 
 @dataclass(frozen=True)
@@ -39,7 +47,7 @@ class Ask:
     cost: int = 1  # call units
     runtime_estimate_ms: int | None = None  # None: the policy's estimate
     wait: float = 0.0  # seconds the caller may be held, already capped by the server
-    priority: int | str | None = None
+    priority: str | None = None  # a class of the api's policy; None: its default
     holder: str | None = None
 
     @property
@@ -61,52 +69,88 @@ def _hopeless(denial: Denial, left: float) -> bool:
     return denial.soonest_ms < 0 or denial.soonest_ms / 1000 > left
 
 
-_Line = tuple[str, str, str]
+WAKE_CHANNELS = "qg:*:w"  # release.lua publishes on qg:{<tenant>|<api>}:w
+_CHANNEL = re.compile(r"^qg:\{(?P<tenant>[^|{}]+)\|(?P<api>[^|{}]+)\}:w$")
 
 
-class LocalLines:
-    """Lines within this coordinator process."""
+class FleetLines:
+    """Lines in the store, shared by every coordinator replica.
 
-    def __init__(self, engine: Engine) -> None:
+    While any request of this coordinator waits, it listens to the releases published
+    for waiters (release.lua), so a release through any replica wakes its waiters at
+    once; without pub/sub (e.g. a Cluster client) they notice at the next heartbeat."""
+
+    def __init__(self, engine: Engine, *, heartbeat: float = HEARTBEAT) -> None:
         self.engine = engine
-        self._lines: dict[_Line, tuple[asyncio.Lock, list[int]]] = {}
+        self.heartbeat = heartbeat
         self._wake: dict[tuple[str, str], asyncio.Event] = {}
+        self._waiters = 0
+        self._listener: asyncio.Task[None] | None = None
 
     async def acquire(self, ask: Ask, gone: Gone) -> Grant | Denial | None:
-        result = await self._wait_for_grant(ask, gone)
-        if ask.wait > 0 and isinstance(result, Grant) and await gone():
+        if ask.wait <= 0:
+            return await self._attempt(ask, None, None)
+        ticket = secrets.token_hex(12)
+        deadline = asyncio.get_running_loop().time() + ask.wait
+        result = await self._wait_for_grant(ask, gone, ticket, deadline)
+        if isinstance(result, Grant) and await gone():
             # Gone during the last attempt: the call will not happen, give the budget back.
             await self.engine.release(result.lease_id, Outcome.NOT_CALLED)
             return None
         return result
 
-    def _attempt(self, ask: Ask) -> Awaitable[Grant | Denial]:
-        return self.engine.acquire(ask.tenant, ask.api, ask.key, ask.cost, ask.runtime_estimate_ms)
+    def _attempt(
+        self, ask: Ask, ticket: str | None, left: float | None
+    ) -> Awaitable[Grant | Denial]:
+        return self.engine.acquire(
+            ask.tenant,
+            ask.api,
+            ask.key,
+            ask.cost,
+            ask.runtime_estimate_ms,
+            priority=ask.priority,
+            ticket=ticket,
+            line_wait_ms=None if left is None or left <= 0 else int(left * 1000),
+        )
 
-    async def _wait_for_grant(self, ask: Ask, gone: Gone) -> Grant | Denial | None:
-        """With nobody in line, the first attempt is at once, and a denial whose earliest
-        grant lies beyond the wait is answered at once; otherwise the request queues
-        behind the earlier waiters and sleeps to each exact retry time while it fits."""
+    async def _wait_for_grant(
+        self, ask: Ask, gone: Gone, ticket: str, deadline: float
+    ) -> Grant | Denial | None:
+        self._waiters += 1
+        try:
+            return await self._in_line(ask, gone, ticket, deadline)
+        finally:
+            self._waiters -= 1
+            if not self._waiters and self._listener is not None:
+                listener, self._listener = self._listener, None
+                listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener
+
+    async def _in_line(
+        self, ask: Ask, gone: Gone, ticket: str, deadline: float
+    ) -> Grant | Denial | None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + ask.wait
-        if ask.wait <= 0 or ask.line not in self._lines:
-            result = await self._attempt(ask)
-            if isinstance(result, Grant) or _hopeless(result, ask.wait):
+        queued = False
+        while True:
+            left = deadline - loop.time()
+            result = await self._attempt(ask, ticket, left)
+            if isinstance(result, Grant):
                 return result
-        async with self._turn(ask.line, deadline - loop.time()) as ours:
-            if not ours:  # the line did not move in time: say when to come back
-                return await self._attempt(ask)
-            while True:
-                if await gone():
-                    return None
-                result = await self._attempt(ask)
-                if isinstance(result, Grant):
-                    return result
-                left = deadline - loop.time()
-                if _hopeless(result, left) or left <= 0:
-                    return result
-                pause = result.retry_after_ms / 1000
-                await self._sleep(ask, pause if pause <= left else min(POLL, left))
+            if left <= 0 or _hopeless(result, left):
+                if queued:  # the script keeps no ticket for it; this makes sure of it
+                    await self.engine.leave(ask.tenant, ask.api, ask.key, ticket)
+                return result
+            queued = True
+            if self._listener is None and hasattr(self.engine.redis, "pubsub"):
+                self._listener = asyncio.create_task(self._listen())
+            pause = min(
+                result.retry_after_ms / 1000, self.heartbeat, max(deadline - loop.time(), 0)
+            )
+            await self._sleep(ask, pause)
+            if await gone():
+                await self.engine.leave(ask.tenant, ask.api, ask.key, ticket)
+                return None
 
     async def _sleep(self, ask: Ask, seconds: float) -> None:
         """Sleep `seconds`, or less if a lease of the same (tenant, api) is released."""
@@ -120,28 +164,27 @@ class LocalLines:
         if event is not None:
             event.set()
 
-    @asynccontextmanager
-    async def _turn(self, line: _Line, timeout: float) -> AsyncIterator[bool]:
-        """Wait up to `timeout` s for this line's turn; yields whether it came."""
-        lock, waiting = self._lines.setdefault(line, (asyncio.Lock(), [0]))
-        waiting[0] += 1
+    async def _listen(self) -> None:
+        """Wake the waiters of each (tenant, api) whose release is published, until
+        cancelled; a store error ends the listening (the heartbeat still serves)."""
+        pubsub = self.engine.redis.pubsub()
         try:
-            try:
-                async with asyncio.timeout(max(timeout, 0)):
-                    await lock.acquire()
-            except TimeoutError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                lock.release()
+            await pubsub.psubscribe(WAKE_CHANNELS)
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is None:
+                    continue
+                channel = message["channel"]
+                found = _CHANNEL.match(channel.decode() if isinstance(channel, bytes) else channel)
+                if found:
+                    self.released(found["tenant"], found["api"])
+        except Exception as exc:  # no pub/sub here (or the store failed): poll instead
+            log.info(
+                "not listening for releases (%s): waiters poll every %g s", exc, self.heartbeat
+            )
         finally:
-            waiting[0] -= 1
-            if not waiting[0]:
-                del self._lines[line]
-                if not any(other[:2] == line[:2] for other in self._lines):
-                    self._wake.pop(line[:2], None)
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
-__all__ = ["Ask", "Gone", "LocalLines", "Waiting"]
+__all__ = ["Ask", "FleetLines", "Gone", "Waiting"]

@@ -17,9 +17,25 @@
 -- A grant on an api without concurrent limits costs TIME, one HMGET of the state hash,
 -- one HMGET and one HSET per windowed limit (and a PTTL once per bucket of expiries), and
 -- one HSET of the state hash.
--- KEYS: state, inflight_api, inflight_key; then one per limit (lib.lua).
+-- KEYS: state, inflight_api, inflight_key, line, tickets; then one per limit (lib.lua).
+-- Priority classes: a lease of a class with a share may be granted only while each
+-- windowed limit's use (of every class, leases in flight included) plus its own units
+-- stays within amount * class_permille / 1000 (the share is a cap on how full the window
+-- may be, not a counter of the class's own use): the rest of each window is headroom
+-- for the classes above. retry_ms and soonest_ms are computed under that cap. In
+-- recovery the cap is the recovery share of the class's cap. Concurrent limits are
+-- shared by every class alike.
+-- The line (per key, lib.lua "line" and "tickets"): waiters hold tickets ordered by class
+-- rank, then arrival. A request is granted only when every limit has room for the
+-- tickets ahead of it (their cost, estimate and one slot each) and for itself, so a
+-- newcomer never overtakes a waiter and capacity that falls short goes to the head; its
+-- retry_ms and soonest_ms count those ahead too. A denied request with a ticket whose
+-- soonest grant lies within line_wait_ms joins the line (or stays, refreshed until now +
+-- ticket_ttl_ms); otherwise, and when granted, its ticket leaves. Tickets not refreshed
+-- in time are dropped. With nobody waiting this costs one EXISTS.
 -- ARGV: now_ms, token, cost, estimate_ms, known_epoch, known_until, loss_on_start,
---       recovery, share_permille; then the policy block.
+--       recovery, share_permille, class_permille, ticket, rank, line_wait_ms,
+--       ticket_ttl_ms; then the policy block.
 --   now_ms          "" = Redis TIME
 --   token           the lease's random part and key
 --   cost            call units
@@ -29,6 +45,11 @@
 --   loss_on_start   a time (ms) since which a missing state counts as lost, "" = none
 --   recovery        the time (ms) of a loss the caller saw (a failover), "" = none
 --   share_permille  the share of each limit granted in recovery, "" = no loss tracking
+--   class_permille  the lease's priority class's share of each windowed limit, "" = all
+--   ticket          the waiter's ticket in the line of its key, "" = not waiting
+--   rank            the class's rank, 0 highest: its place in line before arrival
+--   line_wait_ms    join or stay in line when the soonest grant lies within, "" = leave
+--   ticket_ttl_ms   how long a joined or refreshed ticket stays without a refresh
 -- Reply: {GRANTED, now_ms, expiry_ms, epoch_ms, until_ms}; {DENIED, now_ms, retry_ms,
 --        bound, soonest_ms, amount, epoch_ms, until_ms}, where retry_ms is the wait if
 --        nothing else happens (leases in flight expire unreleased), bound the 1-based
@@ -47,7 +68,66 @@ local known_until = tonumber(ARGV[ARG.known_until]) or 0
 local loss_on_start = tonumber(ARGV[ARG.loss_on_start])
 local since = tonumber(ARGV[ARG.recovery])
 local share = tonumber(ARGV[ARG.share_permille])
+local class_share = tonumber(ARGV[ARG.class_permille])
+local ticket = ARGV[ARG.ticket]
+local rank = tonumber(ARGV[ARG.rank]) or 0
+local line_wait = tonumber(ARGV[ARG.line_wait_ms])
+local ticket_ttl = tonumber(ARGV[ARG.ticket_ttl_ms]) or 0
 local ttl, track_api, track_key, stamp_ttl, limits = read_policy()
+
+-- The tickets ahead in line: how many, and their call units and run time.
+local ahead_n, ahead_cost, ahead_estimate = 0, 0, 0
+local place = rank * RANK_SPAN + now  -- a newcomer's place
+local queued = false
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  local records = redis.call('HGETALL', KEYS[5])
+  local alive, dead = {}, {}
+  for i = 1, #records, 2 do
+    local expiry, c, e = string.match(records[i + 1], '^(%d+):(%d+):(%d+)$')
+    if tonumber(expiry) > now then
+      alive[records[i]] = {tonumber(c), tonumber(e)}
+    else
+      dead[#dead + 1] = records[i]
+    end
+  end
+  if ticket ~= '' then
+    local score = tonumber(redis.call('ZSCORE', KEYS[4], ticket))
+    if score and alive[ticket] then
+      place, queued = score, true
+    end
+  end
+  for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. place)) do
+    local units = alive[other]
+    if units then
+      ahead_n = ahead_n + 1
+      ahead_cost = ahead_cost + units[1]
+      ahead_estimate = ahead_estimate + units[2]
+    else
+      dead[#dead + 1] = other  -- its record expired, or went with the hash
+    end
+  end
+  if #dead > 0 then
+    redis.call('ZREM', KEYS[4], unpack(dead))
+    redis.call('HDEL', KEYS[5], unpack(dead))
+  end
+end
+
+-- Join, refresh or leave the line after a denial; leave it after a grant.
+local function keep_place(granted, soonest)
+  if ticket == '' then
+    return
+  end
+  if not granted and line_wait and soonest >= 0 and soonest <= line_wait then
+    redis.call('ZADD', KEYS[4], 'NX', place, ticket)
+    redis.call('HSET', KEYS[5], ticket,
+      string.format('%d:%d:%d', now + ticket_ttl, cost, estimate))
+    extend_ttl(KEYS[4], ticket_ttl)
+    extend_ttl(KEYS[5], ticket_ttl)
+  elseif queued then
+    redis.call('ZREM', KEYS[4], ticket)
+    redis.call('HDEL', KEYS[5], ticket)
+  end
+end
 
 local state = redis.call('HMGET', KEYS[1], 'cd', 'ep', 'px', 'tx',
   unpack(learned_fields(limits)))
@@ -106,11 +186,11 @@ end
 for i, lim in ipairs(limits) do
   local wait, soon = 0, 0
   if lim.kind == 'concurrent' then
-    wait = wait_for_slot(lim, now)  -- soon stays 0: a release frees a slot at once
+    wait = wait_for_slot(lim, now, ahead_n, ttl)  -- soon stays 0: a release frees one
   else
-    local need = cost
+    local need, before = cost, ahead_cost
     if lim.kind == 'runtime' then
-      need = estimate
+      need, before = estimate, ahead_estimate
     end
     lim.need = need
     lim.field = expiry_field(lim, expiry)
@@ -119,9 +199,21 @@ for i, lim in ipairs(limits) do
     -- After a loss the lost history may still fill this window upstream: grant only a
     -- share, until the window no longer overlaps the loss.
     local recovered = since and since + lim.window + lim.margin
+    local in_force = lim.amount
+    if class_share then
+      lim.amount = math.floor(in_force * class_share / 1000)  -- the class's cap, for now
+    end
     local room = lim.amount
     if recovered and now < recovered then
       room = math.floor(lim.amount * share / 1000)
+    end
+    -- Room for those ahead too. When they and this one never fit at once, those ahead
+    -- go first: no grant now, and the wait is at least a window (soonest: until empty).
+    local behind = before > 0 and need + before > room
+    if behind then
+      need = room
+    else
+      need = need + before
     end
     if c.sum + c.fl + need > room then
       local live, used = live_buckets(lim, now)
@@ -131,8 +223,13 @@ for i, lim in ipairs(limits) do
         soon = window_wait(lim, released_now(lim, live, now), used, need, now, recovered, share)
       end
     end
+    if behind and wait >= 0 then
+      wait = math.max(wait, lim.window)
+    end
+    lim.amount = in_force
   end
   if wait < 0 then
+    keep_place(false, -1)
     return {REPLY.DENIED, now, -1, i, -1, lim.amount, epoch, state_until}
   end
   if wait > retry then
@@ -148,8 +245,10 @@ if retry > 0 then
   if bound > 0 then
     amount = limits[bound].amount
   end
+  keep_place(false, soonest)
   return {REPLY.DENIED, now, retry, bound, soonest, amount, epoch, state_until}
 end
+keep_place(true, 0)
 
 -- The lease's units go in flight in every windowed limit, filed under its expiry.
 for _, lim in ipairs(limits) do

@@ -1,6 +1,6 @@
 -- forget.lua: forget the limits a (tenant, api) learned from the upstream (design rule 8).
 --
--- KEYS: state, inflight_api, inflight_key; then one per limit (lib.lua).
+-- KEYS: state, inflight_api, inflight_key, line, tickets; then one per limit (lib.lua).
 -- ARGV: now_ms; then the policy block.
 --   now_ms  "" = Redis TIME
 -- Reply: {GRANTED, now_ms, forgotten}: how many learned limits were in force.

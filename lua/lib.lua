@@ -7,7 +7,7 @@
 -- which Redis writes as plain digits (below 1e15, as all of ours are), more cheaply
 -- than Lua's own tostring.
 --
--- KEYS: state, inflight_api, inflight_key; then one per limit.
+-- KEYS: state, inflight_api, inflight_key, line, tickets; then one per limit.
 -- All keys carry one hash tag {<tenant>|<api>}:
 --   state         hash of the (tenant, api). Its leases, lease token (its random part and
 --                 key) -> "grant_ms:cost:estimate_ms:expiry_ms", and five fields that hold
@@ -26,7 +26,11 @@
 --   inflight_api  zset, lease token scored by expiry; kept only when a concurrent limit of
 --                 api scope needs it (track_api)
 --   inflight_key  the same for the lease's key (track_key)
---   limit i       KEYS[3 + i]: for calls/runtime a hash, bucket index -> units charged in
+--   line          zset, the waiting line of the lease's key (acquire.lua): ticket scored
+--                 by class rank * RANK_SPAN + arrival ms, lowest first
+--   tickets       hash of the same line: ticket -> "expiry_ms:cost:estimate_ms"; a
+--                 ticket whose expiry passed (its waiter stopped refreshing it) is dropped
+--   limit i       KEYS[5 + i]: for calls/runtime a hash, bucket index -> units charged in
 --                 it, plus the fields `lo` and `sum` (see below); for concurrent the
 --                 in-flight zset of its scope (inflight_api or inflight_key)
 --
@@ -37,7 +41,7 @@
 -- ttl_ms is a new lease's time to live; track_api and track_key are "1" or "0";
 -- stamp_ttl_ms is how long the state hash lives at least after a grant (its longest
 -- window or its lease ttl, whichever is longer); kind is "calls" | "runtime" |
--- "concurrent"; there are as many limits as KEYS after the first three. (Separate values,
+-- "concurrent"; there are as many limits as KEYS after the first five. (Separate values,
 -- not one string: Lua parses a string dearer than the client packs arguments.)
 
 local function clock(arg)
@@ -53,11 +57,11 @@ end
 local function read_policy()
   local first = POLICY_AT
   local limits = {}
-  for i = 1, #KEYS - 3 do
+  for i = 1, #KEYS - 5 do
     local at = first + 4 + 5 * (i - 1)
     limits[i] = {
       kind = ARGV[at], amount = tonumber(ARGV[at + 1]), window = tonumber(ARGV[at + 2]),
-      gran = tonumber(ARGV[at + 3]), margin = tonumber(ARGV[at + 4]), key = KEYS[3 + i],
+      gran = tonumber(ARGV[at + 3]), margin = tonumber(ARGV[at + 4]), key = KEYS[5 + i],
       need = false, here = 0, c = false, field = false,  -- what acquire fills in
     }
   end
@@ -284,15 +288,21 @@ local function released_now(lim, live, now)
   return moved
 end
 
--- Milliseconds until one more lease fits under a concurrent limit.
-local function wait_for_slot(lim, now)
+-- Milliseconds until one more lease fits under a concurrent limit, after `ahead` more
+-- (the waiters ahead in line); when those alone fill it, `fallback` (a lease's ttl: they
+-- will hold their slots at most that long).
+local function wait_for_slot(lim, now, ahead, fallback)
   local after = string.format('(%d', now)  -- scores above now: live leases
   local live = redis.call('ZCOUNT', lim.key, after, '+inf')
-  if live < lim.amount then
+  if live + ahead < lim.amount then
     return 0, live
   end
+  local at = live + ahead - lim.amount
+  if at >= live then
+    return fallback, live
+  end
   local kth = redis.call('ZRANGEBYSCORE', lim.key, after, '+inf', 'WITHSCORES',
-    'LIMIT', live - lim.amount, 1)
+    'LIMIT', at, 1)
   return tonumber(kth[2]) - now, live
 end
 

@@ -5,7 +5,10 @@
 -- throttled: the same, and the fleet-wide cooldown moves to now + retry_ms (never
 -- earlier than it already is). not_called: nothing is charged (a refund).
 -- Unknown, expired or released leases change nothing (an expired record is dropped).
--- KEYS: state, inflight_api, inflight_key; then one per limit (lib.lua).
+-- Wake-up: when the line of the lease's key holds waiters, a release other than
+-- throttled publishes "released" on the channel qg:{<tenant>|<api>}:w (the state key with
+-- `w` for `s`), so that the waiters' coordinators try again at once.
+-- KEYS: state, inflight_api, inflight_key, line, tickets; then one per limit (lib.lua).
 -- Learned limits (design rule 8): a throttled release may name the upstream's limit,
 -- named_amount calls per named_window_ms. When the api has a calls limit of that window
 -- and the amount is below the policy's, the (tenant, api) learns it until now +
@@ -127,5 +130,8 @@ if outcome == 'throttled' and retry and retry > 0 then
       redis.call('PEXPIRE', KEYS[1], expire_ms)
     end
   end
+end
+if outcome ~= 'throttled' and redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('PUBLISH', string.sub(KEYS[1], 1, -2) .. 'w', 'released')
 end
 return {REPLY.GRANTED, now, learned, index, amount, before}

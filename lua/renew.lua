@@ -1,7 +1,7 @@
 -- renew.lua: extend a live lease so that it expires no earlier than now + ttl_ms; its units
 -- in flight move with its expiry (lib.lua, "counter hash").
 --
--- KEYS: state, inflight_api, inflight_key; then one per limit (lib.lua).
+-- KEYS: state, inflight_api, inflight_key, line, tickets; then one per limit (lib.lua).
 -- ARGV: now_ms, token, renew_ttl_ms; then the policy block.
 --   now_ms        "" = Redis TIME
 --   token         the lease's random part and key

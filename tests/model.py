@@ -7,6 +7,11 @@ that the Lua engine is checked against.
 Design rule 3, as the model states it: a lease that has not been released counts in the
 bucket of its expiry, in full while it is in flight (whatever its age); a released lease
 counts in the bucket of its release, a refunded one nowhere.
+
+Priority classes, as the model states them: a lease of a class with a share is granted
+only while each windowed limit's use (every class's, in flight included) plus its units
+stays within `amount * share_permille // 1000`; in recovery, within the recovery share of
+that cap. Concurrent limits are shared alike.
 """
 
 from __future__ import annotations
@@ -115,12 +120,14 @@ class Model:
             if lease.expiry > now and (lim.scope is Scope.API or lease.key == key)
         )
 
-    def _window_wait(self, lim: Limit, buckets: list[tuple[int, int]], need: int, now: int) -> int:
-        wait = wait_for_units(lim, buckets, need, lim.amount, now)
+    def _window_wait(
+        self, lim: Limit, buckets: list[tuple[int, int]], need: int, now: int, cap: int
+    ) -> int:
+        wait = wait_for_units(lim, buckets, need, cap, now)
         if self.recovery and now < self.recovery[0] + lim.window_ms + lim.margin_ms:
             # Until the window no longer overlaps the loss, only a share is granted.
             recovered = self.recovery[0] + lim.window_ms + lim.margin_ms
-            share = lim.amount * self.recovery[1] // 1000
+            share = cap * self.recovery[1] // 1000
             reduced = wait_for_units(lim, buckets, need, share, now)
             wait = max(recovered - now, wait)
             if 0 <= reduced < wait:
@@ -136,7 +143,14 @@ class Model:
         return sorted(counted(lim, self._counter(lim, key), now, rest) + moved)
 
     def acquire(
-        self, token: str, key: str, cost: int, estimate: int, ttl: int, now: int
+        self,
+        token: str,
+        key: str,
+        cost: int,
+        estimate: int,
+        ttl: int,
+        now: int,
+        class_permille: int = 1000,
     ) -> Decision:
         retry, bound = max(self.cooldown_until - now, 0), 0
         soonest = retry
@@ -147,10 +161,11 @@ class Model:
                 wait = 0 if len(live) < lim.amount else live[len(live) - lim.amount] - now
             else:
                 need = cost if lim.kind is Kind.CALLS else estimate
-                wait = self._window_wait(lim, self._counted(lim, key, now), need, now)
+                cap = lim.amount * class_permille // 1000
+                wait = self._window_wait(lim, self._counted(lim, key, now), need, now, cap)
                 if wait < 0:
                     return Decision(False, -1, i, soonest=-1)
-                soon = self._window_wait(lim, self._released_now(lim, key, now), need, now)
+                soon = self._window_wait(lim, self._released_now(lim, key, now), need, now, cap)
             if wait > retry:
                 retry, bound = wait, i
             soonest = max(soonest, soon)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
-from quotagate.coordinator.policy import Kind, Limit, Policy, Scope
+from quotagate.coordinator.policy import Kind, Limit, Policy, PriorityClass, Scope
 
 EPOCH_MS = 1_700_000_000_000
 KEYS = ("", "a", "b")
@@ -60,8 +60,18 @@ def policies(draw: st.DrawFn) -> Policy:
         ).filter(lambda ls: any(lim.kind is Kind.CALLS for lim in ls))
     )
     ttl = draw(st.sampled_from([10_000, 15_000, 40_000]))
+    classes: tuple[PriorityClass, ...] = ()
+    if draw(st.booleans()):
+        # A share may leave less than a call of some limit: that class is then refused.
+        lower = draw(st.sampled_from([100, 250, 500, 700, 1000]))
+        classes = (PriorityClass("hi"), PriorityClass("lo", lower))
     return Policy(
-        "p", tuple(limits), lease_ttl_ms=ttl, runtime_estimate_ms=draw(st.sampled_from([0, 3_000]))
+        "p",
+        tuple(limits),
+        lease_ttl_ms=ttl,
+        runtime_estimate_ms=draw(st.sampled_from([0, 3_000])),
+        classes=classes,
+        default_class="lo" if classes else None,
     )
 
 
@@ -70,6 +80,7 @@ class Acquire:
     key: str
     cost: int
     estimate: int | None
+    priority: str | None = None  # a class of the policy ("hi", "lo"), None: the default
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,8 @@ class Look:
 
 Op = Acquire | Release | Renew | Advance | Look
 
+PRIORITIES = st.sampled_from([None, "hi", "lo"])
+
 operations = st.lists(
     st.one_of(
         st.builds(
@@ -105,8 +118,9 @@ operations = st.lists(
             st.sampled_from(KEYS),
             st.integers(1, 4),
             st.one_of(st.none(), st.integers(0, 20_000)),
+            PRIORITIES,
         ),
-        st.builds(Acquire, st.sampled_from(KEYS), st.just(1), st.none()),
+        st.builds(Acquire, st.sampled_from(KEYS), st.just(1), st.none(), PRIORITIES),
         st.builds(Acquire, st.sampled_from(KEYS), st.integers(1, 2), st.just(0)),
         st.builds(
             Release,
@@ -128,7 +142,7 @@ operations = st.lists(
 # long after their grant, the case design rule 3 is for.
 late_operations = st.lists(
     st.one_of(
-        st.builds(Acquire, st.sampled_from(KEYS), st.integers(1, 2), st.just(None)),
+        st.builds(Acquire, st.sampled_from(KEYS), st.integers(1, 2), st.just(None), PRIORITIES),
         st.builds(Acquire, st.sampled_from(KEYS), st.just(1), st.just(None)),
         st.builds(
             Release,

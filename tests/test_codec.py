@@ -98,8 +98,16 @@ def test_arguments_encode_none_and_booleans_as_the_scripts_read_them() -> None:
         loss_on_start=None,
         recovery=None,
         share_permille=500,
+        class_permille=None,
+        ticket=None,
+        rank=0,
+        line_wait_ms=None,
+        ticket_ttl_ms=2000,
     )
-    assert args.argv(("x", 1)) == ["", "t:k", 2, 0, "", 7, "", "", 500, "x", 1]
+    assert args.argv(("x", 1)) == [
+        *("", "t:k", 2, 0, "", 7, "", "", 500, "", "", 0, "", 2000),
+        *("x", 1),
+    ]
     assert codec.RenewArgs(now_ms=5, token="t", renew_ttl_ms=9).argv(("p",)) == [5, "t", 9, "p"]
 
 
@@ -114,5 +122,7 @@ def test_replies_decode_by_code() -> None:
     learned = codec.decode_release([codec.GRANTED, 3, 1, 2, 20, 30]).learned
     assert learned == codec.Learned("LOWERED", 2, 20, 30)
     assert codec.decode_renew([codec.GRANTED, 3, 9]).expiry_ms == 9
-    usage = codec.decode_usage([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    usage = codec.decode_usage([1, 2, 3, 0, 4, 5, 6, 7, 8, 9])
     assert usage.limits == ((4, 5, 6), (7, 8, 9)) and usage.in_flight == 3
+    assert usage.waiting == 0
+    assert codec.decode_leave([codec.GRANTED, 3]) and not codec.decode_leave([codec.DENIED, 3])

@@ -93,12 +93,21 @@ async def _run(
                 now += op.ms
             elif isinstance(op, Acquire):
                 estimate = policy.runtime_estimate_ms if op.estimate is None else op.estimate
-                if policy.impossible_cost(op.cost) or policy.impossible_runtime(estimate):
+                klass = policy.priority_class(op.priority)
+                if (
+                    policy.impossible_cost(op.cost)
+                    or policy.impossible_for_class(op.cost, klass)
+                    or policy.impossible_runtime(estimate, klass)
+                ):
                     with pytest.raises(InvalidRequest):
-                        await engine.acquire(tenant, "p", op.key, op.cost, op.estimate, now=now)
+                        await engine.acquire(
+                            tenant, "p", op.key, op.cost, op.estimate, priority=op.priority, now=now
+                        )
                     continue
                 before = None if check_model else await _snapshot(engine, tenant, now)
-                result = await engine.acquire(tenant, "p", op.key, op.cost, op.estimate, now=now)
+                result = await engine.acquire(
+                    tenant, "p", op.key, op.cost, op.estimate, priority=op.priority, now=now
+                )
                 if isinstance(result, Grant):
                     assert result.granted_at_ms == now
                     leases.append(result.lease_id)
@@ -112,7 +121,13 @@ async def _run(
                 if check_model:
                     token = result.lease_id if isinstance(result, Grant) else "denied"
                     expected = model.acquire(
-                        token, op.key, op.cost, estimate, policy.lease_ttl_ms, now
+                        token,
+                        op.key,
+                        op.cost,
+                        estimate,
+                        policy.lease_ttl_ms,
+                        now,
+                        1000 if klass is None else klass.share_permille,
                     )
                     assert isinstance(result, Grant) == expected.granted, (op, expected, result)
                     if isinstance(result, Grant):

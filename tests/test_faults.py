@@ -402,7 +402,10 @@ def test_a_coordinator_killed_mid_request_grants_nothing_twice(
             wait_until(lambda: in_flight() == 0, "the orphaned leases to expire")
             assert redis_ms(store) >= orphans_expire
             for _ in range(2):
-                reply = http.post("/v1/leases", json={"tenant": tenant, "api": "slots"})
+                # The two waiters the kill cut off keep their places in the fleet's line
+                # until their tickets lapse (2 s): wait behind them.
+                body = {"tenant": tenant, "api": "slots", "wait": 3.0}
+                reply = http.post("/v1/leases", json=body)
                 assert reply.status_code == 200, reply.text
                 ref = LeaseRef.parse(reply.json()["lease_id"])
                 assert ref is not None

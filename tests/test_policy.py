@@ -15,6 +15,7 @@ from quotagate.coordinator.policy import (
     Policy,
     PolicyError,
     PolicySet,
+    PriorityClass,
     Scope,
     clock_margin_ms,
     load_catalog,
@@ -83,6 +84,23 @@ INVALID: dict[str, list[str]] = {
         "tenants.contoso-*.acme.report:",
         "neither this file nor the catalog defines",
         "did you mean 'acme.reports'?",
+    ],
+    "class_share_too_large": ["apis.acme.reports.classes.batch.share", "(0, 1]", "1.5"],
+    "class_share_zero": ["apis.acme.reports.classes.batch.share", "(0, 1]", "got 0"],
+    "class_share_leaves_nothing": [
+        "apis.acme.reports",
+        "classes.batch",
+        "share 0.05 leaves 0 of limits[1]",
+        "calls 10 per 1m",
+    ],
+    "class_unknown_default": ["apis.acme.reports", "default_class 'bulk'", "interactive, batch"],
+    "class_default_without_classes": ["apis.acme.reports", "default_class 'batch'", "classes"],
+    "class_bad_name": ["apis.acme.reports.classes", "'Interactive'", "must match"],
+    "class_unknown_field": ["apis.acme.reports.classes.interactive.weight", "not permitted"],
+    "class_tenant_override": [
+        "tenants.contoso-*.acme.reports",
+        "default_class 'scheduled'",
+        "interactive, batch",
     ],
     "unknown_tenant_catalog_api": [
         "tenants.fabrikam.m365d.incident:",
@@ -194,7 +212,12 @@ def test_valid_keeps_other_catalog_apis_unchanged(valid: PolicySet) -> None:
             assert valid.apis[name] == policy
     # The file's margin (2s) applies to the file's apis only, not to the catalog's.
     assert valid.apis["m365d.incidents"].limits[0].margin_ms == clock_margin_ms(MINUTE) == 6
-    assert set(valid.apis) == set(catalog.apis) | {"acme.reports", "acme.hunting", "acme.sessions"}
+    assert set(valid.apis) == set(catalog.apis) | {
+        "acme.reports",
+        "acme.hunting",
+        "acme.sessions",
+        "acme.search",
+    }
 
 
 def test_valid_runtime_limit_gets_default_estimate(valid: PolicySet) -> None:
@@ -318,6 +341,58 @@ def test_tenant_override_of_api_missing_from_base() -> None:
     policies = parse_policies('tenants: {"t-*": {acme.only: {limits: [{calls: 1, per: 1s}]}}}')
     assert policies.resolve("t-1", "acme.only") is not None
     assert policies.resolve("u-1", "acme.only") is None
+
+
+# --- priority classes -----------------------------------------------------------------
+
+
+def test_classes_in_priority_order_with_shares(valid: PolicySet) -> None:
+    policy = valid.apis["acme.search"]
+    assert policy.classes == (
+        PriorityClass("interactive", 1000),
+        PriorityClass("scheduled", 600),
+        PriorityClass("backfill", 250),
+    )
+    assert policy.default_class == "scheduled"
+    assert policy.priority_class(None) == PriorityClass("scheduled", 600)
+    assert policy.priority_class("backfill") == PriorityClass("backfill", 250)
+    assert [policy.class_rank(name) for name in ("interactive", None, "backfill")] == [0, 1, 2]
+
+
+def test_unknown_class_names_the_classes(valid: PolicySet) -> None:
+    with pytest.raises(ValueError, match=r"'urgent'.*interactive, scheduled, backfill"):
+        valid.apis["acme.search"].priority_class("urgent")
+
+
+def test_api_without_classes_ignores_priority(valid: PolicySet) -> None:
+    policy = valid.apis["acme.reports"]
+    assert policy.classes == ()
+    assert policy.priority_class("anything") is None
+    assert policy.class_rank("anything") == 0
+
+
+def test_default_class_is_the_lowest_when_not_named() -> None:
+    policies = parse_policies(
+        "apis:\n  a.b:\n    classes: {hi: {}, lo: {share: 0.5}}\n"
+        "    limits: [{calls: 4, per: 1s}]\n"
+    )
+    assert policies.apis["a.b"].default_class == "lo"
+
+
+def test_share_caps_per_class() -> None:
+    assert PriorityClass("b", 600).cap(45) == 27
+    assert PriorityClass("b", 1000).cap(45) == 45
+
+
+def test_describe_shows_classes(valid: PolicySet) -> None:
+    described = valid.apis["acme.search"].describe()
+    assert described["classes"] == [
+        {"name": "interactive", "share": 1.0},
+        {"name": "scheduled", "share": 0.6},
+        {"name": "backfill", "share": 0.25},
+    ]
+    assert described["default_class"] == "scheduled"
+    assert "classes" not in valid.apis["acme.reports"].describe()
 
 
 # --- describe ---------------------------------------------------------------------------

@@ -23,10 +23,17 @@ async def usage(
 ) -> dict[str, Any]:
     who.check(tenant)
     view = await engine.usage(tenant, api, key or "")
+    classes = engine.policy(tenant, api).classes
     limits = []
     for item in view.limits:
         seconds = item.limit.kind is Kind.RUNTIME  # runtime is reported in seconds
         described = item.limit.describe()
+        per_class = {}
+        if classes and item.limit.kind is not Kind.CONCURRENT:
+            # What each class may still be granted: up to its share of the amount in force.
+            for klass in classes:
+                left = max(klass.cap(item.amount) - item.used, 0)
+                per_class[klass.name] = left / 1000 if seconds else left
         limits.append(
             {
                 **described,
@@ -36,6 +43,7 @@ async def usage(
                 "used": item.used / 1000 if seconds else item.used,
                 "remaining": item.remaining / 1000 if seconds else item.remaining,
                 "resets_in": item.resets_in_ms / 1000,
+                **({"remaining_by_class": per_class} if per_class else {}),
             }
         )
     return {
@@ -45,4 +53,5 @@ async def usage(
         "limits": limits,
         "in_flight": view.in_flight,
         "cooldown": view.cooldown_ms / 1000,
+        "waiting": view.waiting,  # requests in the key's line, fleet-wide
     }

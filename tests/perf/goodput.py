@@ -26,6 +26,9 @@ for a fixed time. The same fleet runs four times, each on a fresh tenant:
   gateway (`/gateway/api.security.microsoft.com/...`, which `gateway_upstreams` sends on
   to the emulator) with `X-Quotagate-Tenant` and `X-Quotagate-Wait` headers; a 429 they
   get is waited out like the upstream's.
+- `replicas`: as `quotagate`, through three coordinator processes on the same Redis,
+  with the workers spread unevenly over them (`replica_spread`, 48/8/8 of 64): the one
+  line per (tenant, api, key) in the store serves them in turn, whichever replica.
 
 Per configuration it reports upstream 429s, calls completed, the utilisation of each
 job's binding limit, the wait before a call (p50, p99: from the moment a worker wants
@@ -81,10 +84,11 @@ from ..emulator import (
 )
 from .harness import SPAWN, app_process, jain, percentile, watchdog
 
-CONFIGS = ("none", "local", "limits", "quotagate", "late", "learned", "gateway")
-LEASED = ("quotagate", "late", "learned")  # the configurations that lease in the transport
+CONFIGS = ("none", "local", "limits", "quotagate", "late", "learned", "replicas", "gateway")
+LEASED = ("quotagate", "late", "learned", "replicas")  # the configurations that lease
 COORDINATED = (*LEASED, "gateway")  # the configurations that need a coordinator
 GATEWAY_HOST = "api.security.microsoft.com"
+REPLICAS = 3  # coordinator processes of `replicas`
 DEFAULT_OUT = Path(__file__).parent / "results"
 
 
@@ -138,6 +142,7 @@ class Options:
     late_share: float = 0.05  # `late`: the share of sends held ...
     late_hold: tuple[float, float] = (1.0, 2.0)  # ... this many real seconds
     learned_factor: float = 0.7  # `learned`: the tenant's calls limits, of the catalog's
+    replica_spread: tuple[float, ...] = (0.75, 0.125, 0.125)  # `replicas`: workers' shares
     configs: tuple[str, ...] = CONFIGS
     seed: int = 1
     out: Path = DEFAULT_OUT
@@ -561,8 +566,24 @@ def quotagate_policies(options: Options) -> str:
 # -- one configuration -------------------------------------------------------------------------
 
 
+def _spread(roles: list[str], shares: Sequence[float]) -> list[list[str]]:
+    """`roles` cut into one part per share, each with the mix of the whole."""
+    parts: list[list[str]] = [[] for _ in shares]
+    given = [0.0] * len(shares)
+    for role in roles:  # each worker to the part furthest below its share
+        at = min(range(len(shares)), key=lambda i: (given[i] + 1) / shares[i])
+        parts[at].append(role)
+        given[at] += 1
+    return parts
+
+
 def run_config(
-    config: str, options: Options, emulator_url: str, coordinator_url: str | None, redis_url: str
+    config: str,
+    options: Options,
+    emulator_url: str,
+    coordinator_url: str | None,
+    redis_url: str,
+    replica_urls: Sequence[str] = (),
 ) -> dict[str, Any]:
     tenant = f"bench-{config}-{os.getpid()}"
     # A fresh tenant per configuration, rather than a flushed store: the coordinator
@@ -573,15 +594,23 @@ def run_config(
         lower = {"caller": tenant, "factor": factor}
         httpx.post(emulator_url + "/_emulator/factor", json=lower, timeout=10).raise_for_status()
     roles = options.roles()
-    ready = SPAWN.Barrier(options.processes + 1)
-    go = SPAWN.Barrier(options.processes + 1)
     start_at = SPAWN.Value("d", 0.0)
     queue = SPAWN.Queue()
     processes = []
-    for p in range(options.processes):
+    urls: list[str | None]
+    if config == "replicas":
+        parts = _spread(roles, options.replica_spread)
+        urls = list(replica_urls)
+    else:
+        parts = [roles[p :: options.processes] for p in range(options.processes)]
+        urls = [coordinator_url] * options.processes
+    urls = [url for part, url in zip(parts, urls, strict=True) if part]
+    parts = [part for part in parts if part]  # a small fleet may leave a replica idle
+    ready = SPAWN.Barrier(len(parts) + 1)
+    go = SPAWN.Barrier(len(parts) + 1)
+    for p, (part, url) in enumerate(zip(parts, urls, strict=True)):
         plan = Plan(
-            config, tenant, emulator_url, coordinator_url, redis_url,
-            tuple(roles[p :: options.processes]), options, p,
+            config, tenant, emulator_url, url, redis_url, tuple(part), options, p,
         )  # fmt: skip
         process = SPAWN.Process(
             target=fleet_process, args=(plan, ready, go, start_at, queue), daemon=True
@@ -848,9 +877,27 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                     upstream=emulator_url,
                 )
             )
+        replica_urls: list[str] = []
+        if "replicas" in options.configs:
+            replica_urls = [
+                stack.enter_context(
+                    app_process(
+                        coordinator_app,
+                        health="/healthz",
+                        lifetime=lifetime,
+                        redis_url=server.url,
+                        policies=quotagate_policies(options),
+                        max_wait=options.seconds + 10,
+                        upstream=emulator_url,
+                    )
+                )
+                for _ in range(REPLICAS)
+            ]
         for config in options.configs:
             print(f"goodput: {config} ...", file=sys.stderr, flush=True)
-            results.append(run_config(config, options, emulator_url, coordinator_url, server.url))
+            results.append(
+                run_config(config, options, emulator_url, coordinator_url, server.url, replica_urls)
+            )
     options.out.mkdir(parents=True, exist_ok=True)
     text = table(results, options)
     (options.out / "goodput.md").write_text(text)
