@@ -155,6 +155,38 @@ class Cluster:
         slot = redis.crc.key_slot(key.encode())
         return self.masters[slot * len(self.masters) // SLOTS]
 
+    def move_slot_of(self, key: str, target: Node) -> None:
+        """Migrate the slot of `key`, with its keys, to `target` (as a resharding does)."""
+        slot = redis.crc.key_slot(key.encode())
+        ids = {}
+        for node in self.masters:
+            with node.client() as client:
+                ids[node.port] = client.execute_command("CLUSTER MYID").decode()
+        source = next(node for node in self.masters if self._serves(node, slot))
+        if source is target:
+            return
+        with target.client() as to, source.client() as frm:
+            to.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[source.port])
+            frm.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[target.port])
+            while keys := frm.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+                frm.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+            for node in self.masters:
+                with node.client() as client:
+                    client.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[target.port])
+        until("every node to agree on the moved slot", lambda: all(
+            self._owner(node, slot) == target.port for node in self.masters
+        ))  # fmt: skip
+
+    def _owner(self, node: Node, slot: int) -> int:
+        with node.client() as client:
+            for first, last, owner, *_ in client.execute_command("CLUSTER SLOTS"):
+                if first <= slot <= last:
+                    return int(owner[1])
+        return 0
+
+    def _serves(self, node: Node, slot: int) -> bool:
+        return self._owner(node, slot) == node.port
+
     def wipe(self) -> None:
         for node in self.masters:
             _wipe_node(node.port)
