@@ -78,9 +78,12 @@ class StoreRefused(RuntimeError):
 
 def connect(url: str, *, timeout: float | None = None) -> StoreClient:
     """A client for `url` (see the module's table); `timeout` seconds bound each socket
-    operation, and a connect at most one second of it. Raises StoreUrlError for a URL
-    that is malformed or names an unknown scheme or option."""
-    connect_timeout = None if timeout is None else min(timeout, 1.0)
+    operation, and a connect at most one second or two thirds of it. Raises
+    StoreUrlError for a URL that is malformed or names an unknown scheme or option."""
+    # A connect ends by redis-py's own timeout, before the engine's deadline (the same
+    # `timeout`) can cancel it half-way: a connect cancelled between the socket and the
+    # handshake can leave the socket open.
+    connect_timeout = None if timeout is None else min(timeout * 2 / 3, 1.0)
     bounds: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": connect_timeout,
