@@ -220,8 +220,10 @@ class _SentinelPool(SentinelConnectionPool):
     `connect` returns one client, and closing it releases everything it opened."""
 
     async def aclose(self) -> None:
-        await super().aclose()
-        await self.sentinel_manager.aclose()
+        try:
+            await super().aclose()  # re-raises the first error of closing a connection
+        finally:
+            await self.sentinel_manager.aclose()
 
 
 def _cluster(url: str, bounds: dict[str, Any]) -> RedisCluster:
