@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from redis.asyncio import Redis
 
 from .auth import Authorizer
 from .engine import Engine
@@ -22,7 +21,7 @@ from .policy import PolicySet, load_policies
 from .routers import gateway, health, learned, leases, usage
 from .routers import policies as policy_routes
 from .settings import Settings, get_settings
-from .store import connect
+from .store import StoreClient, check_credentials, connect
 from .waiting import FleetLines
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -32,11 +31,13 @@ def create_app(
     settings: Settings | None = None,
     *,
     policies: PolicySet | None = None,
-    redis: Redis | None = None,
+    redis: StoreClient | None = None,
 ) -> FastAPI:
     """The service. Without `redis`, it connects to `settings.redis_url` at start-up (and
     closes that client at shutdown); without `policies`, it loads `settings.policies` on
-    top of the built-in catalog."""
+    top of the built-in catalog. A malformed store URL (StoreUrlError) or credentials the
+    store refuses (StoreRefused) fail the start-up, naming the cause; a store that is
+    down is waited for."""
     settings = settings or get_settings()
     effective = policies or load_policies(settings.policies)
 
@@ -45,6 +46,12 @@ def create_app(
         client = redis or connect(
             settings.redis_url or DEFAULT_REDIS_URL, timeout=settings.request_timeout
         )
+        if redis is None:
+            try:
+                await check_credentials(client, timeout=settings.request_timeout)
+            except BaseException:
+                await client.aclose()
+                raise
         engine = Engine(
             client,
             effective,

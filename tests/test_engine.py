@@ -33,8 +33,8 @@ apis:
 
 
 @pytest.fixture
-def engine(redis_client: Redis) -> Engine:
-    return Engine(redis_client, POLICIES)
+def engine(store_client: Redis) -> Engine:
+    return Engine(store_client, POLICIES)
 
 
 async def grant(engine: Engine, api: str, key: str = "", now: int = T0, **kw: int) -> Grant:
@@ -205,10 +205,10 @@ async def test_every_key_has_a_ttl_and_one_slot(engine: Engine) -> None:
         assert len(slots) == 1
 
 
-async def test_memory_of_a_full_hourly_window_stays_small(redis_client: Redis) -> None:
+async def test_memory_of_a_full_hourly_window_stays_small(store_client: Redis) -> None:
     # As the service runs it: loss tracking on, so the state hash carries its epoch.
-    engine = Engine(redis_client, load_policies(), recovery_share=0.5)
-    seconds, _ = await redis_client.time()
+    engine = Engine(store_client, load_policies(), recovery_share=0.5)
+    seconds, _ = await store_client.time()
     now, granted = seconds * 1000, 0
     while granted < 1500:
         result = await engine.acquire("tenant-1/app-1", "m365d.incidents", now=now)
@@ -221,7 +221,7 @@ async def test_memory_of_a_full_hourly_window_stays_small(redis_client: Redis) -
     usage = await engine.usage("tenant-1/app-1", "m365d.incidents", now=now)
     assert usage.limits[1].used == 1500
     total = 0
-    for name in await redis_client.keys("*"):
-        total += await redis_client.memory_usage(name) or 0
+    for name in await store_client.keys("*"):
+        total += await store_client.memory_usage(name) or 0
     print(f"memory for a full hourly window: {total} bytes")
     assert total <= 1536, total  # issue target: at most 1.5 KB

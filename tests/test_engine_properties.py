@@ -12,13 +12,12 @@ from dataclasses import dataclass, field
 import pytest
 from hypothesis import HealthCheck, given, settings, target
 from hypothesis import strategies as st
-from redis.asyncio import Redis
 
-from quotagate.coordinator.embedded import EmbeddedServer
 from quotagate.coordinator.engine import Denial, Engine, Grant
 from quotagate.coordinator.errors import InvalidRequest, UnknownLease
 from quotagate.coordinator.leases import LeaseRef
 from quotagate.coordinator.policy import Kind, Limit, Policy, PolicySet, Scope
+from quotagate.coordinator.store import connect
 
 from .model import Model
 from .strategies import (
@@ -34,6 +33,7 @@ from .strategies import (
     operations,
     policies,
 )
+from .topologies import Topology
 
 pytestmark = pytest.mark.server
 
@@ -77,7 +77,7 @@ async def _run(
     check_model: bool,
     recovery: tuple[int, int] | None = None,
 ) -> Run:
-    client = Redis.from_url(url)
+    client = connect(url)
     share = None if recovery is None else recovery[1] / 1000
     engine = Engine(client, PolicySet(apis={"p": policy}), recovery_share=share)
     if recovery is not None:
@@ -195,18 +195,18 @@ recoveries = st.one_of(
 @given(policy=policies(), ops=operations, recovery=recoveries)
 @PROPERTY
 def test_engine_agrees_with_reference_model(
-    redis_server: EmbeddedServer, policy: Policy, ops: list[Op], recovery: tuple[int, int] | None
+    store: Topology, policy: Policy, ops: list[Op], recovery: tuple[int, int] | None
 ) -> None:
-    asyncio.run(_run(redis_server.url, policy, ops, check_model=True, recovery=recovery))
+    asyncio.run(_run(store.url, policy, ops, check_model=True, recovery=recovery))
 
 
 @given(policy=policies(), ops=operations)
 @PROPERTY
 def test_no_window_ever_holds_more_than_its_limit(
-    redis_server: EmbeddedServer, policy: Policy, ops: list[Op]
+    store: Topology, policy: Policy, ops: list[Op]
 ) -> None:
     """Exact sliding check on grant times; denials change nothing (checked inside the run)."""
-    run = asyncio.run(_run(redis_server.url, policy, ops, check_model=False))
+    run = asyncio.run(_run(store.url, policy, ops, check_model=False))
     calls = [
         (at, cost, key) for at, cost, key, lease_id in run.grants if lease_id not in run.refunded
     ]
@@ -254,13 +254,13 @@ def _worst_window(lim: Limit, calls: list[tuple[int, int, int, str]]) -> float:
 @given(policy=policies(), ops=st.one_of(operations, late_operations))
 @PROPERTY
 def test_no_upstream_window_holds_more_than_its_limit_wherever_calls_arrive(
-    redis_server: EmbeddedServer, policy: Policy, ops: list[Op]
+    store: Topology, policy: Policy, ops: list[Op]
 ) -> None:
     """Design rule 3: a call reaches the upstream anywhere between its grant and its
     release (or its expiry, if it is not released in time: a client never sends on an
     expired lease). For every window of every calls limit, the adversary puts into it
     every call whose span meets it, and it still holds no more than the limit."""
-    run = asyncio.run(_run(redis_server.url, policy, ops, check_model=False))
+    run = asyncio.run(_run(store.url, policy, ops, check_model=False))
     calls = [
         (granted, run.last_send[lease_id], cost, key)
         for granted, cost, key, lease_id in run.grants

@@ -2,6 +2,7 @@
 for the policy {50/min, 1500/h} on the same Redis.
 
     python -m tests.perf.decisions [--seconds 3] [--callers 64]
+    python -m tests.perf.decisions --cluster     # quotagate on one node vs a cluster
 
 Each contender answers "may this tenant call now?" for both windows, as its API allows:
 
@@ -312,6 +313,58 @@ async def measure(
     return results
 
 
+async def measure_cluster(
+    single_url: str, cluster_url: str, seconds: float, callers: int, rounds: int
+) -> list[dict[str, Any]]:
+    """quotagate's engine on one node and on a three-master cluster (the same binary, the
+    same machine), in turn, `rounds` times: the cost of redis-py's cluster client, which
+    routes each EVALSHA by the slot of its keys."""
+    topologies = [("one node", single_url), ("cluster, 3 masters", cluster_url)]
+    contenders = [await quotagate(url) for _, url in topologies]
+    singles: list[list[float]] = [[] for _ in topologies]
+    concurrents: list[list[float]] = [[] for _ in topologies]
+    try:
+        for i, contender in enumerate(contenders):
+            await rate(contender, 1, min(0.3, seconds), f"warm-{i}")
+        for round_ in range(rounds):
+            order = list(range(len(topologies)))
+            order = order[round_ % 2 :] + order[: round_ % 2]
+            for i in order:
+                print(f"decisions: round {round_ + 1}, {topologies[i][0]} ...", file=sys.stderr)
+                singles[i].append((await rate(contenders[i], 1, seconds, f"c1{round_}-{i}"))[0])
+                concurrents[i].append(
+                    (await rate(contenders[i], callers, seconds, f"cn{round_}-{i}"))[0]
+                )
+    finally:
+        for contender in contenders:
+            await contender.close()
+    return [
+        {
+            "name": name,
+            "single": sum(singles[i]) / rounds,
+            "concurrent": sum(concurrents[i]) / rounds,
+            "single_rounds": singles[i],
+            "concurrent_rounds": concurrents[i],
+        }
+        for i, (name, _) in enumerate(topologies)
+    ]
+
+
+def cluster_table(results: list[dict[str, Any]], callers: int) -> str:
+    base = results[0]
+    lines = [
+        f"| quotagate engine on | decisions/s, 1 caller | decisions/s, {callers} callers "
+        f"| {callers} callers, vs one node |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['name']} | {r['single']:,.0f} | {r['concurrent']:,.0f} "
+            f"| {r['concurrent'] / base['concurrent']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def table(results: list[dict[str, Any]], callers: int) -> str:
     base = next((r for r in results if r["key"] == "quotagate"), None)
     sliding_log = next((r for r in results if r["key"] == "limits-moving"), None)
@@ -344,7 +397,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--callers", type=int, default=64)
     parser.add_argument("--contenders", default=",".join(FACTORIES))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="only quotagate, on one node and on a three-master cluster",
+    )
     args = parser.parse_args(argv)
+    if args.cluster:
+        return cluster_main(args)
     names = args.contenders.split(",")
     unknown = [n for n in names if n not in FACTORIES]
     if unknown:
@@ -372,6 +432,41 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         f"{args.seconds:g} s per measurement, {args.rounds} rounds (means), "
         f"{args.callers} concurrent callers; load average {load_before:.2f} before, "
         f"{os.getloadavg()[0]:.2f} after"
+    )
+    print(text)
+    return results
+
+
+def cluster_main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from ..topologies import Cluster
+
+    load_before = os.getloadavg()[0]
+    with EmbeddedServer() as server:
+        cluster = Cluster(server.binary)
+        try:
+            results = asyncio.run(
+                measure_cluster(server.url, cluster.url, args.seconds, args.callers, args.rounds)
+            )
+        finally:
+            cluster.stop()
+    text = cluster_table(results, args.callers)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "decisions-cluster.md").write_text(text)
+    (args.out / "decisions-cluster.json").write_text(
+        json.dumps(
+            {
+                "seconds": args.seconds,
+                "callers": args.callers,
+                "rounds": args.rounds,
+                "load": [load_before, os.getloadavg()[0]],
+                "results": results,
+            },
+            indent=1,
+        )
+    )
+    print(
+        f"{args.seconds:g} s per measurement, {args.rounds} rounds (means); load average "
+        f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after"
     )
     print(text)
     return results
