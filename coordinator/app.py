@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,9 +14,12 @@ from .auth import Authorizer
 from .engine import Engine
 from .errors import BackendUnavailable
 from .handlers import EXCEPTION_HANDLERS
+from .index import FleetIndex
+from .logs import RequestId
+from .metrics import MeteredEngine, configure, process_exited
 from .middleware import BodyLimit
 from .policy import PolicySet, load_policies
-from .routers import health, leases, usage
+from .routers import health, leases, metrics, ui, usage
 from .routers import policies as policy_routes
 from .settings import Settings, get_settings
 from .store import connect
@@ -41,7 +45,7 @@ def create_app(
         client = redis or connect(
             settings.redis_url or DEFAULT_REDIS_URL, timeout=settings.request_timeout
         )
-        engine = Engine(
+        engine: Engine = MeteredEngine(
             client,
             effective,
             recovery_share=settings.recovery_share,
@@ -49,12 +53,27 @@ def create_app(
             timeout=settings.request_timeout,
         )
         app.state.engine = engine
-        app.state.waiting = LocalLines(engine)
+        app.state.waiting = lines = LocalLines(engine)
+        # Observability, beside the decisions: the fleet index's background writer.
+        app.state.index = index = FleetIndex(
+            client,
+            ttl=settings.index_ttl,
+            max_entries=settings.index_max,
+            lease_ttl_ms=max(
+                [p.lease_ttl_ms for p in effective.apis.values()]
+                + [p.lease_ttl_ms for _, apis in effective.tenants for p in apis.values()],
+                default=0,
+            ),
+            waiting=lines.lines,
+        )
+        index.start()
         with contextlib.suppress(BackendUnavailable):
             await engine.check_epoch()  # else the first acquire does it
         try:
             yield
         finally:
+            await index.stop()
+            process_exited(os.getpid())
             if redis is None:
                 await client.aclose()
 
@@ -67,9 +86,12 @@ def create_app(
     app.state.settings = settings
     app.state.policies = effective
     app.state.authorizer = Authorizer(settings.all_tokens())
+    app.state.meter = configure(settings.metrics_tenant_label, settings.metrics_max_tenants)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    for router in (leases.router, usage.router, policy_routes.router, health.router):
-        app.include_router(router)
+    app.add_middleware(RequestId)
+    routers = (leases, usage, policy_routes, health, metrics, ui)
+    for module in routers:
+        app.include_router(module.router)
     return app
 
 

@@ -162,20 +162,28 @@ def _settings_error(exc: ValidationError, model: type[Settings] = Settings) -> s
     return "bad settings: " + "; ".join(lines)
 
 
-def _log_config() -> dict[str, Any]:
-    """Text lines with the process id (several workers write to one stream), for uvicorn's
-    loggers and ours, applied in the parent and again in every worker."""
-    handler = {"class": "logging.StreamHandler", "formatter": "text", "stream": "ext://sys.stderr"}
-    to_stderr = {"handlers": ["stderr"], "level": "INFO", "propagate": False}
-    return {
-        "version": 1,
-        "disable_existing_loggers": False,
-        "formatters": {
-            "text": {"format": "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"}
-        },
-        "handlers": {"stderr": handler},
-        "loggers": {"quotagate": to_stderr, "uvicorn": to_stderr, "uvicorn.access": to_stderr},
-    }
+def _log_config(log_format: str = "text") -> dict[str, Any]:
+    """The logging configuration of the parent and of every worker (`logs.config`)."""
+    from .logs import config
+
+    return config(log_format)
+
+
+def _metrics_dir(settings: Settings) -> None:
+    """With several workers, prometheus-client's multiprocess mode: each worker writes its
+    values to files in one directory, and `/metrics` adds them up. The directory (the
+    environment's `PROMETHEUS_MULTIPROC_DIR`, else one under the data directory) is
+    emptied first: values of an earlier run must not be counted again."""
+    from .metrics import MULTIPROC_ENV
+
+    given = os.environ.get(MULTIPROC_ENV)
+    if not given and settings.workers == 1:
+        return
+    folder = Path(given) if given else settings.data_dir / "metrics"
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.db"):
+        stale.unlink()
+    os.environ[MULTIPROC_ENV] = str(folder.resolve())
 
 
 def _stack_choice(setting: str, fast: str, fallback: str, flag: str) -> str:
@@ -218,6 +226,7 @@ def serve(ctx: typer.Context, **flags: Any) -> None:
         raise _fail(_settings_error(exc)) from exc
     except (PolicyError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from exc
+    logging.config.dictConfig(_log_config(settings.log_format))
     if not tokens and not settings.loopback_only:
         raise _fail(f"refusing to listen on {settings.host} without tokens: {TOKENS_HELP}")
     loop = _stack_choice(settings.loop, "uvloop", "asyncio", "--loop")
@@ -237,6 +246,7 @@ def serve(ctx: typer.Context, **flags: Any) -> None:
         )
         settings = settings.model_copy(update={"redis_url": embedded.url})
     _export(settings)
+    _metrics_dir(settings)
     log.info(
         "%d apis, tokens %s, %d worker%s, loop %s, http %s",
         len(effective.apis),
@@ -255,7 +265,7 @@ def serve(ctx: typer.Context, **flags: Any) -> None:
             workers=settings.workers,
             loop=loop,
             http=http,
-            log_config=_log_config(),
+            log_config=_log_config(settings.log_format),
             log_level="info",
             access_log=settings.access_log,
         )

@@ -115,6 +115,11 @@ class LocalLines:
             async with asyncio.timeout(seconds):
                 await event.wait()
 
+    def lines(self) -> dict[_Line, int]:
+        """Read-only: the requests in line per (tenant, api, key) in this process, the
+        one at the head included."""
+        return {line: waiting[0] for line, (_, waiting) in self._lines.items()}
+
     def released(self, tenant: str, api: str) -> None:
         event = self._wake.pop((tenant, api), None)
         if event is not None:

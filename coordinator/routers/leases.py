@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import math
 import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 
 from ..auth import Principal
 from ..deps import EngineDep, PrincipalDep, SettingsDep, WaitingDep
-from ..engine import Denial
+from ..engine import Denial, Outcome
 from ..errors import UnknownLease
+from ..fleet import IndexDep
 from ..leases import LeaseRef
+from ..logs import event, lease_prefix
+from ..metrics import MeterDep
 from ..replies import denied_reply, error_reply
 from ..schemas import (
     BODY_ERRORS,
@@ -26,6 +33,7 @@ from ..schemas import (
 from ..waiting import Ask
 
 router = APIRouter(prefix="/v1/leases", tags=["leases"])
+HOLDER_READ = 0.25  # seconds a pause's log line waits for its holder from the store
 
 
 def _ms(seconds: float) -> int:
@@ -51,6 +59,8 @@ async def acquire(
     who: PrincipalDep,
     waiting: WaitingDep,
     settings: SettingsDep,
+    meter: MeterDep,
+    index: IndexDep,
 ) -> JSONResponse:
     who.check(body.tenant)
     started = time.monotonic()
@@ -65,10 +75,18 @@ async def acquire(
         holder=body.holder,
     )
     result = await waiting.acquire(ask, request.is_disconnected)
+    waited = time.monotonic() - started
+    index.seen(ask.tenant, ask.api, ask.key)
     if result is None:  # the client went away while waiting
+        meter.decision(ask.api, ask.tenant, "client_closed", waited)
         return error_reply(499, "client_closed", "the client disconnected while waiting")
     if isinstance(result, Denial):
+        meter.decision(ask.api, ask.tenant, result.reason, waited)
         return denied_reply(result)
+    meter.decision(ask.api, ask.tenant, "granted", waited)
+    index.granted(
+        result.tenant, result.api, result.key, result.lease_id, ask.holder, result.expires_in_ms
+    )
     return JSONResponse(
         {
             "lease_id": result.lease_id,
@@ -77,7 +95,7 @@ async def acquire(
             "key": result.key or None,
             "cost": result.cost,
             "expires_in": result.expires_in_ms / 1000,
-            "waited": round(time.monotonic() - started, 3),
+            "waited": round(waited, 3),
         }
     )
 
@@ -88,7 +106,13 @@ async def acquire(
     responses={200: {"model": ReleasedReply}, **documented(*BODY_ERRORS, 401, 403, 404, 503)},
 )
 async def release(
-    lease_id: str, body: ReleaseBody, who: PrincipalDep, engine: EngineDep, waiting: WaitingDep
+    lease_id: str,
+    body: ReleaseBody,
+    who: PrincipalDep,
+    engine: EngineDep,
+    waiting: WaitingDep,
+    meter: MeterDep,
+    index: IndexDep,
 ) -> JSONResponse:
     ref = _lease_of(lease_id, who)
     await engine.release(
@@ -98,14 +122,50 @@ async def release(
         runtime_ms=None if body.runtime is None else _ms(body.runtime),
     )
     waiting.released(ref.tenant, ref.api)
+    meter.released(ref.api, ref.tenant, body.outcome)
+    if body.outcome == Outcome.THROTTLED:
+        await _paused(ref, body, engine.policy(ref.tenant, ref.api).shortest_calls_window_ms, index)
+    index.ended(ref)
     return JSONResponse({"released": True})
+
+
+async def _paused(ref: LeaseRef, body: ReleaseBody, default_ms: int, index: IndexDep) -> None:
+    """An upstream 429 paused the fleet of (tenant, api): one log line naming who reported
+    it, and a note for the dashboard. Rare, so it may read the lease's holder from the
+    store when another replica granted it."""
+    retry_after = body.retry_after if body.retry_after is not None else default_ms / 1000
+    holder = index.holder(ref)
+    if holder is None:
+        with contextlib.suppress(RedisError, OSError, TimeoutError, ValueError, KeyError):
+            async with asyncio.timeout(HOLDER_READ):
+                holder = await index.stored_holder(ref)
+    status = body.status_code
+    index.throttled(ref, holder=holder, status=status, retry_after=retry_after)
+    event(
+        logging.WARNING,
+        "fleet_pause",
+        f"upstream throttled {ref.tenant} {ref.api}: the fleet pauses {retry_after:g} s",
+        tenant=ref.tenant,
+        api=ref.api,
+        key=ref.key or None,
+        holder=holder,
+        lease=lease_prefix(ref.lease_id),
+        status=status,
+        retry_after=retry_after,
+        reason="throttled",
+    )
 
 
 @router.post("/{lease_id}/renew", responses=documented(*BODY_ERRORS, 401, 403, 404, 503))
 async def renew(
-    lease_id: str, who: PrincipalDep, engine: EngineDep, body: RenewBody | None = None
+    lease_id: str,
+    who: PrincipalDep,
+    engine: EngineDep,
+    index: IndexDep,
+    body: RenewBody | None = None,
 ) -> dict[str, float]:
-    _lease_of(lease_id, who)
+    ref = _lease_of(lease_id, who)
     ttl = None if body is None or body.ttl is None else _ms(body.ttl)
     expires_in = await engine.renew(lease_id, ttl)
+    index.renewed(ref, expires_in)
     return {"expires_in": expires_in / 1000}
