@@ -41,16 +41,21 @@ FIELDS = (
     "down_for",  # seconds
 )
 _SECRET_QUERY = re.compile(r"(?i)([?&](?:token|access_token)=)[^&\s\"']+")
+# A lease id in a path (an access line): its random part is a capability, keep 8 digits.
+_LEASE_ID = re.compile(r"(/v1/leases/[A-Za-z0-9_-]+\.[0-9a-f]{8})[0-9a-f]{24}")
 _SECRET_HEADER = re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)(bearer\s+)?[^\s,\"'}]+")
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 
 def mask(text: str) -> str:
-    """`text` with token query parameters and Authorization values replaced by `***`."""
+    """`text` with token query parameters and Authorization values replaced by `***`,
+    and lease ids in paths cut to their prefix."""
     if "oken=" in text or "uthorization" in text:
         text = _SECRET_QUERY.sub(r"\1***", text)
         text = _SECRET_HEADER.sub(r"\1***", text)
+    if "/v1/leases/" in text:
+        text = _LEASE_ID.sub("\\1…", text)
     return text
 
 
@@ -65,7 +70,13 @@ def event(level: int, name: str, message: str, **fields: Any) -> None:
     """One line of the coordinator's log for `name`, with `fields` (None ones left out)."""
     if log.isEnabledFor(level):
         given = {k: v for k, v in fields.items() if v is not None}
-        log.log(level, message, extra={"event": name, "fields": given})
+        extra = {"event": name, "fields": given, "request_id": request_id.get()}
+        log.log(level, message, extra=extra)
+
+
+def _request_of(record: logging.LogRecord) -> str:
+    found: str = getattr(record, "request_id", "") or request_id.get()
+    return found
 
 
 class _Masking(logging.Formatter):
@@ -84,7 +95,7 @@ class TextFormatter(_Masking):
         fields: dict[str, Any] = getattr(record, "fields", {})
         if fields:
             line += " " + " ".join(f"{k}={fields[k]}" for k in FIELDS if k in fields)
-        rid = request_id.get()
+        rid = _request_of(record)
         return f"{line} request={rid}" if rid else line
 
 
@@ -106,7 +117,7 @@ class JsonFormatter(logging.Formatter):
             if name in fields:
                 value = fields[name]
                 line[name] = mask(value) if isinstance(value, str) else value
-        rid = request_id.get()
+        rid = _request_of(record)
         if rid:
             line["request_id"] = rid
         if record.exc_info:

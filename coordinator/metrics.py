@@ -121,6 +121,9 @@ class Tenants:
             return tenant
         return OTHER
 
+    def forget(self) -> None:
+        self._named.clear()
+
 
 class Meter:
     """The hooks the HTTP layer calls where decisions happen; one per app."""
@@ -276,6 +279,7 @@ def configure(enabled: bool, cap: int) -> Meter:
     """The meter for an app with these tenant label settings (process-wide)."""
     _TENANTS.enabled = enabled
     _TENANTS.cap = cap
+    _TENANTS.forget()
     return Meter(_TENANTS)
 
 
