@@ -16,10 +16,16 @@ function el(tag, attrs, ...children) {
   return node;
 }
 
+const LEASES_SHOWN = 6; // rows of leases in flight per api; the rest are counted
+
+function number(value, digits) {
+  return Number.isInteger(value) ? String(value) : value.toFixed(digits);
+}
+
 function seconds(s) {
-  if (s >= 3600) return (s / 3600).toFixed(1) + " h";
-  if (s >= 60) return (s / 60).toFixed(1) + " min";
-  return s.toFixed(s < 10 ? 1 : 0) + " s";
+  if (s >= 3600) return number(Math.round(s / 360) / 10, 1) + " h";
+  if (s >= 60) return number(Math.round(s / 6) / 10, 1) + " min";
+  return (s < 10 ? s.toFixed(1) : s.toFixed(0)) + " s";
 }
 
 function limitLabel(limit) {
@@ -81,7 +87,7 @@ function apiCard(item) {
   const card = el("div", { class: "api", "data-api": item.api, "data-key": item.key || "" }, head);
   for (const limit of item.limits) card.append(bar(limit));
   if (item.leases.length) {
-    const rows = item.leases.map((lease) =>
+    const rows = item.leases.slice(0, LEASES_SHOWN).map((lease) =>
       el("tr", {}, el("td", {}, lease.holder || "—"), el("td", {}, lease.lease),
          el("td", {}, seconds(Math.max(lease.expires_in, 0)))),
     );
@@ -91,6 +97,8 @@ function apiCard(item) {
                             el("th", {}, "expires in"))),
          el("tbody", {}, ...rows)),
     );
+    const more = item.in_flight - rows.length;
+    if (more > 0) card.append(el("p", { class: "more" }, `and ${more} more in flight`));
   }
   return card;
 }
