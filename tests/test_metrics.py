@@ -9,6 +9,8 @@ import json
 import logging
 import os
 import re
+import select
+import signal
 import subprocess
 import sys
 import time
@@ -354,3 +356,51 @@ def test_two_workers_add_up_their_metrics_and_write_json_lines(tmp_path: Path) -
     finally:
         process.terminate()
         assert process.wait(30) == 0, log.read_text()
+
+
+def test_usage_with_no_arguments_lists_every_active_tenant(service: str) -> None:
+    from typer.testing import CliRunner
+
+    from quotagate.coordinator.cli import app
+
+    for tenant, api in (("contoso/a", "fast"), ("contoso/a", "sessions"), ("fabrikam/b", "fast")):
+        body = {"tenant": tenant, "api": api, "key": "m1" if api == "sessions" else None}
+        httpx.post(f"{service}/v1/leases", json=body, headers=as_admin())
+    runner = CliRunner()
+    every = runner.invoke(app, ["usage", "--url", service, "--token", ADMIN])
+    assert every.exit_code == 0, every.output
+    assert "== contoso/a" in every.output and "== fabrikam/b" in every.output
+    assert "sessions [m1]  in flight 1" in every.output
+    one = runner.invoke(app, ["usage", "contoso/a", "--url", service, "--token", CONTOSO])
+    assert one.exit_code == 0, one.output
+    assert "fast  in flight 1" in one.output and "fabrikam" not in one.output
+
+
+def test_usage_watch_is_a_live_table(service: str) -> None:
+    httpx.post(
+        f"{service}/v1/leases", json={"tenant": "watch/t", "api": "fast"}, headers=as_admin()
+    )
+    # A pipe that rich treats as a terminal, so that each update is written.
+    terminal = {"TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", "COLUMNS": "160"}
+    env = {**os.environ, **terminal, "QUOTAGATE_TOKEN": ADMIN}
+    command = [sys.executable, "-m", "quotagate.coordinator", "usage", "--watch"]
+    process = subprocess.Popen(
+        [*command, "--url", service, "--interval", "0.2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert process.stdout is not None
+    seen = b""
+    deadline = time.monotonic() + HANG
+    try:
+        while b"watch/t" not in seen or seen.count(b"quotagate usage") < 2:
+            assert time.monotonic() < deadline, seen.decode(errors="replace")
+            if select.select([process.stdout], [], [], 0.1)[0]:
+                seen += process.stdout.read1(4096)
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(HANG) == 0
+        process.stdout.close()
+    text = seen.decode(errors="replace")
+    assert "20 calls / 1 s" in text and "in flight" in text
