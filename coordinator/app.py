@@ -16,7 +16,7 @@ from .errors import BackendUnavailable
 from .handlers import EXCEPTION_HANDLERS
 from .index import FleetIndex
 from .logs import RequestId
-from .metrics import MeteredEngine, configure, process_exited
+from .metrics import MeteredEngine, Tenants, Unmetered, configure, process_exited
 from .middleware import BodyLimit
 from .policy import PolicySet, load_policies
 from .routers import health, leases, metrics, ui, usage
@@ -45,7 +45,7 @@ def create_app(
         client = redis or connect(
             settings.redis_url or DEFAULT_REDIS_URL, timeout=settings.request_timeout
         )
-        engine: Engine = MeteredEngine(
+        engine = (MeteredEngine if settings.metrics else Engine)(
             client,
             effective,
             recovery_share=settings.recovery_share,
@@ -86,7 +86,11 @@ def create_app(
     app.state.settings = settings
     app.state.policies = effective
     app.state.authorizer = Authorizer(settings.all_tokens())
-    app.state.meter = configure(settings.metrics_tenant_label, settings.metrics_max_tenants)
+    app.state.meter = (
+        configure(settings.metrics_tenant_label, settings.metrics_max_tenants)
+        if settings.metrics
+        else Unmetered(Tenants(False, 0))
+    )
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestId)
     routers = (leases, usage, policy_routes, health, metrics, ui)

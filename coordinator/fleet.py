@@ -64,7 +64,6 @@ def usage_reply(
                 "resets_in": item.resets_in_ms / 1000,
             }
         )
-    at = now_ms()
     mine = [h for h in holdings if h.key == view.key]
     return {
         "tenant": view.tenant,
@@ -73,9 +72,10 @@ def usage_reply(
         "limits": limits,
         "in_flight": view.in_flight,
         "cooldown": view.cooldown_ms / 1000,
-        # The leases in flight that the index knows (it hears of a grant within a second).
+        # The leases in flight that the index knows (it hears of a grant within a second);
+        # `expires_at` in seconds since the epoch, by the coordinator's clock.
         "leases": [
-            {"lease": h.lease[:8], "holder": h.holder, "expires_in": (h.expires_at_ms - at) / 1000}
+            {"lease": h.lease[:8], "holder": h.holder, "expires_at": h.expires_at_ms / 1000}
             for h in mine[:SHOWN_LEASES]
         ],
         "waiting": waiting,

@@ -48,6 +48,8 @@ PAUSES = "qg:pauses"
 THROTTLES = "qg:throttles"
 INSTANCES = "qg:instances"
 THROTTLES_KEPT = 50
+# Every key of the index starts with one of these: none holds quota state.
+PREFIXES = (ACTIVE, "qg:holders:", PAUSES, THROTTLES, INSTANCES, "qg:waiting:")
 INSTANCE_TTL_MS = 3 * int(FLUSH * 1000)  # a replica that stopped flushing is gone
 MEMBER_CHARS = 16  # of the lease token: tells leases apart, cannot release one
 NOTES_MAX = 100_000  # notes kept while the store does not answer, at most
@@ -58,6 +60,10 @@ Line = tuple[str, str, str]
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def is_index_key(name: str | bytes) -> bool:
+    return _text(name).startswith(PREFIXES)
 
 
 def holders_key(tenant: str, api: str) -> str:
@@ -346,4 +352,4 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-__all__ = ["FleetIndex", "Holding", "Pause", "holders_key"]
+__all__ = ["FleetIndex", "Holding", "Pause", "holders_key", "is_index_key"]

@@ -164,6 +164,16 @@ class Meter:
             cooldown.inc()
 
 
+class Unmetered(Meter):
+    """The hooks when metrics are off (`metrics: false`): nothing is counted."""
+
+    def decision(self, api: str, tenant: str, reason: str, waited: float) -> None:
+        pass
+
+    def released(self, api: str, tenant: str, outcome: str) -> None:
+        pass
+
+
 async def meter(request: Request) -> Meter:
     found: Meter = request.app.state.meter
     return found
@@ -308,6 +318,7 @@ __all__ = [
     "MeterDep",
     "MeteredEngine",
     "Tenants",
+    "Unmetered",
     "configure",
     "exposition",
     "learned_limit_changed",

@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines as text or as JSON objects, one a line"
     )
+    metrics: bool = Field(True, description="count decisions and store calls for /metrics")
     # Every tenant is a label value of its own up to the cap (per worker process); beyond
     # it tenants are counted as `other`, so an MSSP's hundreds of tenants stay bounded.
     metrics_tenant_label: bool = Field(

@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from quotagate.coordinator import logs, metrics
 from quotagate.coordinator.app import create_app
 from quotagate.coordinator.embedded import EmbeddedServer, free_port
+from quotagate.coordinator.index import is_index_key
 from quotagate.coordinator.settings import Settings
 
 from .conftest import TEST_POLICIES, _wipe
@@ -404,3 +405,37 @@ def test_usage_watch_is_a_live_table(service: str) -> None:
         process.stdout.close()
     text = seen.decode(errors="replace")
     assert "20 calls / 1 s" in text and "in flight" in text
+
+
+async def test_refused_requests_leave_no_note_in_the_fleet_index(
+    valkey_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """The index records only what the engine accepted: a 422, 403 or 404 writes nothing,
+    neither quota state nor the index (which test_hostile's snapshots leave out)."""
+    _wipe(valkey_server.url)
+    policy_file = tmp_path / "policies.yaml"
+    policy_file.write_text(TEST_POLICIES)
+    settings = Settings(redis_url=valkey_server.url, policies=policy_file, tokens=TOKENS)
+    app = create_app(settings)
+    store = redis.Redis.from_url(valkey_server.url)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        headers = {"Authorization": f"Bearer {CONTOSO}"}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://qg", headers=headers
+        ) as http:
+            for body, status in (
+                ({"tenant": "contoso/a", "api": "fast", "cost": 0}, 422),
+                ({"tenant": "fabrikam/a", "api": "fast"}, 403),
+                ({"tenant": "contoso/a", "api": "m365d.nothing"}, 404),
+                ({"tenant": "contoso/{a}", "api": "fast"}, 422),
+            ):
+                assert (await http.post("/v1/leases", json=body)).status_code == status
+            await app.state.index.flush()
+            assert [key for key in store.keys("*") if is_index_key(key)] == []
+            granted = await http.post("/v1/leases", json={"tenant": "contoso/a", "api": "fast"})
+            assert granted.status_code == 200
+            await app.state.index.flush()
+            noted = sorted(key for key in store.keys("*") if is_index_key(key))
+            assert noted == [b"qg:active", b"qg:holders:{contoso/a|fast}"]
+    store.close()

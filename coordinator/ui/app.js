@@ -72,7 +72,7 @@ function bar(limit) {
   );
 }
 
-function apiCard(item) {
+function apiCard(item, at) {
   const head = el(
     "div",
     { class: "api-head" },
@@ -89,7 +89,7 @@ function apiCard(item) {
   if (item.leases.length) {
     const rows = item.leases.slice(0, LEASES_SHOWN).map((lease) =>
       el("tr", {}, el("td", {}, lease.holder || "—"), el("td", {}, lease.lease),
-         el("td", {}, seconds(Math.max(lease.expires_in, 0)))),
+         el("td", {}, seconds(Math.max(lease.expires_at - at, 0)))),
     );
     card.append(
       el("table", { class: "leases" },
@@ -103,7 +103,7 @@ function apiCard(item) {
   return card;
 }
 
-function renderTenants(items) {
+function renderTenants(items, at) {
   const byTenant = new Map();
   for (const item of items) {
     if (!byTenant.has(item.tenant)) byTenant.set(item.tenant, []);
@@ -118,7 +118,7 @@ function renderTenants(items) {
     ...[...byTenant].map(([tenant, apis]) =>
       el("div", { class: "tenant", "data-tenant": tenant },
          el("h3", {}, tenant),
-         el("div", { class: "apis" }, ...apis.map(apiCard))),
+         el("div", { class: "apis" }, ...apis.map((item) => apiCard(item, at)))),
     ),
   );
 }
@@ -164,7 +164,7 @@ function connect() {
   events.addEventListener("snapshot", (message) => {
     const snapshot = JSON.parse(message.data);
     renderPauses(snapshot.pauses);
-    renderTenants(snapshot.items);
+    renderTenants(snapshot.items, snapshot.at);
     renderThrottles(snapshot.throttles);
     status.className = "status live";
     status.textContent = `live · ${new Date(snapshot.at * 1000).toLocaleTimeString()}`;
