@@ -439,3 +439,14 @@ async def test_refused_requests_leave_no_note_in_the_fleet_index(
             noted = sorted(key for key in store.keys("*") if is_index_key(key))
             assert noted == [b"qg:active", b"qg:holders:{contoso/a|fast}"]
     store.close()
+
+
+@pytest.mark.slow
+def test_the_metrics_cost_benchmark_runs(tmp_path: Path) -> None:
+    from .perf import metrics_cost
+
+    out = tmp_path / "metrics_cost.json"
+    results = metrics_cost.main(["--calls", "5", "--json", str(out)])
+    assert json.loads(out.read_text()) == results
+    assert set(results["cost"]) == {"QuotaTransport", "AsyncQuotaTransport"}
+    assert {"QuotaTransport, on", "QuotaTransport, off"} <= results["modes"].keys()
