@@ -6,6 +6,7 @@ traffic it shows the tenant's bars, after an upstream 429 a countdown.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -113,3 +114,23 @@ def test_the_dashboard_shows_bars_and_counts_a_pause_down(dashboard: str) -> Non
             expect(other.locator(".tenant")).to_have_count(0)  # contoso is not its tenant
         finally:
             browser.close()
+
+
+def test_the_events_stream_needs_a_token_and_ends_for_the_browser_to_reopen(
+    dashboard: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from quotagate.coordinator.routers import ui
+
+    assert httpx.get(f"{dashboard}/ui/events").status_code == 401
+    monkeypatch.setattr(ui, "LIFETIME", 0.5)  # a server that stops waits for open streams
+    with httpx.Client(base_url=dashboard) as http:
+        http.post(
+            "/v1/leases",
+            json={"tenant": "contoso/app-1", "api": "m365d.incidents"},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+        reply = http.get("/ui/events", params={"token": TOKEN}, timeout=10)
+    assert reply.headers["content-type"].startswith("text/event-stream")
+    assert reply.text.startswith("retry: 1000\n\n")
+    snapshot = json.loads(reply.text.split("event: snapshot\ndata: ")[1].split("\n")[0])
+    assert [item["tenant"] for item in snapshot["items"]] == ["contoso/app-1"]

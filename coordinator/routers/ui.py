@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -28,6 +29,9 @@ router = APIRouter(prefix="/ui", tags=["ui"], include_in_schema=False)
 STATIC = Path(__file__).resolve().parent.parent / "ui"
 COOKIE = "quotagate_token"
 INTERVAL = 1.0  # seconds between two snapshots
+# A stream ends after this many seconds and the browser's EventSource opens a new one:
+# a server that stops waits for open responses, so none may last for ever.
+LIFETIME = 60.0
 TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
 
 
@@ -71,7 +75,9 @@ async def events(request: Request, engine: EngineDep, index: IndexDep) -> Respon
     who = _principal(request)  # raises Unauthorized: the API's 401
 
     async def stream() -> AsyncIterator[str]:
-        while not await request.is_disconnected():
+        ends = time.monotonic() + LIFETIME
+        yield f"retry: {int(INTERVAL * 1000)}\n\n"
+        while time.monotonic() < ends and not await request.is_disconnected():
             try:
                 data = json.dumps(await snapshot(engine, index, who))
                 yield f"event: snapshot\ndata: {data}\n\n"
