@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,9 +17,12 @@ from .errors import BackendUnavailable
 from .gateway import PREFIX as GATEWAY_PREFIX
 from .gateway import Gateway, upstream_client
 from .handlers import EXCEPTION_HANDLERS
+from .index import FleetIndex
+from .logs import RequestId
+from .metrics import MeteredEngine, Tenants, Unmetered, configure, process_exited
 from .middleware import BodyLimit
 from .policy import PolicySet, load_policies
-from .routers import gateway, health, learned, leases, usage
+from .routers import gateway, health, learned, leases, metrics, ui, usage
 from .routers import policies as policy_routes
 from .settings import Settings, get_settings
 from .store import StoreClient, check_credentials, connect
@@ -52,7 +56,7 @@ def create_app(
             except BaseException:
                 await client.aclose()
                 raise
-        engine = Engine(
+        engine = (MeteredEngine if settings.metrics else Engine)(
             client,
             effective,
             recovery_share=settings.recovery_share,
@@ -61,17 +65,32 @@ def create_app(
             learned_ttl_ms=math.ceil(settings.learned_ttl * 1000),
         )
         app.state.engine = engine
-        app.state.waiting = FleetLines(engine)
+        app.state.waiting = lines = FleetLines(engine)
         # The gateway's one client for upstream calls, closed after its releases are sent.
         app.state.gateway = Gateway(
             settings, engine, app.state.waiting, app.state.authorizer, upstream_client(settings)
         )
+        # Observability, beside the decisions: the fleet index's background writer.
+        app.state.index = index = FleetIndex(
+            client,
+            ttl=settings.index_ttl,
+            max_entries=settings.index_max,
+            lease_ttl_ms=max(
+                [p.lease_ttl_ms for p in effective.apis.values()]
+                + [p.lease_ttl_ms for _, apis in effective.tenants for p in apis.values()],
+                default=0,
+            ),
+            waiting=lines.lines,
+        )
+        index.start()
         with contextlib.suppress(BackendUnavailable):
             await engine.check_store()  # the store's ids, to tell a failover later
         try:
             yield
         finally:
             await app.state.gateway.aclose()
+            await index.stop()
+            process_exited(os.getpid())
             if redis is None:
                 await client.aclose()
 
@@ -84,19 +103,18 @@ def create_app(
     app.state.settings = settings
     app.state.policies = effective
     app.state.authorizer = Authorizer(settings.all_tokens())
+    app.state.meter = (
+        configure(settings.metrics_tenant_label, settings.metrics_max_tenants)
+        if settings.metrics
+        else Unmetered(Tenants(False, 0))
+    )
     # Gateway bodies stream upstream, so the API's body limit does not apply to them.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, exempt=(GATEWAY_PREFIX,))
+    app.add_middleware(RequestId)
     # The gateway first: its calls are the most frequent, and a mount fails fast elsewhere.
-    routers = (
-        gateway.router,
-        leases.router,
-        usage.router,
-        learned.router,
-        policy_routes.router,
-        health.router,
-    )
-    for router in routers:
-        app.include_router(router)
+    routers = (gateway, leases, usage, learned, policy_routes, health, metrics, ui)
+    for module in routers:
+        app.include_router(module.router)
     return app
 
 

@@ -168,20 +168,28 @@ def _settings_error(exc: ValidationError, model: type[Settings] = Settings) -> s
     return "bad settings: " + "; ".join(lines)
 
 
-def _log_config() -> dict[str, Any]:
-    """Text lines with the process id (several workers write to one stream), for uvicorn's
-    loggers and ours, applied in the parent and again in every worker."""
-    handler = {"class": "logging.StreamHandler", "formatter": "text", "stream": "ext://sys.stderr"}
-    to_stderr = {"handlers": ["stderr"], "level": "INFO", "propagate": False}
-    return {
-        "version": 1,
-        "disable_existing_loggers": False,
-        "formatters": {
-            "text": {"format": "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"}
-        },
-        "handlers": {"stderr": handler},
-        "loggers": {"quotagate": to_stderr, "uvicorn": to_stderr, "uvicorn.access": to_stderr},
-    }
+def _log_config(log_format: str = "text") -> dict[str, Any]:
+    """The logging configuration of the parent and of every worker (`logs.config`)."""
+    from .logs import config
+
+    return config(log_format)
+
+
+def _metrics_dir(settings: Settings) -> None:
+    """With several workers, prometheus-client's multiprocess mode: each worker writes its
+    values to files in one directory, and `/metrics` adds them up. The directory (the
+    environment's `PROMETHEUS_MULTIPROC_DIR`, else one under the data directory) is
+    emptied first: values of an earlier run must not be counted again."""
+    from .metrics import MULTIPROC_ENV
+
+    given = os.environ.get(MULTIPROC_ENV)
+    if not given and settings.workers == 1:
+        return
+    folder = Path(given) if given else settings.data_dir / "metrics"
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.db"):
+        stale.unlink()
+    os.environ[MULTIPROC_ENV] = str(folder.resolve())
 
 
 def _stack_choice(setting: str, fast: str, fallback: str, flag: str) -> str:
@@ -244,6 +252,7 @@ def serve(ctx: typer.Context, **flags: Any) -> None:
         raise _fail(_settings_error(exc)) from exc
     except (PolicyError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from exc
+    logging.config.dictConfig(_log_config(settings.log_format))
     _refuse_unsafe(settings, tokens)
     loop = _stack_choice(settings.loop, "uvloop", "asyncio", "--loop")
     http = _stack_choice(settings.http, "httptools", "h11", "--http")
@@ -262,6 +271,7 @@ def serve(ctx: typer.Context, **flags: Any) -> None:
         )
         settings = settings.model_copy(update={"redis_url": embedded.url})
     _export(settings)
+    _metrics_dir(settings)
     log.info(
         "%d apis, tokens %s, %d worker%s, loop %s, http %s",
         len(effective.apis),
@@ -285,7 +295,7 @@ def serve(ctx: typer.Context, **flags: Any) -> None:
             workers=settings.workers,
             loop=loop,
             http=http,
-            log_config=_log_config(),
+            log_config=_log_config(settings.log_format),
             log_level="info",
             access_log=settings.access_log,
         )
@@ -314,38 +324,115 @@ def _limit_text(limit: dict[str, Any]) -> str:
     return text
 
 
-@app.command()
-def usage(
-    tenant: str,
-    api: Annotated[str | None, typer.Argument(help="one api; all of them when left out")] = None,
-    key: Annotated[str | None, typer.Option(help="the key inside the api")] = None,
-    url: Annotated[str, typer.Option(envvar="QUOTAGATE_URL")] = "http://127.0.0.1:8080",
-    token: Annotated[str | None, typer.Option(envvar="QUOTAGATE_TOKEN", show_default=False)] = None,
-) -> None:
-    """Show what a tenant has used, as a table with bars."""
-    import httpx  # here, not at the top: with rich installed it loads its own CLI, slowly
+def _usage_rows(http: Any, tenant: str | None, api: str | None, key: str | None) -> list[Any]:
+    """Usage replies: one api of a tenant, a tenant's active apis, or every active one."""
+    if tenant is None:
+        path = "/v1/usage"
+    elif api is None:
+        path = f"/v1/usage/{tenant}/"  # the trailing slash: all of the path is the tenant
+    else:
+        path = f"/v1/usage/{tenant}/{api}"
+    reply = http.get(path, params={"key": key} if key else {})
+    if reply.status_code != 200:
+        raise _fail(f"{api or tenant or 'usage'}: {reply.status_code} {reply.text}")
+    found = reply.json()
+    return [found] if api is not None else list(found["items"])
 
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    with httpx.Client(base_url=url, headers=headers, timeout=10) as http:
-        try:
-            apis = [api] if api else sorted(http.get("/v1/policies").json()["policies"])
-            rows = []
-            for name in apis:
-                reply = http.get(f"/v1/usage/{tenant}/{name}", params={"key": key} if key else {})
-                if reply.status_code != 200:
-                    raise _fail(f"{name}: {reply.status_code} {reply.text}")
-                rows.append(reply.json())
-        except httpx.HTTPError as exc:
-            raise _fail(f"cannot reach the coordinator at {url}: {exc}") from exc
+
+def _print_rows(rows: list[Any]) -> None:
+    tenants = {row["tenant"] for row in rows}
+    shown = None
     for row in rows:
+        if len(tenants) > 1 and row["tenant"] != shown:
+            shown = row["tenant"]
+            typer.echo(f"== {shown}")
+        key = f" [{row['key']}]" if row.get("key") else ""
         cooldown = f"  cooling down {row['cooldown']:g} s" if row["cooldown"] else ""
-        typer.echo(f"{row['api']}  in flight {row['in_flight']}{cooldown}")
+        waiting = f"  waiting {row['waiting']}" if row.get("waiting") else ""
+        typer.echo(f"{row['api']}{key}  in flight {row['in_flight']}{waiting}{cooldown}")
         for lim in row["limits"]:
             typer.echo(
                 f"  {_limit_text(lim):<28} {_bar(lim['used'], lim['amount'])} "
                 f"{lim['used']:>8g} used {lim['remaining']:>8g} left "
                 f" resets in {lim['resets_in']:g} s"
             )
+
+
+def usage_view(rows: list[Any], source: str) -> Any:
+    """The live view of `usage --watch`: one table, a row per limit, bars in colour."""
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+
+    table = Table(title=f"quotagate usage · {source}", expand=True, title_justify="left")
+    for column in ("tenant", "api", "limit", "used", "", "left", "resets in", "in flight"):
+        table.add_column(column, no_wrap=True, ratio=2 if column == "" else None)
+    for row in rows:
+        name = row["api"] + (f" [{row['key']}]" if row.get("key") else "")
+        state = f"{row['in_flight']}" + (
+            f" · {row['waiting']} waiting" if row.get("waiting") else ""
+        )
+        if row["cooldown"]:
+            state += f" · [bold red]paused {row['cooldown']:.0f} s[/]"
+        for n, lim in enumerate(row["limits"]):
+            full = lim["amount"] and lim["used"] >= lim["amount"]
+            bar = ProgressBar(
+                total=lim["amount"] or 1,
+                completed=min(lim["used"], lim["amount"]),
+                complete_style="red" if full else "green",
+            )
+            table.add_row(
+                row["tenant"] if n == 0 else "",
+                name if n == 0 else "",
+                _limit_text(lim),
+                f"{lim['used']:g}",
+                bar,
+                f"{lim['remaining']:g}",
+                f"{lim['resets_in']:.0f} s" if lim["resets_in"] else "",
+                state if n == 0 else "",
+            )
+    if not rows:
+        table.caption = "no active tenant"
+    return table
+
+
+@app.command()
+def usage(
+    tenant: Annotated[
+        str | None, typer.Argument(help="one tenant; every active one when left out")
+    ] = None,
+    api: Annotated[
+        str | None, typer.Argument(help="one api; its active ones when left out")
+    ] = None,
+    key: Annotated[str | None, typer.Option(help="the key inside the api")] = None,
+    watch: Annotated[bool, typer.Option("--watch", help="a live view, until Ctrl-C")] = False,
+    interval: Annotated[float, typer.Option(help="seconds between two updates of --watch")] = 1.0,
+    url: Annotated[str, typer.Option(envvar="QUOTAGATE_URL")] = "http://127.0.0.1:8080",
+    token: Annotated[str | None, typer.Option(envvar="QUOTAGATE_TOKEN", show_default=False)] = None,
+) -> None:
+    """Show what tenants have used, as a table with bars: one api of a tenant, a tenant's
+    active apis, or every active tenant the token may see."""
+    import httpx  # here, not at the top: with rich installed it loads its own CLI, slowly
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with httpx.Client(base_url=url, headers=headers, timeout=10) as http:
+        try:
+            if not watch:
+                _print_rows(_usage_rows(http, tenant, api, key))
+                return
+            import time
+
+            from rich.live import Live
+
+            source = " ".join(part for part in (url, tenant, api) if part)
+            with Live(usage_view([], source), auto_refresh=False) as live:
+                while True:
+                    rows = _usage_rows(http, tenant, api, key)
+                    live.update(usage_view(rows, source), refresh=True)
+                    time.sleep(interval)
+        except httpx.HTTPError as exc:
+            raise _fail(f"cannot reach the coordinator at {url}: {exc}") from exc
+        except KeyboardInterrupt:
+            pass
 
 
 @app.command()

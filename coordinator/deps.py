@@ -16,6 +16,8 @@ from fastapi import Depends, Request
 
 from .auth import Authorizer, Principal
 from .engine import Engine
+from .index import FleetIndex
+from .metrics import Meter
 from .policy import PolicySet
 from .settings import Settings
 from .waiting import Waiting
@@ -53,13 +55,15 @@ class LeaseContext:
     engine: Engine
     waiting: Waiting
     settings: Settings
+    meter: Meter
+    index: FleetIndex
 
 
 def lease_context(request: Request) -> LeaseContext:
     """Who is asking (raises Unauthorized), and the objects the lease routes use."""
     state = request.app.state
     who = state.authorizer.principal(request.headers.get("authorization"))
-    return LeaseContext(who, state.engine, state.waiting, state.settings)
+    return LeaseContext(who, state.engine, state.waiting, state.settings, state.meter, state.index)
 
 
 SettingsDep = Annotated[Settings, Depends(settings)]

@@ -42,6 +42,7 @@ from .codec import (
 )
 from .errors import BackendUnavailable, InvalidRequest, UnknownApi, UnknownLease
 from .leases import LeaseRef
+from .logs import event
 from .policy import KEY_PATTERN, TENANT_PATTERN, Limit, Policy, PolicySet, PriorityClass
 from .store import StoreClient
 
@@ -86,8 +87,6 @@ TRANSIENT_CODES = (
     "NOREPLICAS",
     "BUSY",
 )
-
-log = logging.getLogger("quotagate")
 
 
 class Outcome(StrEnum):
@@ -252,12 +251,13 @@ class Engine:
         if self._store_id is not None and ids != self._store_id and self.recovery_share:
             now = await self._call(self.redis.time())
             self.recovery = int(now[0]) * 1000 + int(now[1]) // 1000
-            log.warning(
-                "the quota store changed (failover or restart): granting %.0f%% of each "
-                "limit until its window no longer overlaps %d ms",
-                self.recovery_share * 100,
-                self.recovery,
-                extra={"event": "store_changed"},
+            event(
+                logging.WARNING,
+                "store_changed",
+                f"the quota store changed (failover or restart): granting "
+                f"{self.recovery_share:.0%} of each limit until its window no longer "
+                f"overlaps {self.recovery} ms",
+                since=self.recovery,
             )
         self._store_id = ids
 
@@ -412,14 +412,15 @@ class Engine:
         scope = (tenant, api)
         before = self._known.get(scope)
         if before is not None and before[0] != reply.epoch_ms and before[1] > reply.now_ms:
-            log.warning(
-                "the quota store lost the state of tenant %s api %s: granting %.0f%% of each "
-                "limit until its window no longer overlaps %d ms",
-                tenant,
-                api,
-                (self.recovery_share or 0) * 100,
-                reply.epoch_ms,
-                extra={"event": "store_loss", "tenant": tenant, "api": api},
+            event(
+                logging.WARNING,
+                "store_loss",
+                f"the quota store lost the state of tenant {tenant} api {api}: granting "
+                f"{self.recovery_share or 0:.0%} of each limit until its window no longer "
+                f"overlaps {reply.epoch_ms} ms",
+                tenant=tenant,
+                api=api,
+                since=reply.epoch_ms,
             )
         self._known[scope] = (reply.epoch_ms, reply.until_ms)
         self._known.move_to_end(scope)
@@ -475,34 +476,39 @@ class Engine:
     ) -> None:
         window = named[1] / 1000
         if learned.code == "LOWERED":
-            log.warning(
-                "learned limit: tenant %s api %s now grants %d calls per %g s (was %d, "
-                "the policy says %d), as the upstream's 429 named; it holds %g h or until "
-                "forgotten",
-                ref.tenant,
-                ref.api,
-                learned.amount,
-                window,
-                learned.before,
-                policy.limits[learned.index - 1].amount,
-                self.learned_ttl_ms / 3_600_000,
-                extra={"event": "learned_limit", "tenant": ref.tenant, "api": ref.api},
+            configured = policy.limits[learned.index - 1].amount
+            event(
+                logging.WARNING,
+                "learned_limit",
+                f"learned limit: tenant {ref.tenant} api {ref.api} now grants "
+                f"{learned.amount} calls per {window:g} s (was {learned.before}, the policy "
+                f"says {configured}), as the upstream's 429 named; it holds "
+                f"{self.learned_ttl_ms / 3_600_000:g} h or until forgotten",
+                tenant=ref.tenant,
+                api=ref.api,
+                kind="calls",
+                window=window,
+                amount=learned.amount,
+                configured=configured,
             )
             return
         hint = (ref.tenant, ref.api, named[0], named[1])
         if learned.code in ("HIGHER", "NO_LIMIT") and hint not in self._hinted:
             self._hinted.add(hint)
-            log.info(
-                "hint: the upstream named %d calls per %g s for tenant %s api %s; the policy "
-                "%s, so nothing changes",
-                named[0],
-                window,
-                ref.tenant,
-                ref.api,
+            why = (
                 "allows no more than that"
                 if learned.code == "HIGHER"
-                else "has no calls limit of that window",
-                extra={"event": "limit_hint", "tenant": ref.tenant, "api": ref.api},
+                else "has no calls limit of that window"
+            )
+            event(
+                logging.INFO,
+                "limit_hint",
+                f"hint: the upstream named {named[0]} calls per {window:g} s for tenant "
+                f"{ref.tenant} api {ref.api}; the policy {why}, so nothing changes",
+                tenant=ref.tenant,
+                api=ref.api,
+                window=window,
+                amount=named[0],
             )
 
     async def leave(
@@ -521,12 +527,12 @@ class Engine:
         reply = await self._call(self.lua_forget(keys=target.keys, args=args.argv(target.args)))
         forgotten = codec.decode_forget(reply)
         if forgotten:
-            log.warning(
-                "learned limits forgotten: tenant %s api %s (%d)",
-                tenant,
-                api,
-                forgotten,
-                extra={"event": "learned_forgotten", "tenant": tenant, "api": api},
+            event(
+                logging.WARNING,
+                "learned_forgotten",
+                f"learned limits forgotten: tenant {tenant} api {api} ({forgotten})",
+                tenant=tenant,
+                api=api,
             )
         return forgotten
 

@@ -78,6 +78,22 @@ class Settings(BaseSettings):
         gt=0,
         description="seconds a limit learned from an upstream 429 holds (design rule 8)",
     )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines as text or as JSON objects, one a line"
+    )
+    metrics: bool = Field(True, description="count decisions and store calls for /metrics")
+    # Every tenant is a label value of its own up to the cap (per worker process); beyond
+    # it tenants are counted as `other`, so an MSSP's hundreds of tenants stay bounded.
+    metrics_tenant_label: bool = Field(
+        True, description="label decision, release and cooldown metrics with the tenant"
+    )
+    metrics_max_tenants: int = Field(
+        100, ge=0, description="tenants labelled by name; the others are counted as `other`"
+    )
+    index_ttl: float = Field(
+        3600.0, gt=0, description="seconds an idle (tenant, api, key) stays in the fleet index"
+    )
+    index_max: int = Field(10000, gt=0, description="entries the fleet index keeps at most")
     loop: Literal["auto", "asyncio", "uvloop"] = Field(
         "auto", description="event loop; auto takes uvloop when installed"
     )

@@ -85,6 +85,7 @@ class FleetLines:
         self.heartbeat = heartbeat
         self._wake: dict[tuple[str, str], asyncio.Event] = {}
         self._waiters = 0
+        self._in_lines: dict[tuple[str, str, str], int] = {}  # this process's waiters
         self._listener: asyncio.Task[None] | None = None
 
     async def acquire(self, ask: Ask, gone: Gone) -> Grant | Denial | None:
@@ -117,10 +118,14 @@ class FleetLines:
         self, ask: Ask, gone: Gone, ticket: str, deadline: float
     ) -> Grant | Denial | None:
         self._waiters += 1
+        self._in_lines[ask.line] = self._in_lines.get(ask.line, 0) + 1
         try:
             return await self._in_line(ask, gone, ticket, deadline)
         finally:
             self._waiters -= 1
+            left = self._in_lines.pop(ask.line) - 1
+            if left:
+                self._in_lines[ask.line] = left
             if not self._waiters and self._listener is not None:
                 listener, self._listener = self._listener, None
                 listener.cancel()
@@ -158,6 +163,10 @@ class FleetLines:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await event.wait()
+
+    def lines(self) -> dict[tuple[str, str, str], int]:
+        """Read-only: the requests of this process waiting per (tenant, api, key)."""
+        return dict(self._in_lines)
 
     def released(self, tenant: str, api: str) -> None:
         event = self._wake.pop((tenant, api), None)
