@@ -143,7 +143,21 @@ def _fresh(response: httpx.Response, raw: bytes) -> httpx.Response:
     )
 
 
-class QuotaTransport(httpx.BaseTransport):
+class _Gated:
+    """What the twins share besides the gate's rules: the options they read back."""
+
+    gate: Gate
+
+    @property
+    def routes(self) -> RouteTable:
+        return self.gate.routes
+
+    @property
+    def wait(self) -> float:
+        return self.gate.wait
+
+
+class QuotaTransport(_Gated, httpx.BaseTransport):
     """Leases from `client` around each routed request; `wait` is seconds to wait for one;
     `priority` names the class of the api's policy every lease asks for (None: its default).
     `inner` sends the requests (default: httpx's, through `proxy` or, with `trust_env`, the
@@ -180,14 +194,6 @@ class QuotaTransport(httpx.BaseTransport):
         )
         self.inner = inner if inner is not None else default_inner(proxy, trust_env)
 
-    @property
-    def routes(self) -> RouteTable:
-        return self.gate.routes
-
-    @property
-    def wait(self) -> float:
-        return self.gate.wait
-
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         found = self.gate.route(request.method, request.url.host, _path(request))
         if found is None:
@@ -218,7 +224,7 @@ class QuotaTransport(httpx.BaseTransport):
         self.inner.close()
 
 
-class AsyncQuotaTransport(httpx.AsyncBaseTransport):
+class AsyncQuotaTransport(_Gated, httpx.AsyncBaseTransport):
     """The asyncio twin of `QuotaTransport`."""
 
     def __init__(
@@ -249,14 +255,6 @@ class AsyncQuotaTransport(httpx.AsyncBaseTransport):
             priority=priority,
         )
         self.inner = inner if inner is not None else default_async_inner(proxy, trust_env)
-
-    @property
-    def routes(self) -> RouteTable:
-        return self.gate.routes
-
-    @property
-    def wait(self) -> float:
-        return self.gate.wait
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         found = self.gate.route(request.method, request.url.host, _path(request))
