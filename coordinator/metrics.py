@@ -29,9 +29,8 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Iterable
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
-from fastapi import Depends, Request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -175,12 +174,6 @@ class Unmetered(Meter):
         pass
 
 
-async def meter(request: Request) -> Meter:
-    found: Meter = request.app.state.meter
-    return found
-
-
-MeterDep = Annotated[Meter, Depends(meter)]
 _TENANTS = Tenants(True, 100)
 
 
@@ -321,7 +314,6 @@ def process_exited(pid: int) -> None:
 
 __all__ = [
     "Meter",
-    "MeterDep",
     "MeteredEngine",
     "Tenants",
     "Unmetered",
