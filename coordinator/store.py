@@ -2,11 +2,15 @@
 
 One place turns a store URL into a client: redis-py's plain client for `redis://`,
 `rediss://` and `unix://`, its Sentinel-managed client for `redis+sentinel://` and its
-cluster client for `redis+cluster://`. Every command is bounded twice: redis-py's own
-socket timeouts, and the engine's deadline for the whole decision (`Engine(timeout=...)`),
-which also covers a reconnect, a re-discovery of the master and a script reload. redis-py
-drops a connection whose command was cancelled half-way, so neither bound leaves a
-half-read reply behind.
+cluster client for `redis+cluster://`. Every command is bounded by the engine's deadline
+for the whole decision (`Engine(timeout=...)`), which also covers a reconnect, a
+re-discovery of the master and a script reload; redis-py drops a connection whose command
+was cancelled half-way, so the bound leaves no half-read reply behind. Connects end by
+redis-py's connect timeout. Socket timeouts on reads and writes are kept only where the
+client itself acts on them: the queries to the sentinels (a sentinel that does not answer
+is skipped for the next) and the cluster's nodes (a node that does not answer sends the
+client back to the slot map). On the connection to a single node they would only repeat
+the engine's deadline, at the price of a task per write (`asyncio.wait_for`).
 
 URLs (values in the query are URL-encoded; ports default to 6379, sentinels' to 26379):
 
@@ -77,22 +81,22 @@ class StoreRefused(RuntimeError):
 
 
 def connect(url: str, *, timeout: float | None = None) -> StoreClient:
-    """A client for `url` (see the module's table); `timeout` seconds bound each socket
-    operation, and a connect at most one second or two thirds of it. Raises
-    StoreUrlError for a URL that is malformed or names an unknown scheme or option."""
+    """A client for `url` (see the module's table). A connect takes at most one second
+    or two thirds of `timeout`; `timeout` seconds bound each read and write to the
+    sentinels and to the nodes of a cluster (see above). Raises StoreUrlError for a URL
+    that is malformed or names an unknown scheme or option."""
     # A connect ends by redis-py's own timeout, before the engine's deadline (the same
     # `timeout`) can cancel it half-way: a connect cancelled between the socket and the
     # handshake can leave the socket open.
     connect_timeout = None if timeout is None else min(timeout * 2 / 3, 1.0)
-    bounds: dict[str, Any] = {
-        "socket_timeout": timeout,
-        "socket_connect_timeout": connect_timeout,
-    }
+    # None, not omitted: redis-py's own default is a socket timeout of 5 s.
+    bounds: dict[str, Any] = {"socket_timeout": None, "socket_connect_timeout": connect_timeout}
+    moving_on = {**bounds, "socket_timeout": timeout}  # for clients that try another node
     scheme, _, _ = url.partition("://")
     if scheme == "redis+sentinel":
-        return _sentinel(url, bounds)
+        return _sentinel(url, bounds, moving_on)
     if scheme == "redis+cluster":
-        return _cluster(url, bounds)
+        return _cluster(url, moving_on)
     if scheme not in ("redis", "rediss", "unix"):
         raise StoreUrlError(
             f"store URL scheme {scheme!r} is not one of redis, rediss, unix, "
@@ -183,7 +187,7 @@ def _tls(scheme: str, options: dict[str, str]) -> dict[str, Any]:
     return tls
 
 
-def _sentinel(url: str, bounds: dict[str, Any]) -> Redis:
+def _sentinel(url: str, bounds: dict[str, Any], sentinel_bounds: dict[str, Any]) -> Redis:
     allowed = ("ssl", *_TLS_OPTIONS, "ssl_check_hostname", *_SENTINEL_OPTIONS)
     parts = _split(url, SENTINEL_PORT, allowed)
     if not parts.path or len(parts.path) > 2:
@@ -200,7 +204,7 @@ def _sentinel(url: str, bounds: dict[str, Any]) -> Redis:
             sentinel_credentials[name.removeprefix("sentinel_")] = parts.options[name] or None
     sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
         parts.nodes,
-        sentinel_kwargs={**bounds, **tls, **sentinel_credentials},
+        sentinel_kwargs={**sentinel_bounds, **tls, **sentinel_credentials},
         **bounds,
     )
     client: Redis = sentinel.master_for(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 from collections.abc import Iterator
@@ -11,7 +12,6 @@ import pytest
 import redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from quotagate.coordinator.app import create_app
 from quotagate.coordinator.embedded import EmbeddedServer, free_port
@@ -37,7 +37,8 @@ POLICIES = parse_policies("apis: {fast: {limits: [{calls: 5, per: 1s}]}}", "<sto
 async def test_connect_keeps_the_urls_options_and_sets_the_timeouts(url: str, db: int) -> None:
     client = connect(url, timeout=1.5)
     options = client.connection_pool.connection_kwargs
-    assert options["socket_timeout"] == 1.5
+    # Reads and writes are bounded by the engine's deadline, not by a socket timeout.
+    assert options["socket_timeout"] is None
     assert options["socket_connect_timeout"] == 1.0
     assert options.get("db", 0) == db
     await client.aclose()
@@ -56,9 +57,12 @@ async def test_connect_talks_to_a_real_server(valkey_server: EmbeddedServer) -> 
         await client.aclose()
 
 
-async def test_a_write_that_cannot_finish_times_out_and_the_client_recovers() -> None:
+async def test_a_write_that_cannot_finish_is_ended_by_the_deadline_and_the_client_recovers() -> (
+    None
+):
     # A stopped server reads nothing: a command larger than the socket buffers can only be
-    # half written, and the timeouts must end it; the half-written connection is dropped.
+    # half written, and the deadline (the engine's `asyncio.timeout`) must end it; the
+    # half-written connection is dropped, so the next command starts on a clean one.
     with EmbeddedServer() as server:
         client = connect(server.url, timeout=0.3)
         try:
@@ -66,8 +70,9 @@ async def test_a_write_that_cannot_finish_times_out_and_the_client_recovers() ->
             assert server.process is not None
             server.process.send_signal(signal.SIGSTOP)
             try:
-                with pytest.raises(RedisTimeoutError):
-                    await client.set("qg:test:big", b"x" * (64 << 20))
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.3):
+                        await client.set("qg:test:big", b"x" * (64 << 20))
             finally:
                 server.process.send_signal(signal.SIGCONT)
             assert await client.ping()
@@ -114,8 +119,10 @@ async def test_sentinel_urls_name_the_sentinels_the_master_and_the_db(
     assert isinstance(pool, SentinelConnectionPool)
     assert pool.service_name == master
     assert pool.connection_kwargs["db"] == db
-    assert pool.connection_kwargs["socket_timeout"] == 1.5
+    assert pool.connection_kwargs["socket_timeout"] is None  # the engine's deadline
     sentinels = pool.sentinel_manager.sentinels
+    # A sentinel that does not answer within the timeout is skipped for the next one.
+    assert {s.connection_pool.connection_kwargs["socket_timeout"] for s in sentinels} == {1.5}
     assert [
         (s.connection_pool.connection_kwargs["host"], s.connection_pool.connection_kwargs["port"])
         for s in sentinels
