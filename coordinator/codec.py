@@ -4,8 +4,9 @@ Every script's arguments are a frozen dataclass here; its fields, in order, are 
 script's ARGV, and each script receives their positions as a Lua table built from the
 same dataclass (`ARG.token` is `ARGV[2]` for acquire), so a position is written once.
 Every script's ARGV then closes with the policy block (`POLICY_FIELDS`, then
-`LIMIT_FIELDS` per limit), and its KEYS follow `KEY_LAYOUT`. Replies are decoded into
-named values; their codes are the constants below, which the scripts receive too.
+`LIMIT_FIELDS` per limit, packed into one argument), and its KEYS follow `KEY_LAYOUT`.
+Replies are decoded into named values; their codes are the constants below, which the
+scripts receive too.
 
 Encoding: integers as digits, booleans as "1" or "", None as "" (the scripts read ""
 as "not given": Redis `TIME` for `now_ms`, no check for `epoch`, ...).
@@ -15,6 +16,7 @@ Times are integer milliseconds, as Redis stores them.
 from __future__ import annotations
 
 import dataclasses
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,8 @@ KEY_LAYOUT = ("state", "inflight_api", "inflight_key", "line", "tickets")
 RANK_SPAN = 10**13
 POLICY_FIELDS = ("ttl_ms", "track_api", "track_key", "stamp_ttl_ms")
 LIMIT_FIELDS = ("kind", "amount", "window_ms", "granularity_ms", "margin_ms")
+# A limit's kind in the policy block; the scripts map the code back to the name (`KINDS`).
+KIND_CODES = {"calls": 1, "runtime": 2, "concurrent": 3}
 
 
 def _encode(value: object) -> str | int:
@@ -147,14 +151,23 @@ def _lua_table(name: str, fields: dict[str, int]) -> str:
     return f"local {name} = {{{body}}}\n"
 
 
+def _by_code(codes: dict[str, int]) -> list[str]:
+    """The names of `codes` as a Lua array: the name of code i at index i (from 1)."""
+    names = sorted(codes, key=lambda name: codes[name])
+    assert [codes[name] for name in names] == list(range(1, len(names) + 1))
+    return names
+
+
 def prelude(args: type[ScriptArgs]) -> str:
     """What a script learns of the contract: its ARGV positions (`ARG`), where the policy
-    block starts (`POLICY_AT`) and the reply codes (`REPLY`, `LEARN`)."""
+    block is (`POLICY_AT`), the names of the kinds' codes (`KINDS`) and the reply codes
+    (`REPLY`, `LEARN`)."""
     names = args.names()
     return (
         _lua_table("ARG", {name: at for at, name in enumerate(names, 1)})
         + f"local POLICY_AT = {len(names) + 1}\n"
         + f"local RANK_SPAN = {RANK_SPAN}\n"
+        + f"local KINDS = {{{', '.join(repr(name) for name in _by_code(KIND_CODES))}}}\n"
         + _lua_table("REPLY", REPLY_CODES)
         + _lua_table("LEARN", LEARN_CODES)
     )
@@ -186,10 +199,10 @@ def redis_keys(tenant: str, api: str, key: str, policy: Policy) -> tuple[str, ..
     return tuple(keys)
 
 
-def policy_block(policy: Policy) -> tuple[str | int, ...]:
+def policy_block(policy: Policy) -> tuple[int, ...]:
     """What the policy fixes, closing every quota script's ARGV: `POLICY_FIELDS`, then
-    `LIMIT_FIELDS` for each limit."""
-    head: tuple[str | int, ...] = (
+    `LIMIT_FIELDS` for each limit, a limit's kind as its code in `KIND_CODES`."""
+    head = (
         policy.lease_ttl_ms,
         1 if policy.tracks_api else 0,
         1 if policy.tracks_keys else 0,
@@ -198,8 +211,23 @@ def policy_block(policy: Policy) -> tuple[str | int, ...]:
     return head + tuple(
         value
         for lim in policy.limits
-        for value in (lim.kind.value, lim.amount, lim.window_ms, lim.granularity_ms, lim.margin_ms)
+        for value in (
+            KIND_CODES[lim.kind.value],
+            lim.amount,
+            lim.window_ms,
+            lim.granularity_ms,
+            lim.margin_ms,
+        )
     )
+
+
+def packed_policy_block(policy: Policy) -> bytes:
+    """The policy block as the scripts receive it: one argument of signed 64-bit
+    little-endian integers, which Lua's `struct.unpack` reads in one call (`read_policy`
+    in lib.lua). A decision then packs one argument where it packed some fifteen: redis-py
+    packs each argument in Python, and that was a tenth of a decision's CPU."""
+    values = policy_block(policy)
+    return struct.pack(f"<{len(values)}q", *values)
 
 
 # ---- Replies -------------------------------------------------------------------------
@@ -316,6 +344,7 @@ __all__ = [
     "DENIED",
     "GRANTED",
     "KEY_LAYOUT",
+    "KIND_CODES",
     "LIMIT_FIELDS",
     "POLICY_FIELDS",
     "RANK_SPAN",
@@ -338,6 +367,7 @@ __all__ = [
     "decode_release",
     "decode_renew",
     "decode_usage",
+    "packed_policy_block",
     "policy_block",
     "prelude",
     "redis_keys",

@@ -34,15 +34,17 @@
 --                 it, plus the fields `lo` and `sum` (see below); for concurrent the
 --                 in-flight zset of its scope (inflight_api or inflight_key)
 --
--- Policy block: every quota script's ARGV closes, from ARGV[POLICY_AT] on, with what the
--- policy fixes (read_policy):
+-- Policy block: every quota script's ARGV closes with ARGV[POLICY_AT], what the policy
+-- fixes as signed 64-bit little-endian integers (read_policy):
 --   ttl_ms, track_api, track_key, stamp_ttl_ms; then per limit: kind, amount, window_ms,
 --   granularity_ms, margin_ms.
 -- ttl_ms is a new lease's time to live; track_api and track_key are "1" or "0";
 -- stamp_ttl_ms is how long the state hash lives at least after a grant (its longest
--- window or its lease ttl, whichever is longer); kind is "calls" | "runtime" |
--- "concurrent"; there are as many limits as KEYS after the first five. (Separate values,
--- not one string: Lua parses a string dearer than the client packs arguments.)
+-- window or its lease ttl, whichever is longer); kind is the code of "calls" |
+-- "runtime" | "concurrent" (KINDS, from the prelude); there are as many limits as KEYS
+-- after the first five. (One packed argument: `struct.unpack` reads it in one C call,
+-- where the client would pack some fifteen arguments one by one, and a text to parse
+-- would cost Lua more.)
 
 local function clock(arg)
   if arg ~= nil and arg ~= '' then
@@ -55,18 +57,18 @@ end
 -- The policy block (see above) as ttl_ms, track_api, track_key, stamp_ttl_ms and the
 -- limits (tables: kind, amount, window, gran, margin, key).
 local function read_policy()
-  local first = POLICY_AT
+  local n = #KEYS - 5
+  local v = {struct.unpack('<' .. string.rep('i8', 4 + 5 * n), ARGV[POLICY_AT])}
   local limits = {}
-  for i = 1, #KEYS - 5 do
-    local at = first + 4 + 5 * (i - 1)
+  for i = 1, n do
+    local at = 4 + 5 * (i - 1)
     limits[i] = {
-      kind = ARGV[at], amount = tonumber(ARGV[at + 1]), window = tonumber(ARGV[at + 2]),
-      gran = tonumber(ARGV[at + 3]), margin = tonumber(ARGV[at + 4]), key = KEYS[5 + i],
+      kind = KINDS[v[at + 1]], amount = v[at + 2], window = v[at + 3],
+      gran = v[at + 4], margin = v[at + 5], key = KEYS[5 + i],
       need = false, here = 0, c = false, field = false,  -- what acquire fills in
     }
   end
-  return tonumber(ARGV[first]), ARGV[first + 1] == '1', ARGV[first + 2] == '1',
-    tonumber(ARGV[first + 3]), limits
+  return v[1], v[2] == 1, v[3] == 1, v[4], limits
 end
 
 -- A counter hash (one per windowed limit and scope) holds:

@@ -4,11 +4,13 @@ take their positions and reply codes from it."""
 from __future__ import annotations
 
 import re
+import struct
 
 import pytest
 
 from quotagate.coordinator import codec
 from quotagate.coordinator.codec import LUA_DIR, SCRIPTS, ScriptArgs
+from quotagate.coordinator.policy import Kind, parse_policies
 
 CODE_NAMES = set(codec.REPLY_CODES)
 
@@ -126,3 +128,24 @@ def test_replies_decode_by_code() -> None:
     assert usage.limits == ((4, 5, 6), (7, 8, 9)) and usage.in_flight == 3
     assert usage.waiting == 0
     assert codec.decode_leave([codec.GRANTED, 3]) and not codec.decode_leave([codec.DENIED, 3])
+
+
+def test_the_prelude_maps_every_kind_code_back_to_its_name() -> None:
+    text = codec.prelude(codec.AcquireArgs)
+    found = re.search(r"^local KINDS = \{(.*)\}$", text, re.M)
+    assert found, "the prelude does not name the kinds"
+    names = [n.strip().strip("'") for n in found[1].split(",")]
+    assert {name: at for at, name in enumerate(names, 1)} == codec.KIND_CODES
+    assert set(codec.KIND_CODES) == {kind.value for kind in Kind}
+
+
+def test_the_packed_policy_block_holds_the_fields_in_order() -> None:
+    policy = parse_policies(
+        "apis: {p: {lease_ttl: 30s, limits: [{calls: 7, per: 1m}, {concurrent: 2}]}}"
+    ).apis["p"]
+    blob = codec.packed_policy_block(policy)
+    values = struct.unpack(f"<{len(blob) // 8}q", blob)
+    assert values == codec.policy_block(policy)
+    assert len(values) == len(codec.POLICY_FIELDS) + len(codec.LIMIT_FIELDS) * 2
+    assert values[4] == codec.KIND_CODES["calls"] and values[5] == 7
+    assert values[9] == codec.KIND_CODES["concurrent"] and values[10] == 2
