@@ -74,8 +74,14 @@ def bare_app() -> FastAPI:
     return app
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used so far (Linux `/proc`)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def uvicorn_process(target: list[str], env: dict[str, str]) -> Iterator[str]:
+def uvicorn_process(target: list[str], env: dict[str, str]) -> Iterator[tuple[str, int]]:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, *target, "--port", str(port)],
@@ -94,7 +100,7 @@ def uvicorn_process(target: list[str], env: dict[str, str]) -> Iterator[str]:
                 if time.monotonic() > deadline or process.poll() is not None:
                     raise RuntimeError(f"{target} did not start") from None
                 time.sleep(0.1)
-        yield url
+        yield url, process.pid
     finally:
         process.terminate()
         process.wait(10)
@@ -130,22 +136,35 @@ def main() -> None:
         quotagate_cmd = ["-m", "quotagate.coordinator", "serve", "--policies", str(policy)]
         bare_cmd = ["-m", "uvicorn", "--factory", "tests.perf.bench_service:bare_app",
                     "--log-level", "warning"]  # fmt: skip
-        with uvicorn_process(bare_cmd, env) as bare_url, uvicorn_process(quotagate_cmd, env) as qg:
+        with (
+            uvicorn_process(bare_cmd, env) as (bare_url, bare_pid),
+            uvicorn_process(quotagate_cmd, env) as (qg, qg_pid),
+        ):
             wrk(f"{bare_url}/bare", WRK_BARE, 2, args.connections)  # warm-up
             wrk(qg, WRK_LEASES, 2, args.connections)
-            bare_rates, lease_rates = [], []
+            bare_rates, lease_rates, bare_cpu, lease_cpu = [], [], [], []
             for _ in range(2):
-                rate, bad = wrk(f"{bare_url}/bare", WRK_BARE, args.seconds, args.connections)
-                bare_rates.append(rate)
-                rate, bad_leases = wrk(qg, WRK_LEASES, args.seconds, args.connections)
-                lease_rates.append(rate)
-                if bad or bad_leases:
-                    sys.exit(f"non-2xx answers: baseline {bad}, quotagate {bad_leases}")
+                for url, script, pid, rates, cpus in (
+                    (f"{bare_url}/bare", WRK_BARE, bare_pid, bare_rates, bare_cpu),
+                    (qg, WRK_LEASES, qg_pid, lease_rates, lease_cpu),
+                ):
+                    before = cpu_seconds(pid)
+                    rate, bad = wrk(url, script, args.seconds, args.connections)
+                    if bad:
+                        sys.exit(f"{bad} non-2xx answers from {url}")
+                    rates.append(rate)
+                    cpus.append((cpu_seconds(pid) - before) / (rate * args.seconds) * 1e6)
     bare = sum(bare_rates) / len(bare_rates)
     leases = sum(lease_rates) / len(lease_rates)
     print(f"baseline (bare FastAPI + one EVALSHA): {bare:8.0f} requests/s  {bare_rates}")
     print(f"quotagate acquire+release:            {leases:8.0f} requests/s  {lease_rates}")
     print(f"ratio: {leases / bare:.2f}")
+    bare_us, lease_us = min(bare_cpu), min(lease_cpu)
+    print(
+        f"server CPU per request: baseline {bare_us:.0f} us, quotagate {lease_us:.0f} us "
+        f"(ratio {bare_us / lease_us:.2f}; rounds {[round(c) for c in bare_cpu]}, "
+        f"{[round(c) for c in lease_cpu]})"
+    )
 
 
 if __name__ == "__main__":
