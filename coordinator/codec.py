@@ -47,6 +47,9 @@ KIND_CODES = {"calls": 1, "runtime": 2, "concurrent": 3}
 def _encode(value: object) -> str | int:
     if value is None:
         return ""
+    kind = type(value)
+    if kind is int or kind is str:  # the common case, first
+        return value  # type: ignore[return-value]
     if isinstance(value, bool):
         return "1" if value else ""
     if isinstance(value, int | str):
@@ -64,11 +67,19 @@ class ScriptArgs:
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
+        found = _NAMES.get(cls)
+        if found is None:  # once per class: `dataclasses.fields` is slow for every decision
+            found = _NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+        return found
 
     def argv(self, policy_block: Sequence[str | int | bytes] = ()) -> list[str | int | bytes]:
         values: list[str | int | bytes] = [_encode(getattr(self, name)) for name in self.names()]
-        return values + list(policy_block) if self.policy else values
+        if self.policy:
+            values.extend(policy_block)
+        return values
+
+
+_NAMES: dict[type[ScriptArgs], tuple[str, ...]] = {}
 
 
 @dataclass(frozen=True)

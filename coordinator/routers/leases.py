@@ -9,7 +9,6 @@ import math
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
 from ..auth import Principal
@@ -19,7 +18,7 @@ from ..errors import UnknownLease
 from ..index import FleetIndex
 from ..leases import LeaseRef
 from ..logs import event, lease_prefix
-from ..replies import denied_reply, error_reply
+from ..replies import JSONReply, denied_reply, error_reply
 from ..schemas import (
     BODY_ERRORS,
     AcquireBody,
@@ -52,7 +51,7 @@ def _lease_of(lease_id: str, who: Principal) -> LeaseRef:
     response_model=None,
     responses={200: {"model": LeaseReply}, **documented(*BODY_ERRORS, 401, 403, 404, 429, 503)},
 )
-async def acquire(body: AcquireBody, request: Request) -> JSONResponse:
+async def acquire(body: AcquireBody, request: Request) -> JSONReply:
     context = lease_context(request)
     context.who.check(body.tenant)
     meter, index = context.meter, context.index
@@ -80,7 +79,7 @@ async def acquire(body: AcquireBody, request: Request) -> JSONResponse:
     index.granted(
         result.tenant, result.api, result.key, result.lease_id, ask.holder, result.expires_in_ms
     )
-    return JSONResponse(
+    return JSONReply(
         {
             "lease_id": result.lease_id,
             "tenant": result.tenant,
@@ -98,7 +97,7 @@ async def acquire(body: AcquireBody, request: Request) -> JSONResponse:
     response_model=None,
     responses={200: {"model": ReleasedReply}, **documented(*BODY_ERRORS, 401, 403, 404, 503)},
 )
-async def release(lease_id: str, body: ReleaseBody, request: Request) -> JSONResponse:
+async def release(lease_id: str, body: ReleaseBody, request: Request) -> JSONReply:
     context = lease_context(request)
     engine, index = context.engine, context.index
     ref = _lease_of(lease_id, context.who)
@@ -114,7 +113,7 @@ async def release(lease_id: str, body: ReleaseBody, request: Request) -> JSONRes
     if body.outcome == Outcome.THROTTLED:
         await _paused(ref, body, engine.policy(ref.tenant, ref.api).shortest_calls_window_ms, index)
     index.ended(ref)
-    return JSONResponse({"released": True})
+    return JSONReply({"released": True})
 
 
 async def _paused(ref: LeaseRef, body: ReleaseBody, default_ms: int, index: FleetIndex) -> None:
