@@ -389,15 +389,19 @@ def make_policy(
 def default_aging_ms(
     limits: tuple[Limit, ...], lease_ttl_ms: int, runtime_estimate_ms: int, classes: int
 ) -> int:
-    """The aging of an api with `classes` classes when its policy names none.
+    """The aging of an api with `classes` classes when its policy names none: the longer
+    of two spans of its shortest windowed limit (window, margin and a bucket) and
+    AGING_FACTOR * (classes - 1) times the time one lease of the api's usual size (one
+    call, the runtime estimate, one slot held for a lease's ttl) takes of its scarcest
+    limit's rate.
 
-    A class that has gone without a grant for the aging while it asks is served once
-    ahead of the higher classes, so each lower class takes at most one lease per aging
-    that way. The aging is AGING_FACTOR * (classes - 1) times the time one lease of the
-    api's usual size (one call, the runtime estimate, one slot for a lease's ttl) takes
-    of its scarcest limit's rate: all lower classes together then take at most about
-    1/AGING_FACTOR of any limit by aging, and never wait longer than that for a turn."""
+    A class that the rolling window serves is granted at least once per span (its own
+    units leave it), so a class that has had nothing for two has been crowded out by
+    the higher classes, not by its share. Each lower class is served ahead once per aging
+    at most, so all of them together take at most about 1/AGING_FACTOR of any limit that
+    way."""
     per_lease = 0.0
+    spans = []
     for lim in limits:
         if lim.kind is Kind.CALLS:
             per_lease = max(per_lease, lim.window_ms / lim.amount)
@@ -405,7 +409,10 @@ def default_aging_ms(
             per_lease = max(per_lease, lim.window_ms * runtime_estimate_ms / lim.amount)
         else:
             per_lease = max(per_lease, lease_ttl_ms / lim.amount)
-    return max(math.ceil(AGING_FACTOR * (classes - 1) * per_lease), 1)
+        if lim.kind is not Kind.CONCURRENT:
+            spans.append(lim.span_ms + lim.granularity_ms)
+    rate_bound = math.ceil(AGING_FACTOR * (classes - 1) * per_lease)
+    return max(2 * min(spans, default=0), rate_bound, 1)
 
 
 @dataclass(frozen=True)
