@@ -95,6 +95,7 @@ def clock_margin_ms(window_ms: int) -> int:
 
 DEFAULT_LEASE_TTL_MS = 60_000
 DEFAULT_RUNTIME_ESTIMATE_MS = 10_000  # reserved per lease of an api with a runtime limit
+AGING_FACTOR = 10  # aging hands the lower classes together about 1/AGING_FACTOR of a limit
 MAX_BUCKETS = 3_600  # per window: each decision may walk the buckets of a window
 
 
@@ -207,7 +208,9 @@ class PriorityClass:
     be for a grant of this class: a lease of the class is granted only while the limit's
     use (every class's, leases in flight included) plus its own units stays within
     `amount * share_permille // 1000`; the rest of each window is headroom that only the
-    classes with a larger share can use. 1000: the whole limit."""
+    classes with a larger share can use. 1000: the whole limit. The one exception is
+    aging (`Policy.aging_ms`): a lower class that has gone that long without a grant while
+    it asks is served ahead of the higher classes and within the whole limit, once."""
 
     name: str
     share_permille: int = 1000
@@ -225,6 +228,9 @@ class Policy:
     runtime_estimate_ms: int = 0
     classes: tuple[PriorityClass, ...] = ()  # highest first; () for an api without classes
     default_class: str | None = None  # the class of a request that names none
+    # Ms a lower class may go without a grant while it asks before it is served ahead of
+    # the higher classes (and beyond its share) for one grant; None: no aging.
+    aging_ms: int | None = None
 
     def priority_class(self, name: str | None) -> PriorityClass | None:
         """The class a request of priority `name` belongs to; None when the api has no
@@ -297,6 +303,7 @@ class Policy:
                     for klass in self.classes
                 ],
                 "default_class": self.default_class,
+                "aging": None if self.aging_ms is None else self.aging_ms / 1000,
             }
         return {
             "api": self.api,
@@ -327,12 +334,14 @@ def make_policy(
     runtime_estimate_ms: int | None = None,
     classes: tuple[PriorityClass, ...] = (),
     default_class: str | None = None,
+    aging_ms: int | None = None,
 ) -> Policy:
     """A policy with the defaults applied: `DEFAULT_LEASE_TTL_MS`, a runtime estimate of
-    `DEFAULT_RUNTIME_ESTIMATE_MS` when the api has a runtime limit (else none), and the
-    lowest class as the default class. Raises ValueError when `default_class` names no
-    class, or a class's share leaves less than one call (or the runtime estimate) of a
-    windowed limit."""
+    `DEFAULT_RUNTIME_ESTIMATE_MS` when the api has a runtime limit (else none), the
+    lowest class as the default class, and with two classes or more `default_aging_ms`.
+    Raises ValueError when `default_class` names no class, a class's share leaves less
+    than one call (or the runtime estimate) of a windowed limit, or `aging_ms` is given
+    without two classes or is not positive."""
     if runtime_estimate_ms is None:
         has_runtime = any(lim.kind is Kind.RUNTIME for lim in limits)
         runtime_estimate_ms = DEFAULT_RUNTIME_ESTIMATE_MS if has_runtime else 0
@@ -345,13 +354,22 @@ def make_policy(
         )
     if classes and default_class is None:
         default_class = names[-1]
+    lease_ttl_ms = lease_ttl_ms or DEFAULT_LEASE_TTL_MS
+    if aging_ms is not None:
+        if len(classes) < 2:
+            raise ValueError("aging needs `classes` with two classes or more")
+        if aging_ms <= 0:
+            raise ValueError(f"aging must be a positive duration, got {aging_ms} ms")
+    elif len(classes) >= 2:
+        aging_ms = default_aging_ms(limits, lease_ttl_ms, runtime_estimate_ms, len(classes))
     policy = Policy(
         api,
         limits,
-        lease_ttl_ms=lease_ttl_ms or DEFAULT_LEASE_TTL_MS,
+        lease_ttl_ms=lease_ttl_ms,
         runtime_estimate_ms=runtime_estimate_ms,
         classes=classes,
         default_class=default_class,
+        aging_ms=aging_ms,
     )
     for klass in classes:
         for i, lim in enumerate(limits):
@@ -366,6 +384,35 @@ def make_policy(
                     + ("call" if lim.kind is Kind.CALLS else "runtime estimate")
                 )
     return policy
+
+
+def default_aging_ms(
+    limits: tuple[Limit, ...], lease_ttl_ms: int, runtime_estimate_ms: int, classes: int
+) -> int:
+    """The aging of an api with `classes` classes when its policy names none: the longer
+    of two spans of its shortest windowed limit (window, margin and a bucket) and
+    AGING_FACTOR * (classes - 1) times the time one lease of the api's usual size (one
+    call, the runtime estimate, one slot held for a lease's ttl) takes of its scarcest
+    limit's rate.
+
+    A class that the rolling window serves is granted at least once per span (its own
+    units leave it), so a class that has had nothing for two has been crowded out by
+    the higher classes, not by its share. Each lower class is served ahead once per aging
+    at most, so all of them together take at most about 1/AGING_FACTOR of any limit that
+    way."""
+    per_lease = 0.0
+    spans = []
+    for lim in limits:
+        if lim.kind is Kind.CALLS:
+            per_lease = max(per_lease, lim.window_ms / lim.amount)
+        elif lim.kind is Kind.RUNTIME:
+            per_lease = max(per_lease, lim.window_ms * runtime_estimate_ms / lim.amount)
+        else:
+            per_lease = max(per_lease, lease_ttl_ms / lim.amount)
+        if lim.kind is not Kind.CONCURRENT:
+            spans.append(lim.span_ms + lim.granularity_ms)
+    rate_bound = math.ceil(AGING_FACTOR * (classes - 1) * per_lease)
+    return max(2 * min(spans, default=0), rate_bound, 1)
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,8 @@ class AcquireArgs(ScriptArgs):
     class_permille: int | None  # the priority class's share of each windowed limit; None: all
     ticket: str | None  # the waiter's ticket in the line of its key; None: not waiting
     rank: int  # the class's rank, 0 highest: its place in line before arrival
+    classes: int  # how many classes the api has (0 without classes)
+    aging_ms: int | None  # a lower class this long without a grant goes first; None: never
     line_wait_ms: int | None  # stay in line if the soonest grant lies within; None: leave
     ticket_ttl_ms: int  # a ticket not refreshed within this leaves the line
 

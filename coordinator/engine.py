@@ -400,6 +400,8 @@ class Engine:
             class_permille=class_permille,
             ticket=line[0],
             rank=line[1],
+            classes=len(target.policy.classes),
+            aging_ms=target.policy.aging_ms,
             line_wait_ms=line[2],
             ticket_ttl_ms=TICKET_TTL_MS,
         )

@@ -34,6 +34,7 @@ from quotagate.client.policy_core import (
     PriorityClass,
     Scope,
     clock_margin_ms,
+    default_aging_ms,
     default_granularity_ms,
     format_duration,
     make_limit,
@@ -59,6 +60,7 @@ __all__ = [
     "PriorityClass",
     "Scope",
     "clock_margin_ms",
+    "default_aging_ms",
     "default_granularity_ms",
     "load_catalog",
     "load_policies",
@@ -156,6 +158,7 @@ class _ApiSpec(BaseModel):
     runtime_estimate: int | None = None
     classes: dict[str, _ClassSpec | None] | None = None  # in priority order, highest first
     default_class: str | None = None
+    aging: int | None = None  # ms; None: default_aging_ms with two classes or more
 
     @field_validator("classes", mode="before")
     @classmethod
@@ -168,10 +171,17 @@ class _ApiSpec(BaseModel):
                     raise ValueError(f"class name {name!r} must match {CLASS_PATTERN.pattern}")
         return value
 
-    @field_validator("lease_ttl", "runtime_estimate", mode="before")
+    @field_validator("lease_ttl", "runtime_estimate", "aging", mode="before")
     @classmethod
     def _durations(cls, value: object) -> object:
         return None if value is None else _duration(value)
+
+    @field_validator("aging", mode="after")
+    @classmethod
+    def _positive_aging(cls, value: int | None) -> int | None:
+        if value is not None and value <= 0:
+            raise ValueError(f"aging must be a positive duration, got {format_duration(value)}")
+        return value
 
     @field_validator("limits", mode="after")
     @classmethod
@@ -212,6 +222,7 @@ class _ApiSpec(BaseModel):
                 runtime_estimate_ms=self.runtime_estimate,
                 classes=classes,
                 default_class=self.default_class,
+                aging_ms=self.aging,
             )
         except ValueError as exc:
             raise PolicyError(str(exc)) from exc

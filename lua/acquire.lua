@@ -33,9 +33,18 @@
 -- soonest grant lies within line_wait_ms joins the line (or stays, refreshed until now +
 -- ticket_ttl_ms); otherwise, and when granted, its ticket leaves. Tickets not refreshed
 -- in time are dropped. With nobody waiting this costs one EXISTS.
+-- Aging, so that no class starves: a grant of a lower class (rank > 0) stamps the state
+-- hash's field G<rank> with its time (the first grant in the hash's life stamps every
+-- lower class). A lower class whose stamp is aging_ms old or more has aged: its tickets
+-- go ahead of every class that has not (aged classes among themselves by rank, then
+-- arrival), and its grant is capped by the whole limit, not its share. Its grant stamps
+-- it again, so each lower class is served that way at most once per aging_ms, and one
+-- that keeps asking waits at most aging_ms, then for room. A lower class not yet aged
+-- gets retry_ms and soonest_ms no longer than the time until it ages (nor shorter than
+-- the cooldown): it may be served then.
 -- ARGV: now_ms, token, cost, estimate_ms, known_epoch, known_until, loss_on_start,
---       recovery, share_permille, class_permille, ticket, rank, line_wait_ms,
---       ticket_ttl_ms; then the policy block.
+--       recovery, share_permille, class_permille, ticket, rank, classes, aging_ms,
+--       line_wait_ms, ticket_ttl_ms; then the policy block.
 --   now_ms          "" = Redis TIME
 --   token           the lease's random part and key
 --   cost            call units
@@ -48,6 +57,8 @@
 --   class_permille  the lease's priority class's share of each windowed limit, "" = all
 --   ticket          the waiter's ticket in the line of its key, "" = not waiting
 --   rank            the class's rank, 0 highest: its place in line before arrival
+--   classes         how many classes the api has (0 without classes)
+--   aging_ms        a lower class this long without a grant goes first, "" = never
 --   line_wait_ms    join or stay in line when the soonest grant lies within, "" = leave
 --   ticket_ttl_ms   how long a joined or refreshed ticket stays without a refresh
 -- Reply: {GRANTED, now_ms, expiry_ms, epoch_ms, until_ms}; {DENIED, now_ms, retry_ms,
@@ -71,9 +82,43 @@ local share = tonumber(ARGV[ARG.share_permille])
 local class_share = tonumber(ARGV[ARG.class_permille])
 local ticket = ARGV[ARG.ticket]
 local rank = tonumber(ARGV[ARG.rank]) or 0
+local classes = tonumber(ARGV[ARG.classes]) or 0
+local aging = tonumber(ARGV[ARG.aging_ms])
+if classes < 2 then
+  aging = nil
+end
 local line_wait = tonumber(ARGV[ARG.line_wait_ms])
 local ticket_ttl = tonumber(ARGV[ARG.ticket_ttl_ms]) or 0
 local ttl, track_api, track_key, stamp_ttl, limits = read_policy()
+
+local wanted = learned_fields(limits)
+local stamps_at = 4 + #wanted  -- state[stamps_at + r]: the last grant of class rank r
+if aging then
+  for r = 1, classes - 1 do
+    wanted[#wanted + 1] = 'G' .. r
+  end
+end
+local state = redis.call('HMGET', KEYS[1], 'cd', 'ep', 'px', 'tx', unpack(wanted))
+apply_learned(limits, {unpack(state, 5, stamps_at)}, now)
+local state_until = tonumber(state[4]) or 0
+
+-- Whether the lower class of rank r has gone aging_ms without a grant.
+local function aged(r)
+  local stamp = aging and r > 0 and tonumber(state[stamps_at + r])
+  return stamp and now - stamp >= aging
+end
+local promoted = aged(rank)
+if promoted then
+  class_share = nil
+end
+
+-- A ticket's place in line as it counts now: an aged class's go ahead of all others.
+local function in_line(score)
+  if aged(math.floor(score / RANK_SPAN)) then
+    return score - classes * RANK_SPAN
+  end
+  return score
+end
 
 -- The tickets ahead in line: how many, and their call units and run time.
 local ahead_n, ahead_cost, ahead_estimate = 0, 0, 0
@@ -96,7 +141,7 @@ if redis.call('EXISTS', KEYS[4]) == 1 then
       place, queued = score, true
     end
   end
-  for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. place)) do
+  local function count(other)
     local units = alive[other]
     if units then
       ahead_n = ahead_n + 1
@@ -104,6 +149,21 @@ if redis.call('EXISTS', KEYS[4]) == 1 then
       ahead_estimate = ahead_estimate + units[2]
     else
       dead[#dead + 1] = other  -- its record expired, or went with the hash
+    end
+  end
+  if aging then
+    local mine = in_line(place)
+    local line = redis.call('ZRANGE', KEYS[4], 0, -1, 'WITHSCORES')
+    for i = 1, #line, 2 do
+      if in_line(tonumber(line[i + 1])) < mine then
+        count(line[i])
+      elseif not alive[line[i]] then
+        dead[#dead + 1] = line[i]
+      end
+    end
+  else
+    for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. place)) do
+      count(other)
     end
   end
   if #dead > 0 then
@@ -129,10 +189,6 @@ local function keep_place(granted, soonest)
   end
 end
 
-local state = redis.call('HMGET', KEYS[1], 'cd', 'ep', 'px', 'tx',
-  unpack(learned_fields(limits)))
-apply_learned(limits, {unpack(state, 5)}, now)
-local state_until = tonumber(state[4]) or 0
 
 local epoch, epoch_text = 0, nil  -- epoch_text: to write with a grant
 if share then
@@ -240,6 +296,12 @@ for i, lim in ipairs(limits) do
   end
 end
 
+local stamp = aging and rank > 0 and tonumber(state[stamps_at + rank])
+if retry > 0 and stamp and not promoted then
+  local ages_in, pause = stamp + aging - now, math.max(cooldown - now, 0)
+  retry = math.max(math.min(retry, ages_in), pause)
+  soonest = math.max(math.min(soonest, ages_in), pause)
+end
 if retry > 0 then
   local amount = 0
   if bound > 0 then
@@ -275,6 +337,16 @@ if share then
   -- The hash outlives every window this grant counts in, so that a missing one within
   -- that time is a loss, and the loss's epoch lasts as long as it matters.
   deadline = math.max(deadline, now + stamp_ttl)
+end
+if aging then
+  -- This class's stamp, and every lower class's that has none yet: a class ages from
+  -- its last grant, or from the first grant of any class in this state's life.
+  for r = 1, classes - 1 do
+    if r == rank or not state[stamps_at + r] then
+      fields[#fields + 1] = 'G' .. r
+      fields[#fields + 1] = now
+    end
+  end
 end
 if epoch_text then
   fields[#fields + 1] = 'ep'

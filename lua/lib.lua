@@ -10,8 +10,8 @@
 -- KEYS: state, inflight_api, inflight_key, line, tickets; then one per limit.
 -- All keys carry one hash tag {<tenant>|<api>}:
 --   state         hash of the (tenant, api). Its leases, lease token (its random part and
---                 key) -> "grant_ms:cost:estimate_ms:expiry_ms", and five fields that hold
---                 no ':' in their names:
+--                 key) -> "grant_ms:cost:estimate_ms:expiry_ms", and these fields that
+--                 hold no ':' in their names:
 --                   cd  the end of the fleet-wide pause (cooldown)
 --                   ep  the epoch of this state: "start_ms:fresh|loss" (acquire.lua)
 --                   px  when to next drop the records of expired leases (absent: none left)
@@ -21,6 +21,9 @@
 --                       upstream (design rule 8): "amount:configured:until_ms", used
 --                       while until_ms has not passed and the policy still configures
 --                       that amount
+--                   G<rank>  the last grant (ms) of the priority class of that rank (or
+--                       the hash's first grant), per lower class (rank > 0) of an api
+--                       with aging (acquire.lua)
 --                 One hash, so that a grant reads all of it in one HMGET and writes it in
 --                 one HSET.
 --   inflight_api  zset, lease token scored by expiry; kept only when a concurrent limit of

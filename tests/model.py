@@ -12,6 +12,13 @@ Priority classes, as the model states them: a lease of a class with a share is g
 only while each windowed limit's use (every class's, in flight included) plus its units
 stays within `amount * share_permille // 1000`; in recovery, within the recovery share of
 that cap. Concurrent limits are shared alike.
+
+Aging, as the model states it: a grant of a lower class (rank > 0) stamps its rank with
+its time, and the first grant of all stamps every lower class. A lower class whose stamp
+is the policy's `aging_ms` old has aged: its grant is capped by the whole limit. One not
+aged yet gets a retry and soonest no later than its aging (nor before the cooldown ends).
+(The model has no line; the line's order under aging is modelled in
+tests/test_line_properties.py.)
 """
 
 from __future__ import annotations
@@ -83,6 +90,18 @@ class Model:
     leases: dict[str, ModelLease] = field(default_factory=dict)
     cooldown_until: int = 0
     recovery: tuple[int, int] | None = None  # (loss at ms, share in permille)
+    stamps: dict[int, int] = field(default_factory=dict)  # lower class rank -> last grant
+
+    def aged(self, rank: int, now: int) -> bool:
+        aging, stamp = self.policy.aging_ms, self.stamps.get(rank)
+        return aging is not None and stamp is not None and now - stamp >= aging
+
+    def _stamp(self, rank: int, now: int) -> None:
+        if self.policy.aging_ms is None:
+            return
+        for lower in range(1, len(self.policy.classes)):
+            if lower == rank or lower not in self.stamps:
+                self.stamps[lower] = now
 
     def _counter(self, lim: Limit, key: str) -> dict[int, int]:
         name = (
@@ -151,7 +170,11 @@ class Model:
         ttl: int,
         now: int,
         class_permille: int = 1000,
+        rank: int = 0,
     ) -> Decision:
+        promoted = self.aged(rank, now)
+        if promoted:
+            class_permille = 1000
         retry, bound = max(self.cooldown_until - now, 0), 0
         soonest = retry
         for i, lim in enumerate(self.policy.limits, start=1):
@@ -169,8 +192,15 @@ class Model:
             if wait > retry:
                 retry, bound = wait, i
             soonest = max(soonest, soon)
+        stamp = self.stamps.get(rank) if self.policy.aging_ms is not None and rank else None
+        if retry > 0 and stamp is not None and not promoted:
+            ages_in = stamp + (self.policy.aging_ms or 0) - now
+            pause = max(self.cooldown_until - now, 0)
+            retry = max(min(retry, ages_in), pause)
+            soonest = max(min(soonest, ages_in), pause)
         if retry > 0:
             return Decision(False, retry, bound, soonest=soonest)
+        self._stamp(rank, now)
         self.leases[token] = ModelLease(key, now, cost, estimate, now + ttl)
         return Decision(True, expiry=now + ttl)
 

@@ -61,10 +61,12 @@ def policies(draw: st.DrawFn) -> Policy:
     )
     ttl = draw(st.sampled_from([10_000, 15_000, 40_000]))
     classes: tuple[PriorityClass, ...] = ()
+    aging: int | None = None
     if draw(st.booleans()):
         # A share may leave less than a call of some limit: that class is then refused.
         lower = draw(st.sampled_from([100, 250, 500, 700, 1000]))
         classes = (PriorityClass("hi"), PriorityClass("lo", lower))
+        aging = draw(st.sampled_from([None, 1_000, 5_000, 30_000]))
     return Policy(
         "p",
         tuple(limits),
@@ -72,6 +74,7 @@ def policies(draw: st.DrawFn) -> Policy:
         runtime_estimate_ms=draw(st.sampled_from([0, 3_000])),
         classes=classes,
         default_class="lo" if classes else None,
+        aging_ms=aging,
     )
 
 

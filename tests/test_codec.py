@@ -103,11 +103,13 @@ def test_arguments_encode_none_and_booleans_as_the_scripts_read_them() -> None:
         class_permille=None,
         ticket=None,
         rank=0,
+        classes=0,
+        aging_ms=None,
         line_wait_ms=None,
         ticket_ttl_ms=2000,
     )
     assert args.argv(("x", 1)) == [
-        *("", "t:k", 2, 0, "", 7, "", "", 500, "", "", 0, "", 2000),
+        *("", "t:k", 2, 0, "", 7, "", "", 500, "", "", 0, 0, "", "", 2000),
         *("x", 1),
     ]
     assert codec.RenewArgs(now_ms=5, token="t", renew_ttl_ms=9).argv(("p",)) == [5, "t", 9, "p"]

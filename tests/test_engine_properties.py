@@ -10,7 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import HealthCheck, given, settings, target
+from hypothesis import HealthCheck, event, given, settings, target
 from hypothesis import strategies as st
 
 from quotagate.coordinator.engine import Denial, Engine, Grant
@@ -119,6 +119,8 @@ async def _run(
                     if before is not None:
                         assert await _snapshot(engine, tenant, now) == before
                 if check_model:
+                    if model.aged(policy.class_rank(op.priority), now):
+                        event("a lower class had aged")
                     token = result.lease_id if isinstance(result, Grant) else "denied"
                     expected = model.acquire(
                         token,
@@ -128,6 +130,7 @@ async def _run(
                         policy.lease_ttl_ms,
                         now,
                         1000 if klass is None else klass.share_permille,
+                        policy.class_rank(op.priority),
                     )
                     assert isinstance(result, Grant) == expected.granted, (op, expected, result)
                     if isinstance(result, Grant):

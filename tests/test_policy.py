@@ -96,6 +96,9 @@ INVALID: dict[str, list[str]] = {
     "class_unknown_default": ["apis.acme.reports", "default_class 'bulk'", "interactive, batch"],
     "class_default_without_classes": ["apis.acme.reports", "default_class 'batch'", "classes"],
     "class_bad_name": ["apis.acme.reports.classes", "'Interactive'", "must match"],
+    "class_aging_zero": ["apis.acme.reports.aging", "aging must be a positive duration"],
+    "class_aging_bad_duration": ["apis.acme.reports.aging", "'soon'"],
+    "class_aging_one_class": ["apis.acme.reports", "aging needs `classes` with two classes"],
     "class_unknown_field": ["apis.acme.reports.classes.interactive.weight", "not permitted"],
     "class_tenant_override": [
         "tenants.contoso-*.acme.reports",
