@@ -68,7 +68,7 @@ class ScriptArgs:
     @classmethod
     def names(cls) -> tuple[str, ...]:
         found = _NAMES.get(cls)
-        if found is None:  # once per class: `dataclasses.fields` is slow for every decision
+        if found is None:  # once per class, not per decision
             found = _NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
         return found
 
@@ -237,8 +237,8 @@ def policy_block(policy: Policy) -> tuple[int, ...]:
 def packed_policy_block(policy: Policy) -> bytes:
     """The policy block as the scripts receive it: one argument of signed 64-bit
     little-endian integers, which Lua's `struct.unpack` reads in one call (`read_policy`
-    in lib.lua). A decision then packs one argument where it packed some fifteen: redis-py
-    packs each argument in Python, and that was a tenth of a decision's CPU."""
+    in lib.lua). One argument, because redis-py packs every argument in Python, on the
+    coordinator's CPU, for every decision."""
     values = policy_block(policy)
     return struct.pack(f"<{len(values)}q", *values)
 
