@@ -37,7 +37,7 @@ KEY_LAYOUT = ("state", "inflight_api", "inflight_key", "line", "tickets")
 # A ticket's place in line: class rank * RANK_SPAN + arrival ms (a span of centuries).
 RANK_SPAN = 10**13
 POLICY_FIELDS = ("ttl_ms", "track_api", "track_key", "stamp_ttl_ms")
-LIMIT_FIELDS = ("kind", "amount", "window_ms", "granularity_ms", "margin_ms")
+LIMIT_FIELDS = ("kind", "amount", "window_ms", "granularity_ms", "margin_ms", "assured")
 
 
 def _encode(value: object) -> str | int:
@@ -198,7 +198,14 @@ def policy_block(policy: Policy) -> tuple[str | int, ...]:
     return head + tuple(
         value
         for lim in policy.limits
-        for value in (lim.kind.value, lim.amount, lim.window_ms, lim.granularity_ms, lim.margin_ms)
+        for value in (
+            lim.kind.value,
+            lim.amount,
+            lim.window_ms,
+            lim.granularity_ms,
+            lim.margin_ms,
+            lim.amount if lim.assured is None else lim.assured,
+        )
     )
 
 
