@@ -188,10 +188,14 @@ local function probe_wait(lim, need, now)
   lim.amount = lim.confirmed
   local wait = wait_for_units(lim, live, used, need, now)
   lim.amount = full
+  local last = 0
   for _, bucket in ipairs(live) do
-    if bucket[3] and (wait < 0 or (bucket[1] + 1) * lim.gran - now > wait) then
-      wait = (bucket[1] + 1) * lim.gran - now
+    if bucket[3] then
+      last = math.max(last, (bucket[1] + 1) * lim.gran - now)
     end
+  end
+  if wait < 0 or last < wait then
+    wait = last
   end
   return math.max(wait, 1)
 end
