@@ -263,7 +263,7 @@ end
 -- nothing else of that counter is in flight; so no call ever overlaps a probe's flight
 -- from before it, and of the calls the upstream may refuse before it named its limit,
 -- only the probe itself can be refused. A probe released `ok` proves that the upstream
--- accepted every call granted after its release - window and released `ok` before its
+-- accepted every call granted after its arrival - window and released `ok` before its
 -- grant (they all arrived in the window it was counted in); those, and the probe, raise
 -- the confirmed level. To count them, each `ok` release of a probing limit adds its units
 -- to the bucket of its grant, kept in the counter hash as a ring of window / granularity
@@ -435,18 +435,20 @@ local function purge_leases(now, ttl, track_api)
   return nil
 end
 
--- The confirmed level a probe released at `now` proves: its units and those of the `ok`
--- releases granted in (now - window, grant) (whole buckets only); drops the `g` buckets
--- that no later probe can count.
-local function probe_proves(lim, lease, now)
+-- The confirmed level a probe proves: its units and those of the `ok` releases granted in
+-- (arrived - window, grant) (whole buckets only), where `arrived` is the latest the probe
+-- can have arrived: its release at `now`, less the run time the upstream reported (it ran
+-- the query after the arrival and answered after it finished).
+local function probe_proves(lim, lease, now, ran)
   local flat = redis.call('HGETALL', lim.key)
   local proved = lease.cost
+  local arrived = math.max(now - (ran or 0), lease.grant)
   for i = 1, #flat, 2 do
     if string.byte(flat[i], 1) == 103 then  -- 'g'
       local index, units = string.match(flat[i + 1], '^(%d+):(%d+)$')
       index = tonumber(index)
       -- The upstream's window may be shorter by what clock rates differ (the margin).
-      if index and index * lim.gran > now - lim.window + lim.margin
+      if index and index * lim.gran > arrived - lim.window + lim.margin
           and (index + 1) * lim.gran <= lease.grant then
         proved = proved + tonumber(units)
       end

@@ -169,7 +169,7 @@ for _, lim in ipairs(probing) do
       confirm(lim, amount)  -- the upstream's own word: nothing below it needs a probe
     end
   elseif lim.probe and outcome == 'ok' and lim.confirmed < lim.in_force then
-    local level = math.min(probe_proves(lim, lease, now), lim.in_force)
+    local level = math.min(probe_proves(lim, lease, now, runtime), lim.in_force)
     if level > lim.confirmed then
       confirm(lim, level)
     end

@@ -14,7 +14,9 @@ policy's, never below 1). A calls limit with `assured` below its amount grants f
 its confirmed level (at first `assured`, never above the amount in force); a grant that
 takes the count above it is a probe, granted only while nothing else of that counter is in
 flight. A probe released `ok` confirms its units plus those of every `ok` release granted
-in a whole bucket after (release - window + margin) and before the probe's grant bucket;
+in a whole bucket after (arrival - window + margin) and before the probe's grant bucket,
+where arrival is the latest the probe can have arrived (its release less its reported run
+time);
 a named limit confirms the amount then in force.
 
 Priority classes, as the model states them: a lease of a class with a share is granted
@@ -255,7 +257,7 @@ class Model:
         if lease.expiry <= now:
             self._settle(lease)
             return "expired"
-        self._probing(lease, token, outcome, named, now)
+        self._probing(lease, token, outcome, named, now - (runtime or 0))
         for lim in self.policy.limits:
             if lim.kind is Kind.CONCURRENT or outcome == "not_called":
                 continue
@@ -270,7 +272,8 @@ class Model:
     def _probing(
         self, lease: ModelLease, token: str, outcome: str, named: tuple[int, int] | None, now: int
     ) -> None:
-        """What a release does to learned limits, confirmed levels and probes."""
+        """What a release does to learned limits, confirmed levels and probes; `now` is the
+        latest the call can have arrived (its release less the run time reported)."""
         levels = {i: (self.level(i), self.in_force(i)) for i in range(len(self.policy.limits))}
         for i, lim in enumerate(self.policy.limits):
             level, in_force = levels[i]
@@ -308,7 +311,8 @@ class Model:
                 proved = lease.cost + sum(
                     units
                     for grant, units in self.accepted.get(self._scope(i, lease.key), [])
-                    if (grant // gran) * gran > now - lim.window_ms + lim.margin_ms
+                    if (grant // gran) * gran
+                    > max(now, lease.grant) - lim.window_ms + lim.margin_ms
                     and (grant // gran + 1) * gran <= lease.grant
                 )
                 if min(proved, in_force) > level:

@@ -61,7 +61,8 @@ def worlds(draw: st.DrawFn) -> World:
 
 # A schedule: ("acquire", n) n times, ("arrive", i), ("release", i), ("skip", i) (released
 # unsent), ("advance", ms), ("settle", 0) (every call sent arrives, every answer is
-# released); i picks among the leases that can take that step.
+# released); i picks among the leases that can take that step (and for a release, whether
+# it reports the longest run time it can have had).
 steps = st.lists(
     st.one_of(
         st.tuples(st.just("acquire"), st.integers(1, 4)),
@@ -81,6 +82,7 @@ class Call:
     granted: int
     expiry: int
     answer: str = ""  # "" not sent yet; "ok" | "throttled" once it arrived
+    arrived: int = 0
 
 
 async def _run(url: str, world: World, schedule: list[tuple[str, int]]) -> int:
@@ -128,6 +130,7 @@ async def _run(url: str, world: World, schedule: list[tuple[str, int]]) -> int:
                 call = unsent[pick % len(unsent)]
                 held = sum(1 for at in attempts if now - window < at <= now)
                 call.answer = "ok" if held < world.real else "throttled"
+                call.arrived = now
                 refused += call.answer == "throttled"
                 attempts.append(now)
             elif step in ("release", "skip") and (answered if step == "release" else unsent):
@@ -138,14 +141,21 @@ async def _run(url: str, world: World, schedule: list[tuple[str, int]]) -> int:
                 outcome = call.answer or "not_called"
                 named = (world.real, window) if outcome == "throttled" else None
                 retry = 1 if outcome == "throttled" else None
+                # The run time an upstream may report: at most the time since the arrival.
+                ran = now - call.arrived if outcome == "ok" and pick % 2 else None
                 try:
                     await engine.release(
-                        call.lease_id, outcome, retry_after_ms=retry, named=named, now=now
+                        call.lease_id,
+                        outcome,
+                        retry_after_ms=retry,
+                        runtime_ms=ran,
+                        named=named,
+                        now=now,
                     )
                     released = "released"
                 except UnknownLease:  # it expired
                     released = "gone"
-                expected_release = model.release(call.lease_id, outcome, retry, None, now, named)
+                expected_release = model.release(call.lease_id, outcome, retry, ran, now, named)
                 assert released == ("released" if expected_release == "released" else "gone")
     finally:
         await client.aclose()
