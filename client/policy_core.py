@@ -315,6 +315,8 @@ class Policy:
                     "scope": lim.scope.value,
                     "granularity": lim.granularity_ms / 1000 if lim.window_ms else None,
                     "margin": lim.margin_ms / 1000 if lim.window_ms else None,
+                    # calls granted without probing, shown only where the policy sets it
+                    **({} if lim.assured is None else {"assured": lim.assured}),
                 }
                 for lim in self.limits
             ],

@@ -215,3 +215,16 @@ async def test_forget_drops_the_confirmed_level(prober: Engine) -> None:
     held = [await grant(prober, later) for _ in range(5)]
     busy = await prober.acquire("t", "hunting", now=later)
     assert len(held) == 5 and isinstance(busy, Denial) and busy.soonest_ms == 0
+
+
+def test_assured_is_a_share_of_a_calls_limit() -> None:
+    limit = PROBING.resolve("t", "hunting")
+    assert limit is not None and limit.limits[0].assured == 5
+    assert limit.describe()["limits"][0]["assured"] == 5
+    plain = POLICIES.resolve("t", "hunting")
+    assert plain is not None and "assured" not in plain.describe()["limits"][0]
+    for bad in ("1.5", "-0.1", "yes"):
+        with pytest.raises(ValueError, match="assured"):
+            parse_policies(f"apis:\n  x:\n    limits: [{{calls: 4, per: 1s, assured: {bad}}}]\n")
+    with pytest.raises(ValueError, match="calls limits only"):
+        parse_policies("apis:\n  x:\n    limits: [{runtime: 4s, per: 1m, assured: 0.5}]\n")
