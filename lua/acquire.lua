@@ -61,7 +61,7 @@
 -- Probing (lib.lua, "Probing"): a grant above a probing limit's confirmed level is its
 -- probe, granted only while nothing else of that counter is in flight and no one is
 -- ahead in line; else it is denied, retry_ms as ever and soonest_ms 0 (a release may let
--- it probe). A probe's token goes into the state field P<window>.
+-- it probe). A probe's token goes into the state field P<window>.<i>.
 
 local now = clock(ARGV[ARG.now_ms])
 local token = ARGV[ARG.token]
@@ -313,7 +313,7 @@ if epoch_text then
 end
 for _, lim in ipairs(limits) do
   if lim.probe then
-    fields[#fields + 1] = 'P' .. lim.window
+    fields[#fields + 1] = probe_field('P', lim)
     fields[#fields + 1] = token
   end
 end

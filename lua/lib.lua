@@ -21,9 +21,9 @@
 --                       upstream (design rule 8): "amount:configured:until_ms", used
 --                       while until_ms has not passed and the policy still configures
 --                       that amount
---                   C<window_ms>  the confirmed level of a probing calls limit of that
---                       window (see "Probing" below), in the same format
---                   P<window_ms>  the token of its probe, while one may be in flight
+--                   C<window_ms>.<i>  the confirmed level of the probing calls limit i
+--                       (1-based, of that window; see "Probing" below), in the same format
+--                   P<window_ms>.<i>  the token of its probe, while one may be in flight
 --                 One hash, so that a grant reads all of it in one HMGET and writes it in
 --                 one HSET.
 --   inflight_api  zset, lease token scored by expiry; kept only when a concurrent limit of
@@ -66,7 +66,7 @@ local function read_policy()
     local amount = tonumber(ARGV[at + 1])
     local assured = tonumber(ARGV[at + 5])
     limits[i] = {
-      kind = ARGV[at], amount = amount, window = tonumber(ARGV[at + 2]),
+      index = i, kind = ARGV[at], amount = amount, window = tonumber(ARGV[at + 2]),
       gran = tonumber(ARGV[at + 3]), margin = tonumber(ARGV[at + 4]), key = KEYS[5 + i],
       assured = assured, probes = ARGV[at] == 'calls' and assured < amount,
       need = false, here = 0, c = false, field = false,  -- what acquire fills in
@@ -197,6 +197,11 @@ local function open_counter(lim, now, wanted)
   return c, values
 end
 
+-- A probing limit's field in the state hash: C (its confirmed level) or P (its probe).
+local function probe_field(letter, lim)
+  return letter .. lim.window .. '.' .. lim.index
+end
+
 -- The state hash's fields of the learned limits, one per calls limit (in `limits` order),
 -- then the confirmed levels of the probing ones (in `limits` order).
 local function learned_fields(limits)
@@ -208,7 +213,7 @@ local function learned_fields(limits)
   end
   for _, lim in ipairs(limits) do
     if lim.probes then
-      names[#names + 1] = 'C' .. lim.window
+      names[#names + 1] = probe_field('C', lim)
     end
   end
   return names

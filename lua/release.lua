@@ -26,8 +26,8 @@
 --   learn_ttl_ms     how long a learned limit holds
 -- Probing (lib.lua, "Probing"): while a probing limit's confirmed level is below its
 -- amount in force, an `ok` release adds its units to the `g` bucket of its grant; the probe's release (its token in
--- P<window>) ends the probe and, `ok`, raises C<window> to what it proves; a named limit
--- of the window sets C<window> to the amount now in force.
+-- P<window>.<i>) ends the probe and, `ok`, raises C<window>.<i> to what it proves; a
+-- named limit of the window sets it to the amount now in force.
 -- Reply: {GRANTED, now_ms, learned, index, amount, before}: learned is a LEARN code
 --        (NONE: nothing named or not throttled; LOWERED: limit `index` now grants
 --        `amount`, it granted `before`; KEPT: it already grants no more; HIGHER: the named amount
@@ -65,7 +65,7 @@ end
 if #probing > 0 then
   local names = learned_fields(limits)
   for _, lim in ipairs(probing) do
-    names[#names + 1] = 'P' .. lim.window
+    names[#names + 1] = probe_field('P', lim)
   end
   local values = redis.call('HMGET', KEYS[1], unpack(names))
   apply_learned(limits, values, now)
@@ -154,7 +154,7 @@ end
 local function confirm(lim, level)
   local until_ms = now + learn_ttl
   local tx, expire_ms = plan_state_ttl(now, 0, until_ms, ttl)
-  redis.call('HSET', KEYS[1], 'C' .. lim.window,
+  redis.call('HSET', KEYS[1], probe_field('C', lim),
     string.format('%d:%d:%d', level, lim.amount, until_ms), 'tx', tx)
   if expire_ms then
     redis.call('PEXPIRE', KEYS[1], expire_ms)
@@ -162,7 +162,7 @@ local function confirm(lim, level)
 end
 for _, lim in ipairs(probing) do
   if lim.probe then
-    redis.call('HDEL', KEYS[1], 'P' .. lim.window)
+    redis.call('HDEL', KEYS[1], probe_field('P', lim))
   end
   if learned ~= LEARN.NONE and learned ~= LEARN.NO_LIMIT and limits[index] == lim then
     if amount > lim.confirmed then

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from quotagate.coordinator.embedded import EmbeddedServer
 from quotagate.coordinator.engine import Denial, Engine, Grant
 from quotagate.coordinator.errors import UnknownLease
-from quotagate.coordinator.policy import Kind, Limit, Policy, PolicySet, make_policy
+from quotagate.coordinator.policy import Kind, Limit, Policy, PolicySet, Scope, make_policy
 from quotagate.coordinator.store import connect
 
 from .model import Model
@@ -30,7 +30,7 @@ from .strategies import EPOCH_MS
 pytestmark = pytest.mark.server
 
 PROPERTY = settings(
-    max_examples=300,
+    max_examples=500,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -50,7 +50,8 @@ def worlds(draw: st.DrawFn) -> World:
     share = draw(st.sampled_from([0.0, 0.25, 0.5, 0.75]))
     assured = math.floor(amount * share)
     margin = draw(st.sampled_from([0, 0, 100]))
-    calls = Limit(Kind.CALLS, amount, window, granularity, margin, assured=assured)
+    scope = draw(st.sampled_from([Scope.API, Scope.KEY]))
+    calls = Limit(Kind.CALLS, amount, window, granularity, margin, scope, assured=assured)
     limits: tuple[Limit, ...] = (calls,)
     if draw(st.booleans()):
         limits += (Limit(Kind.CONCURRENT, draw(st.integers(2, 6))),)
@@ -79,6 +80,7 @@ steps = st.lists(
 @dataclass
 class Call:
     lease_id: str
+    key: str
     granted: int
     expiry: int
     answer: str = ""  # "" not sent yet; "ok" | "throttled" once it arrived
@@ -86,7 +88,8 @@ class Call:
 
 
 async def _run(url: str, world: World, schedule: list[tuple[str, int]]) -> int:
-    """Drive the schedule; returns how many calls the upstream refused."""
+    """Drive the schedule; returns the most calls the upstream refused on one counter (one
+    per key for a limit of key scope: the upstream counts each path alone)."""
     client = connect(url)
     engine = Engine(client, PolicySet(apis={"p": world.policy}))
     model = Model(world.policy)
@@ -94,13 +97,14 @@ async def _run(url: str, world: World, schedule: list[tuple[str, int]]) -> int:
     window = world.policy.limits[0].window_ms
     now = EPOCH_MS
     calls: list[Call] = []
-    attempts: list[int] = []  # arrival times at the upstream
-    refused = 0
+    per_key = world.policy.limits[0].scope is Scope.KEY
+    attempts: dict[str, list[int]] = {"": [], "a": []}  # arrival times, per counter
+    refused = {"": 0, "a": 0}
     plan = [
         expanded
         for step, pick in schedule
         for expanded in (
-            [("acquire", 0)] * pick
+            [("acquire", pick)] * pick
             if step == "acquire"
             else [("arrive", 0)] * 8 + [("release", 0)] * 8
             if step == "settle"
@@ -114,12 +118,13 @@ async def _run(url: str, world: World, schedule: list[tuple[str, int]]) -> int:
             if step == "advance":
                 now += pick
             elif step == "acquire":
-                result = await engine.acquire(tenant, "p", now=now)
+                key = "a" if pick % 2 else ""
+                result = await engine.acquire(tenant, "p", key, now=now)
                 token = result.lease_id if isinstance(result, Grant) else "denied"
-                expected = model.acquire(token, "", 1, 0, world.policy.lease_ttl_ms, now)
+                expected = model.acquire(token, key, 1, 0, world.policy.lease_ttl_ms, now)
                 assert isinstance(result, Grant) == expected.granted, (expected, result)
                 if isinstance(result, Grant):
-                    calls.append(Call(result.lease_id, now, result.expires_at_ms))
+                    calls.append(Call(result.lease_id, key, now, result.expires_at_ms))
                 else:
                     assert isinstance(result, Denial)
                     assert (result.retry_after_ms, result.soonest_ms) == (
@@ -128,11 +133,12 @@ async def _run(url: str, world: World, schedule: list[tuple[str, int]]) -> int:
                     ), (expected, result)
             elif step == "arrive" and unsent:
                 call = unsent[pick % len(unsent)]
-                held = sum(1 for at in attempts if now - window < at <= now)
+                counter = call.key if per_key else ""
+                held = sum(1 for at in attempts[counter] if now - window < at <= now)
                 call.answer = "ok" if held < world.real else "throttled"
                 call.arrived = now
-                refused += call.answer == "throttled"
-                attempts.append(now)
+                refused[counter] += call.answer == "throttled"
+                attempts[counter].append(now)
             elif step in ("release", "skip") and (answered if step == "release" else unsent):
                 call = (answered if step == "release" else unsent)[
                     pick % len(answered if step == "release" else unsent)
@@ -159,7 +165,7 @@ async def _run(url: str, world: World, schedule: list[tuple[str, int]]) -> int:
                 assert released == ("released" if expected_release == "released" else "gone")
     finally:
         await client.aclose()
-    return refused
+    return max(refused.values())
 
 
 @given(world=worlds(), schedule=steps)
