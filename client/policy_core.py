@@ -138,6 +138,9 @@ class Limit:
     granularity_ms: int = 0
     margin_ms: int = 0
     scope: Scope = Scope.API
+    # Calls limits only: the calls granted without probing (design rule 8, "probing");
+    # None: the whole amount, no probing.
+    assured: int | None = None
 
     @property
     def span_ms(self) -> int:
@@ -160,6 +163,7 @@ def make_limit(
     margin_ms: int | None = None,
     scope: Scope = Scope.API,
     default_margin_ms: int | None = None,
+    assured: float | None = None,
 ) -> Limit:
     """A limit with the defaults applied (granularity `W/60`; margin `default_margin_ms`,
     else the clock-rate margin of its window), or a ValueError that names the rule it
@@ -175,6 +179,10 @@ def make_limit(
             if value is not None:
                 raise ValueError(f"{name} does not apply to a concurrent limit")
         return Limit(kind, amount, scope=scope)
+    if assured is not None and kind is not Kind.CALLS:
+        raise ValueError("assured applies to calls limits only")
+    if assured is not None and not 0 <= assured <= 1:
+        raise ValueError(f"assured must be a share in [0, 1], got {assured!r}")
     if per_ms is None:
         raise ValueError(f"a {kind} limit needs `per` (its window)")
     if per_ms <= 0:
@@ -199,6 +207,7 @@ def make_limit(
             m for m in (margin_ms, default_margin_ms, clock_margin_ms(per_ms)) if m is not None
         ),
         scope=scope,
+        assured=None if assured is None or assured >= 1 else math.floor(amount * assured),
     )
 
 
@@ -313,6 +322,8 @@ class Policy:
                     "scope": lim.scope.value,
                     "granularity": lim.granularity_ms / 1000 if lim.window_ms else None,
                     "margin": lim.margin_ms / 1000 if lim.window_ms else None,
+                    # calls granted without probing, shown only where the policy sets it
+                    **({} if lim.assured is None else {"assured": lim.assured}),
                 }
                 for lim in self.limits
             ],

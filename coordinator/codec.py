@@ -39,7 +39,7 @@ KEY_LAYOUT = ("state", "inflight_api", "inflight_key", "line", "tickets")
 # A ticket's place in line: class rank * RANK_SPAN + arrival ms (a span of centuries).
 RANK_SPAN = 10**13
 POLICY_FIELDS = ("ttl_ms", "track_api", "track_key", "stamp_ttl_ms")
-LIMIT_FIELDS = ("kind", "amount", "window_ms", "granularity_ms", "margin_ms")
+LIMIT_FIELDS = ("kind", "amount", "window_ms", "granularity_ms", "margin_ms", "assured")
 # A limit's kind in the policy block; the scripts map the code back to the name (`KINDS`).
 KIND_CODES = {"calls": 1, "runtime": 2, "concurrent": 3}
 
@@ -230,6 +230,7 @@ def policy_block(policy: Policy) -> tuple[int, ...]:
             lim.window_ms,
             lim.granularity_ms,
             lim.margin_ms,
+            lim.amount if lim.assured is None else lim.assured,
         )
     )
 

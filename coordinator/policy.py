@@ -91,6 +91,14 @@ class _LimitSpec(BaseModel):
     granularity: int | None = None
     margin: int | None = None
     scope: Scope = Scope.API
+    assured: float | None = None  # [0, 1]: the share granted without probing
+
+    @field_validator("assured", mode="before")
+    @classmethod
+    def _share(cls, value: object) -> object:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError(f"assured must be a share in [0, 1], got {value!r}")
+        return value
 
     @field_validator("runtime", "per", "granularity", "margin", mode="before")
     @classmethod
@@ -126,6 +134,7 @@ class _LimitSpec(BaseModel):
             margin_ms=self.margin,
             scope=self.scope,
             default_margin_ms=default_margin_ms,
+            assured=self.assured,
         )
 
 

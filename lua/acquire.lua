@@ -69,6 +69,10 @@
 --        bound limit's amount in force (a learned one may be lower than the policy's);
 --        epoch_ms and until_ms are what the caller should know next time (0 untracked).
 -- Learned limits (design rule 8) lower a calls limit's amount while they hold.
+-- Probing (lib.lua, "Probing"): a grant above a probing limit's confirmed level is its
+-- probe, granted only while nothing else of that counter is in flight and no one is
+-- ahead in line; else it is denied, retry_ms as ever and soonest_ms 0 (a release may let
+-- it probe). A probe's token goes into the state field P<window>.<i>.
 
 local now = clock(ARGV[ARG.now_ms])
 local token = ARGV[ARG.token]
@@ -232,6 +236,26 @@ if track_key then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 end
 
+-- Ms until a probe waiting for the leases in flight could go if nothing else happens:
+-- when the count fits the confirmed level, or when the last of them expires.
+local function probe_wait(lim, need, now)
+  local live, used = live_buckets(lim, now)
+  local full = lim.amount
+  lim.amount = lim.confirmed
+  local wait = wait_for_units(lim, live, used, need, now)
+  lim.amount = full
+  local last = 0
+  for _, bucket in ipairs(live) do
+    if bucket[3] then
+      last = math.max(last, (bucket[1] + 1) * lim.gran - now)
+    end
+  end
+  if wait < 0 or last < wait then
+    wait = last
+  end
+  return math.max(wait, 1)
+end
+
 local expiry = now + ttl
 local retry, bound, soonest = 0, 0, 0
 local cooldown = tonumber(state[1]) or 0
@@ -283,6 +307,13 @@ for i, lim in ipairs(limits) do
       wait = math.max(wait, lim.window)
     end
     lim.amount = in_force
+    if wait == 0 and lim.confirmed < in_force and c.sum + c.fl + need > lim.confirmed then
+      if c.fl > 0 or before > 0 then
+        wait, soon = probe_wait(lim, need, now), 0  -- a release may let it probe
+      else
+        lim.probe = true
+      end
+    end
   end
   if wait < 0 then
     keep_place(false, -1)
@@ -351,6 +382,12 @@ end
 if epoch_text then
   fields[#fields + 1] = 'ep'
   fields[#fields + 1] = epoch_text
+end
+for _, lim in ipairs(limits) do
+  if lim.probe then
+    fields[#fields + 1] = probe_field('P', lim)
+    fields[#fields + 1] = token
+  end
 end
 if not purge_at then
   fields[#fields + 1] = 'px'

@@ -24,6 +24,9 @@
 --                   G<rank>  the last grant (ms) of the priority class of that rank (or
 --                       the hash's first grant), per lower class (rank > 0) of an api
 --                       with aging (acquire.lua)
+--                   C<window_ms>.<i>  the confirmed level of the probing calls limit i
+--                       (1-based, of that window; see "Probing" below), in the same format
+--                   P<window_ms>.<i>  the token of its probe, while one may be in flight
 --                 One hash, so that a grant reads all of it in one HMGET and writes it in
 --                 one HSET.
 --   inflight_api  zset, lease token scored by expiry; kept only when a concurrent limit of
@@ -40,7 +43,8 @@
 -- Policy block: every quota script's ARGV closes with ARGV[POLICY_AT], what the policy
 -- fixes as signed 64-bit little-endian integers (read_policy):
 --   ttl_ms, track_api, track_key, stamp_ttl_ms; then per limit: kind, amount, window_ms,
---   granularity_ms, margin_ms.
+--   granularity_ms, margin_ms, assured.
+-- assured is the calls granted without probing (the amount when the limit does not probe).
 -- ttl_ms is a new lease's time to live; track_api and track_key are "1" or "0";
 -- stamp_ttl_ms is how long the state hash lives at least after a grant (its longest
 -- window or its lease ttl, whichever is longer); kind is the code of "calls" |
@@ -58,17 +62,20 @@ local function clock(arg)
 end
 
 -- The policy block (see above) as ttl_ms, track_api, track_key, stamp_ttl_ms and the
--- limits (tables: kind, amount, window, gran, margin, key).
+-- limits (tables: kind, amount, window, gran, margin, assured, key).
 local function read_policy()
   local n = #KEYS - 5
-  local v = {struct.unpack('<' .. string.rep('i8', 4 + 5 * n), ARGV[POLICY_AT])}
+  local v = {struct.unpack('<' .. string.rep('i8', 4 + 6 * n), ARGV[POLICY_AT])}
   local limits = {}
   for i = 1, n do
-    local at = 4 + 5 * (i - 1)
+    local at = 4 + 6 * (i - 1)
+    local kind, amount, assured = KINDS[v[at + 1]], v[at + 2], v[at + 6]
     limits[i] = {
-      kind = KINDS[v[at + 1]], amount = v[at + 2], window = v[at + 3],
+      index = i, kind = kind, amount = amount, window = v[at + 3],
       gran = v[at + 4], margin = v[at + 5], key = KEYS[5 + i],
+      assured = assured, probes = kind == 'calls' and assured < amount,
       need = false, here = 0, c = false, field = false,  -- what acquire fills in
+      confirmed = amount, probe = false,
     }
   end
   return v[1], v[2] == 1, v[3] == 1, v[4], limits
@@ -194,7 +201,13 @@ local function open_counter(lim, now, wanted)
   return c, values
 end
 
--- The state hash's fields of the learned limits, one per calls limit (in `limits` order).
+-- A probing limit's field in the state hash: C (its confirmed level) or P (its probe).
+local function probe_field(letter, lim)
+  return letter .. lim.window .. '.' .. lim.index
+end
+
+-- The state hash's fields of the learned limits, one per calls limit (in `limits` order),
+-- then the confirmed levels of the probing ones (in `limits` order).
 local function learned_fields(limits)
   local names = {}
   for _, lim in ipairs(limits) do
@@ -202,25 +215,36 @@ local function learned_fields(limits)
       names[#names + 1] = 'L' .. lim.window
     end
   end
+  for _, lim in ipairs(limits) do
+    if lim.probes then
+      names[#names + 1] = probe_field('C', lim)
+    end
+  end
   return names
 end
 
--- A learned amount from its field's value, or nil when it is absent, lapsed, or was
--- learned under another configured amount.
-local function learned_amount(lim, value, now)
+-- The amount of an "amount:configured:until_ms" field, or nil when it is absent, lapsed,
+-- or was stored under another configured amount.
+local function held_amount(value, configured, now)
   if not value then
     return nil
   end
-  local amount, configured, until_ms = string.match(value, '^(%d+):(%d+):(%d+)$')
-  if tonumber(configured) ~= lim.amount or tonumber(until_ms) <= now then
+  local amount, under, until_ms = string.match(value, '^(%d+):(%d+):(%d+)$')
+  if tonumber(under) ~= configured or tonumber(until_ms) <= now then
     return nil
   end
   return tonumber(amount)
 end
 
--- Lower each calls limit's amount to what was learned for it; `values` are the fields of
--- learned_fields(limits), read from the state hash. Keeps the policy's amount in
--- `configured`.
+-- A learned amount from its field's value, or nil when it is absent, lapsed, or was
+-- learned under another configured amount.
+local function learned_amount(lim, value, now)
+  return held_amount(value, lim.amount, now)
+end
+
+-- Lower each calls limit's amount to what was learned for it, and set each probing
+-- limit's confirmed level; `values` are the fields of learned_fields(limits), read from
+-- the state hash. Keeps the policy's amount in `configured`.
 local function apply_learned(limits, values, now)
   local at = 0
   for _, lim in ipairs(limits) do
@@ -233,7 +257,27 @@ local function apply_learned(limits, values, now)
       end
     end
   end
+  for _, lim in ipairs(limits) do
+    if lim.probes then
+      at = at + 1
+      lim.confirmed = math.max(lim.assured, held_amount(values[at], lim.configured, now) or 0)
+    end
+    lim.confirmed = math.min(lim.confirmed, lim.amount)
+  end
 end
+
+-- Probing (design rule 8): a calls limit whose `assured` is below its amount grants
+-- freely only up to its confirmed level (at first `assured`). A grant that takes the
+-- window's count (charged and in flight, rule 3) above it is a probe, granted only while
+-- nothing else of that counter is in flight; so no call ever overlaps a probe's flight
+-- from before it, and of the calls the upstream may refuse before it named its limit,
+-- only the probe itself can be refused. A probe released `ok` proves that the upstream
+-- accepted every call granted after its arrival - window and released `ok` before its
+-- grant (they all arrived in the window it was counted in); those, and the probe, raise
+-- the confirmed level. To count them, each `ok` release of a probing limit adds its units
+-- to the bucket of its grant, kept in the counter hash as a ring of window / granularity
+-- + 1 fields: g<index mod slots> = "index:units" (a slot's older index has left every
+-- window a probe can still count).
 
 -- The x<index> field of a lease that expires at `expiry`.
 local function expiry_field(lim, expiry)
@@ -398,4 +442,41 @@ local function purge_leases(now, ttl, track_api)
     return now + ttl
   end
   return nil
+end
+
+-- The confirmed level a probe proves: its units and those of the `ok` releases granted in
+-- (arrived - window, grant) (whole buckets only), where `arrived` is the latest the probe
+-- can have arrived: its release at `now`, less the run time the upstream reported (it ran
+-- the query after the arrival and answered after it finished).
+local function probe_proves(lim, lease, now, ran)
+  local flat = redis.call('HGETALL', lim.key)
+  local proved = lease.cost
+  local arrived = math.max(now - (ran or 0), lease.grant)
+  for i = 1, #flat, 2 do
+    if string.byte(flat[i], 1) == 103 then  -- 'g'
+      local index, units = string.match(flat[i + 1], '^(%d+):(%d+)$')
+      index = tonumber(index)
+      -- The upstream's window may be shorter by what clock rates differ (the margin).
+      if index and index * lim.gran > arrived - lim.window + lim.margin
+          and (index + 1) * lim.gran <= lease.grant then
+        proved = proved + tonumber(units)
+      end
+    end
+  end
+  return proved
+end
+
+-- An `ok` release's units in the ring slot of its grant's bucket (see "Probing").
+local function count_grant(lim, lease)
+  local index = math.floor(lease.grant / lim.gran)
+  local name = 'g' .. index % (lim.window / lim.gran + 1)
+  local held, units = string.match(redis.call('HGET', lim.key, name) or '', '^(%d+):(%d+)$')
+  held = tonumber(held)
+  if held and held > index then
+    return  -- granted so long ago that no probe can count it any more
+  end
+  if held ~= index then
+    units = 0
+  end
+  redis.call('HSET', lim.key, name, string.format('%d:%d', index, units + lease.cost))
 end

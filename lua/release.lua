@@ -24,6 +24,10 @@
 --   named_amount     the limit the upstream named, "" = none
 --   named_window_ms  its window
 --   learn_ttl_ms     how long a learned limit holds
+-- Probing (lib.lua, "Probing"): while a probing limit's confirmed level is below its
+-- amount in force, an `ok` release adds its units to the `g` bucket of its grant; the probe's release (its token in
+-- P<window>.<i>) ends the probe and, `ok`, raises C<window>.<i> to what it proves; a
+-- named limit of the window sets it to the amount now in force.
 -- Reply: {GRANTED, now_ms, learned, index, amount, before}: learned is a LEARN code
 --        (NONE: nothing named or not throttled; LOWERED: limit `index` now grants
 --        `amount`, it granted `before`; KEPT: it already grants no more; HIGHER: the named amount
@@ -50,6 +54,29 @@ if lease.expiry <= now then
   return {REPLY.DENIED, now, 'expired'}
 end
 
+-- Probing limits (lib.lua, "Probing"): their amounts in force, confirmed levels and
+-- probes, read only when the policy has one.
+local probing = {}
+for _, lim in ipairs(limits) do
+  if lim.probes then
+    probing[#probing + 1] = lim
+  end
+end
+if #probing > 0 then
+  local names = learned_fields(limits)
+  for _, lim in ipairs(probing) do
+    names[#names + 1] = probe_field('P', lim)
+  end
+  local values = redis.call('HMGET', KEYS[1], unpack(names))
+  apply_learned(limits, values, now)
+  for _, lim in ipairs(limits) do
+    lim.in_force, lim.amount = lim.amount, lim.configured
+  end
+  for i, lim in ipairs(probing) do
+    lim.probe = values[#names - #probing + i] == token
+  end
+end
+
 -- The lease leaves flight in every windowed limit; unless it was not called, its units
 -- are charged in the bucket of now (the call reached the upstream before this release).
 for _, lim in ipairs(limits) do
@@ -63,6 +90,9 @@ for _, lim in ipairs(limits) do
     end
     if units > 0 or charged > 0 then
       local field, here = expiry_field(lim, lease.expiry), math.floor(now / lim.gran)
+      if outcome == 'ok' and lim.probes and lim.confirmed < lim.in_force then
+        count_grant(lim, lease)
+      end
       local c, values = open_counter(lim, now, {field, here})
       local take = math.min(values[1], units)  -- less only if the counter was lost
       local extra = {}
@@ -115,6 +145,33 @@ if outcome == 'throttled' and named and named_window then
         end
       end
       break
+    end
+  end
+end
+
+-- A probe's answer: `ok` raises the confirmed level to what it proves; a named limit of
+-- its window (below) confirms the amount now in force. Either ends the probe.
+local function confirm(lim, level)
+  local until_ms = now + learn_ttl
+  local tx, expire_ms = plan_state_ttl(now, 0, until_ms, ttl)
+  redis.call('HSET', KEYS[1], probe_field('C', lim),
+    string.format('%d:%d:%d', level, lim.amount, until_ms), 'tx', tx)
+  if expire_ms then
+    redis.call('PEXPIRE', KEYS[1], expire_ms)
+  end
+end
+for _, lim in ipairs(probing) do
+  if lim.probe then
+    redis.call('HDEL', KEYS[1], probe_field('P', lim))
+  end
+  if learned ~= LEARN.NONE and learned ~= LEARN.NO_LIMIT and limits[index] == lim then
+    if amount > lim.confirmed then
+      confirm(lim, amount)  -- the upstream's own word: nothing below it needs a probe
+    end
+  elseif lim.probe and outcome == 'ok' and lim.confirmed < lim.in_force then
+    local level = math.min(probe_proves(lim, lease, now, runtime), lim.in_force)
+    if level > lim.confirmed then
+      confirm(lim, level)
     end
   end
 end

@@ -8,6 +8,17 @@ Design rule 3, as the model states it: a lease that has not been released counts
 bucket of its expiry, in full while it is in flight (whatever its age); a released lease
 counts in the bucket of its release, a refunded one nowhere.
 
+Learned limits and probing (design rule 8), as the model states them: a throttled release
+naming a calls limit's window lowers that limit to the named amount (never above the
+policy's, never below 1). A calls limit with `assured` below its amount grants freely up to
+its confirmed level (at first `assured`, never above the amount in force); a grant that
+takes the count above it is a probe, granted only while nothing else of that counter is in
+flight. A probe released `ok` confirms its units plus those of every `ok` release granted
+in a whole bucket after (arrival - window + margin) and before the probe's grant bucket,
+where arrival is the latest the probe can have arrived (its release less its reported run
+time);
+a named limit confirms the amount then in force.
+
 Priority classes, as the model states them: a lease of a class with a share is granted
 only while each windowed limit's use (every class's, in flight included) plus its units
 stays within `amount * share_permille // 1000`; in recovery, within the recovery share of
@@ -103,6 +114,35 @@ class Model:
             if lower == rank or lower not in self.stamps:
                 self.stamps[lower] = now
 
+    learned: dict[int, int] = field(default_factory=dict)  # limit index -> amount
+    confirmed: dict[int, int] = field(default_factory=dict)  # limit index -> level
+    probes: dict[int, str] = field(default_factory=dict)  # limit index -> probe's token
+    # (limit index, key or None) -> (grant ms, units) of each ok release while probing
+    accepted: dict[tuple[int, str | None], list[tuple[int, int]]] = field(default_factory=dict)
+
+    def in_force(self, i: int) -> int:
+        lim = self.policy.limits[i]
+        return min(lim.amount, self.learned.get(i, lim.amount))
+
+    def level(self, i: int) -> int:
+        """The confirmed level of limit i: the amount in force unless it probes."""
+        lim = self.policy.limits[i]
+        if lim.kind is not Kind.CALLS or lim.assured is None:
+            return self.in_force(i)
+        return min(max(lim.assured, self.confirmed.get(i, 0)), self.in_force(i))
+
+    def _in_flight(self, lim: Limit, key: str, now: int) -> list[ModelLease]:
+        """The leases still in flight in the counter (until their expiry's bucket ends)."""
+        gran = lim.granularity_ms
+        return [
+            lease
+            for lease in self._unreleased(lim, key)
+            if lease.units(lim) > 0 and (lease.expiry // gran + 1) * gran > now
+        ]
+
+    def _scope(self, i: int, key: str) -> tuple[int, str | None]:
+        return i, key if self.policy.limits[i].scope is Scope.KEY else None
+
     def _counter(self, lim: Limit, key: str) -> dict[int, int]:
         name = (
             lim.kind,
@@ -177,6 +217,7 @@ class Model:
             class_permille = 1000
         retry, bound = max(self.cooldown_until - now, 0), 0
         soonest = retry
+        probing = []
         for i, lim in enumerate(self.policy.limits, start=1):
             soon = 0  # a concurrency slot frees at once when a lease is released
             if lim.kind is Kind.CONCURRENT:
@@ -184,11 +225,20 @@ class Model:
                 wait = 0 if len(live) < lim.amount else live[len(live) - lim.amount] - now
             else:
                 need = cost if lim.kind is Kind.CALLS else estimate
-                cap = lim.amount * class_permille // 1000
-                wait = self._window_wait(lim, self._counted(lim, key, now), need, now, cap)
+                cap = self.in_force(i - 1) * class_permille // 1000
+                buckets = self._counted(lim, key, now)
+                wait = self._window_wait(lim, buckets, need, now, cap)
                 if wait < 0:
                     return Decision(False, -1, i, soonest=-1)
                 soon = self._window_wait(lim, self._released_now(lim, key, now), need, now, cap)
+                level = self.level(i - 1)
+                used = sum(units for _, units in buckets)
+                if wait == 0 and level < self.in_force(i - 1) and used + need > level:
+                    flying = self._in_flight(lim, key, now)
+                    if flying:
+                        wait, soon = self._probe_wait(lim, buckets, need, level, flying, now), 0
+                    else:
+                        probing.append(i - 1)
             if wait > retry:
                 retry, bound = wait, i
             soonest = max(soonest, soon)
@@ -202,10 +252,35 @@ class Model:
             return Decision(False, retry, bound, soonest=soonest)
         self._stamp(rank, now)
         self.leases[token] = ModelLease(key, now, cost, estimate, now + ttl)
+        for i in probing:
+            self.probes[i] = token
         return Decision(True, expiry=now + ttl)
 
+    @staticmethod
+    def _probe_wait(
+        lim: Limit,
+        buckets: list[tuple[int, int]],
+        need: int,
+        level: int,
+        flying: list[ModelLease],
+        now: int,
+    ) -> int:
+        """Until the count fits the confirmed level, or the last lease in flight expires."""
+        wait = wait_for_units(lim, buckets, need, level, now)
+        gran = lim.granularity_ms
+        last = max((lease.expiry // gran + 1) * gran - now for lease in flying)
+        if wait < 0 or last < wait:
+            wait = last
+        return max(wait, 1)
+
     def release(
-        self, token: str, outcome: str, retry: int | None, runtime: int | None, now: int
+        self,
+        token: str,
+        outcome: str,
+        retry: int | None,
+        runtime: int | None,
+        now: int,
+        named: tuple[int, int] | None = None,
     ) -> str:
         lease = self.leases.pop(token, None)
         if lease is None:
@@ -213,6 +288,7 @@ class Model:
         if lease.expiry <= now:
             self._settle(lease)
             return "expired"
+        self._probing(lease, token, outcome, named, now - (runtime or 0))
         for lim in self.policy.limits:
             if lim.kind is Kind.CONCURRENT or outcome == "not_called":
                 continue
@@ -223,6 +299,55 @@ class Model:
         if outcome == "throttled" and retry:
             self.cooldown_until = max(self.cooldown_until, now + retry)
         return "released"
+
+    def _probing(
+        self, lease: ModelLease, token: str, outcome: str, named: tuple[int, int] | None, now: int
+    ) -> None:
+        """What a release does to learned limits, confirmed levels and probes; `now` is the
+        latest the call can have arrived (its release less the run time reported)."""
+        levels = {i: (self.level(i), self.in_force(i)) for i in range(len(self.policy.limits))}
+        for i, lim in enumerate(self.policy.limits):
+            level, in_force = levels[i]
+            if outcome == "ok" and lim.kind is Kind.CALLS and lim.assured is not None:
+                if level < in_force:
+                    self.accepted.setdefault(self._scope(i, lease.key), []).append(
+                        (lease.grant, lease.cost)
+                    )
+        taught = None  # (limit index, the amount in force after the named limit)
+        if outcome == "throttled" and named is not None:
+            for i, lim in enumerate(self.policy.limits):
+                if lim.kind is Kind.CALLS and lim.window_ms == named[1]:
+                    before = self.in_force(i)
+                    amount = max(named[0], 1)
+                    if named[0] >= lim.amount:
+                        amount = lim.amount
+                    elif amount >= before:
+                        amount = before
+                    else:
+                        self.learned[i] = amount
+                    taught = (i, amount)
+                    break
+        for i, lim in enumerate(self.policy.limits):
+            if lim.kind is not Kind.CALLS or lim.assured is None:
+                continue
+            level, in_force = levels[i]
+            probe = self.probes.get(i) == token
+            if probe:
+                del self.probes[i]
+            if taught is not None and taught[0] == i:
+                if taught[1] > level:
+                    self.confirmed[i] = taught[1]
+            elif probe and outcome == "ok" and level < in_force:
+                gran = lim.granularity_ms
+                proved = lease.cost + sum(
+                    units
+                    for grant, units in self.accepted.get(self._scope(i, lease.key), [])
+                    if (grant // gran) * gran
+                    > max(now, lease.grant) - lim.window_ms + lim.margin_ms
+                    and (grant // gran + 1) * gran <= lease.grant
+                )
+                if min(proved, in_force) > level:
+                    self.confirmed[i] = min(proved, in_force)
 
     def renew(self, token: str, ttl: int, now: int) -> int | str:
         lease = self.leases.get(token)

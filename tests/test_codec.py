@@ -150,4 +150,5 @@ def test_the_packed_policy_block_holds_the_fields_in_order() -> None:
     assert values == codec.policy_block(policy)
     assert len(values) == len(codec.POLICY_FIELDS) + len(codec.LIMIT_FIELDS) * 2
     assert values[4] == codec.KIND_CODES["calls"] and values[5] == 7
-    assert values[9] == codec.KIND_CODES["concurrent"] and values[10] == 2
+    second = len(codec.POLICY_FIELDS) + len(codec.LIMIT_FIELDS)
+    assert values[second] == codec.KIND_CODES["concurrent"] and values[second + 1] == 2

@@ -138,3 +138,93 @@ def test_over_http(coordinator_url: str) -> None:
         first = http.get("/v1/usage/t/app/fast").json()["limits"][0]
         assert first["amount"] == first["configured"] == 20
         assert http.delete("/v1/learned/t/app/nothing").status_code == 404
+
+
+# -- probing: above the assured share, one probe at a time, alone in flight -------------------
+
+PROBING = parse_policies(
+    """
+margin: 0
+apis:
+  hunting:
+    lease_ttl: 10s
+    limits:
+      - {calls: 10, per: 2s, granularity: 10ms, assured: 0.5}
+"""
+)
+
+
+@pytest.fixture
+def prober(redis_client: Redis) -> Engine:
+    return Engine(redis_client, PROBING, learned_ttl_ms=60_000)
+
+
+async def grant(engine: Engine, now: int) -> Grant:
+    lease = await engine.acquire("t", "hunting", now=now)
+    assert isinstance(lease, Grant), lease
+    return lease
+
+
+async def test_above_the_assured_share_a_probe_goes_alone(prober: Engine) -> None:
+    held = [await grant(prober, T0) for _ in range(5)]  # assured: 5 of 10
+    busy = await prober.acquire("t", "hunting", now=T0 + 1)
+    assert isinstance(busy, Denial) and busy.soonest_ms == 0 and busy.retry_after_ms > 0
+    for lease in held:
+        await prober.release(lease.lease_id, "ok", now=T0 + 30)
+    probe = await grant(prober, T0 + 40)  # nothing else in flight: the probe
+    assert isinstance(await prober.acquire("t", "hunting", now=T0 + 41), Denial)
+    await prober.release(probe.lease_id, "ok", now=T0 + 50)
+    # It proved 6 (the five before it and itself): the next probe is the seventh.
+    probe = await grant(prober, T0 + 60)
+    await prober.release(probe.lease_id, "ok", now=T0 + 70)
+    probe = await grant(prober, T0 + 80)
+    assert isinstance(await prober.acquire("t", "hunting", now=T0 + 81), Denial)
+
+
+async def test_a_throttled_probe_ends_probing_at_the_named_limit(prober: Engine) -> None:
+    for _ in range(5):
+        await prober.release((await grant(prober, T0)).lease_id, "ok", now=T0 + 10)
+    probe = await grant(prober, T0 + 20)
+    await prober.release(
+        probe.lease_id, "throttled", retry_after_ms=1, named=(5, TWO_S), now=T0 + 30
+    )
+    later = T0 + 10_000  # a fresh window: 5 in force, all confirmed, no probing
+    held = [await grant(prober, later) for _ in range(5)]
+    assert len(held) == 5
+    denial = await prober.acquire("t", "hunting", now=later)
+    assert isinstance(denial, Denial) and denial.amount == 5 and denial.soonest_ms > 0
+
+
+async def test_a_named_limit_at_the_policy_ends_probing(prober: Engine) -> None:
+    probe = await grant(prober, T0)
+    await prober.release(
+        probe.lease_id, "throttled", retry_after_ms=1, named=(10, TWO_S), now=T0 + 1
+    )
+    later = T0 + 10_000
+    held = [await grant(prober, later) for _ in range(10)]  # all at once: confirmed
+    assert len(held) == 10
+
+
+async def test_forget_drops_the_confirmed_level(prober: Engine) -> None:
+    probe = await grant(prober, T0)
+    await prober.release(
+        probe.lease_id, "throttled", retry_after_ms=1, named=(8, TWO_S), now=T0 + 1
+    )
+    assert await prober.forget("t", "hunting", now=T0 + 2) == 1
+    later = T0 + 10_000
+    held = [await grant(prober, later) for _ in range(5)]
+    busy = await prober.acquire("t", "hunting", now=later)
+    assert len(held) == 5 and isinstance(busy, Denial) and busy.soonest_ms == 0
+
+
+def test_assured_is_a_share_of_a_calls_limit() -> None:
+    limit = PROBING.resolve("t", "hunting")
+    assert limit is not None and limit.limits[0].assured == 5
+    assert limit.describe()["limits"][0]["assured"] == 5
+    plain = POLICIES.resolve("t", "hunting")
+    assert plain is not None and "assured" not in plain.describe()["limits"][0]
+    for bad in ("1.5", "-0.1", "yes"):
+        with pytest.raises(ValueError, match="assured"):
+            parse_policies(f"apis:\n  x:\n    limits: [{{calls: 4, per: 1s, assured: {bad}}}]\n")
+    with pytest.raises(ValueError, match="calls limits only"):
+        parse_policies("apis:\n  x:\n    limits: [{runtime: 4s, per: 1m, assured: 0.5}]\n")

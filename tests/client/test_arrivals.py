@@ -38,6 +38,11 @@ apis:
   m365d.advanced-hunting:
     lease_ttl: 10s
     limits: [{{calls: 45, per: 1m}}]
+tenants:
+  "contoso/probing":
+    m365d.incidents:
+      lease_ttl: 5s
+      limits: [{{calls: {LIMIT}, per: {WINDOW:g}s, granularity: 100ms, assured: 0.25}}]
 """
 ENDPOINTS = (
     Endpoint("incidents", r"/api/incidents", frozenset({"GET"}), (calls(LIMIT, WINDOW),)),
@@ -112,6 +117,57 @@ def test_late_senders_see_no_upstream_429(
     assert [a.status for a in arrivals] == [200] * total
     assert statuses == [200] * total
     assert most_in_any_window([a.at for a in arrivals], WINDOW) <= LIMIT
+
+
+def test_a_tenant_below_the_policy_sees_at_most_one_429(
+    coordinator_url: str, emulator: DefenderEmulator, emulator_url: str
+) -> None:
+    """Probing (rule 8): the upstream allows this tenant half the policy's calls and names
+    that in its 429s; concurrent workers, some sending late, see at most one of them."""
+    caller = "contoso-probing"
+    lower = httpx.post(f"{emulator_url}/_emulator/factor", json={"caller": caller, "factor": 0.5})
+    lower.raise_for_status()
+    total, workers = 30, 16
+    late = LateSends(0.1, 0.05, 0.3)
+    tickets = iter(range(total))
+    lock = threading.Lock()
+    statuses: list[int] = []
+    errors: list[BaseException] = []
+    with (
+        QuotaClient(coordinator_url, "contoso/probing") as quota,
+        httpx.Client(
+            transport=QuotaTransport(quota, inner=ToEmulator(emulator_url, late)),
+            headers={"Authorization": f"Bearer {caller}"},
+            timeout=60,
+        ) as http,
+    ):
+
+        def work() -> None:
+            while True:
+                with lock:
+                    ticket = next(tickets, None)
+                if ticket is None:
+                    return
+                try:
+                    statuses.append(http.get(INCIDENTS, params={"n": ticket}).status_code)
+                except BaseException as exc:
+                    errors.append(exc)
+                    return
+
+        threads = [threading.Thread(target=work) for _ in range(workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert quota.flush(timeout=5)
+        learned = quota.usage("m365d.incidents")["limits"][0]
+
+    assert errors == []
+    refused = [a for a in emulator.arrivals("/api/incidents") if a.status == 429]
+    assert len(refused) <= 1
+    assert statuses.count(429) == len(refused) and statuses.count(200) == total - len(refused)
+    if refused:
+        assert learned["amount"] == LIMIT // 2
 
 
 class WithoutRetryAfter(httpx.BaseTransport):

@@ -22,6 +22,8 @@ for a fixed time. The same fleet runs four times, each on a fresh tenant:
   TLS handshake), far beyond any margin.
 - `learned`: the same, on a tenant whose calls limits the emulator holds at
   `learned_factor` of the catalog's; the coordinator learns them from the first 429s.
+  Its calls limits probe above `learned_assured` (0.5) of their amount: one call at a
+  time, alone in flight, so the upstream can refuse at most one per limit.
 - `gateway`: plain httpx workers with no quotagate code, sending to the same coordinator's
   gateway (`/gateway/api.security.microsoft.com/...`, which `gateway_upstreams` sends on
   to the emulator) with `X-Quotagate-Tenant` and `X-Quotagate-Wait` headers; a 429 they
@@ -142,6 +144,7 @@ class Options:
     late_share: float = 0.05  # `late`: the share of sends held ...
     late_hold: tuple[float, float] = (1.0, 2.0)  # ... this many real seconds
     learned_factor: float = 0.7  # `learned`: the tenant's calls limits, of the catalog's
+    learned_assured: float | None = 0.5  # `learned`: its policies' `assured`; None: unset
     replica_spread: tuple[float, ...] = (0.75, 0.125, 0.125)  # `replicas`: workers' shares
     configs: tuple[str, ...] = CONFIGS
     seed: int = 1
@@ -536,30 +539,44 @@ def _ms(seconds: float) -> int:
     return math.ceil(round(seconds * 1000, 6))
 
 
-def quotagate_policies(options: Options) -> str:
-    """The coordinator's policies for the jobs: the emulator's limits on its time scale;
-    windows up to 10 s in buckets of `granularity_ms`, and `margin_ms` on every limit if
-    set (else each window's default)."""
-    lines = [] if options.margin_ms is None else [f"margin: {options.margin_ms}ms"]
-    lines.append("apis:")
+def _api_lines(options: Options, indent: str, assured: float | None) -> list[str]:
+    lines = []
     for role, job in JOBS.items():
         endpoint = endpoint_of(role)
-        lines.append(f"  {job.api}:")
+        lines.append(f"{indent}{job.api}:")
         if endpoint.hunting:
-            lines.append(f"    runtime_estimate: {_ms(options.real(options.runtime_max))}ms")
-            lines.append(f"    lease_ttl: {_ms(options.real(4 * 60))}ms")
-        lines.append("    limits:")
+            lines.append(f"{indent}  runtime_estimate: {_ms(options.real(options.runtime_max))}ms")
+            lines.append(f"{indent}  lease_ttl: {_ms(options.real(4 * 60))}ms")
+        lines.append(f"{indent}  limits:")
         for limit in endpoint.limits:
             window = _ms(options.real(limit.per))
             if limit.runtime:
                 spec = f"runtime: {_ms(options.real(limit.amount))}ms, per: {window}ms"
             else:
                 spec = f"calls: {int(limit.amount)}, per: {window}ms"
+                if assured is not None:
+                    spec += f", assured: {assured:g}"
             if window <= 10_000 and window % options.granularity_ms == 0:
                 spec += f", granularity: {options.granularity_ms}ms"
             if endpoint.per_path:
                 spec += ", scope: key"
-            lines.append(f"      - {{{spec}}}")
+            lines.append(f"{indent}    - {{{spec}}}")
+    return lines
+
+
+def quotagate_policies(options: Options) -> str:
+    """The coordinator's policies for the jobs: the emulator's limits on its time scale;
+    windows up to 10 s in buckets of `granularity_ms`, and `margin_ms` on every limit if
+    set (else each window's default). The `learned` tenants' calls limits probe above
+    `learned_assured` of their amount, the setting the README recommends for tenants
+    whose limits vary."""
+    lines = [] if options.margin_ms is None else [f"margin: {options.margin_ms}ms"]
+    lines.append("apis:")
+    lines.extend(_api_lines(options, "  ", None))
+    if options.learned_assured is not None:
+        lines.append("tenants:")
+        lines.append('  "bench-learned-*":')
+        lines.extend(_api_lines(options, "    ", options.learned_assured))
     return "\n".join(lines) + "\n"
 
 
@@ -811,6 +828,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
     parser.add_argument("--late-share", type=float, default=defaults.late_share)
     parser.add_argument("--learned-factor", type=float, default=defaults.learned_factor)
+    parser.add_argument(
+        "--learned-assured",
+        type=lambda text: None if text == "none" else float(text),
+        default=defaults.learned_assured,
+        help="`assured` of the learned tenant's calls limits ('none': no probing)",
+    )
     parser.add_argument("--granularity-ms", type=int, default=defaults.granularity_ms)
     parser.add_argument(
         "--mix",
@@ -842,6 +865,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         granularity_ms=args.granularity_ms,
         late_share=args.late_share,
         learned_factor=args.learned_factor,
+        learned_assured=args.learned_assured,
         mix=mix,
         configs=configs,
         stagger=args.stagger,
