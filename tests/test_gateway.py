@@ -36,7 +36,7 @@ from quotagate.client import (
 )
 from quotagate.coordinator.app import create_app
 from quotagate.coordinator.embedded import EmbeddedServer, free_port
-from quotagate.coordinator.gateway import PEEK, tenant_from_token
+from quotagate.coordinator.gateway import PEEK, Upstream, tenant_from_token
 from quotagate.coordinator.settings import Settings
 
 from .conftest import TEST_POLICIES, _wipe
@@ -414,7 +414,8 @@ def test_other_hosts_are_refused_before_any_connection(
     settings = _settings(valkey_server, tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
     app = create_app(settings)
     with serve_in_thread(app) as url:
-        app.state.gateway.client = httpx.AsyncClient(transport=httpx.MockTransport(record))
+        mocked = httpx.AsyncClient(transport=httpx.MockTransport(record))
+        app.state.gateway.upstream = Upstream([mocked])
         status, body = raw_get(url, f"/gateway/{host}/api/incidents")
     assert 400 <= status < 500, body
     assert body.get("error") in ("host_not_allowed", "invalid_path", "not_found"), body
