@@ -479,6 +479,33 @@ def test_unrouted_paths_pass_marked_or_are_refused(
     assert len(emulated.arrivals("/other/path")) == 1
 
 
+def test_a_graph_batch_passes_marked_and_logged_or_is_refused(
+    valkey_server: EmbeddedServer,
+    tmp_path: Path,
+    coordinator: str,
+    emulated: DefenderEmulator,
+    emulator: tuple[DefenderEmulator, str],
+    echo: tuple[Echo, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    body = {"requests": [{"id": "1", "method": "GET", "url": "/security/incidents"}]}
+    headers = {"X-Quotagate-Tenant": TENANT}
+    with caplog.at_level(logging.WARNING, "quotagate"):
+        answer = httpx.post(
+            f"{coordinator}/gateway/{GRAPH}/v1.0/$batch", json=body, headers=headers
+        )
+    assert answer.headers["x-quotagate"] == "uncoordinated"
+    told = [r.getMessage() for r in caplog.records]
+    assert f"gateway: {GRAPH} POST:/v1.0/_id_ has no route: passed uncoordinated" in told
+    assert len(emulated.arrivals("/v1.0/$batch")) == 1
+    settings = _settings(valkey_server, tmp_path, emulator[1], echo[1], gateway_unrouted="refuse")
+    with serve_in_thread(create_app(settings)) as url:
+        refused = httpx.post(f"{url}/gateway/{GRAPH}/v1.0/$batch", json=body, headers=headers)
+    assert refused.status_code == 404
+    assert refused.json()["error"] == "unrouted"
+    assert len(emulated.arrivals("/v1.0/$batch")) == 1
+
+
 def test_quotagate_token_in_its_own_header(
     valkey_server: EmbeddedServer,
     tmp_path: Path,
