@@ -15,7 +15,7 @@ from .auth import Authorizer
 from .engine import Engine
 from .errors import BackendUnavailable
 from .gateway import PREFIX as GATEWAY_PREFIX
-from .gateway import Gateway, upstream_client
+from .gateway import Gateway, Upstream
 from .handlers import EXCEPTION_HANDLERS
 from .index import FleetIndex
 from .logs import RequestId
@@ -66,9 +66,13 @@ def create_app(
         )
         app.state.engine = engine
         app.state.waiting = lines = FleetLines(engine)
-        # The gateway's one client for upstream calls, closed after its releases are sent.
+        # The gateway's clients for upstream calls, closed after its releases are sent.
         app.state.gateway = Gateway(
-            settings, engine, app.state.waiting, app.state.authorizer, upstream_client(settings)
+            settings,
+            engine,
+            app.state.waiting,
+            app.state.authorizer,
+            Upstream.from_settings(settings),
         )
         # Observability, beside the decisions: the fleet index's background writer.
         app.state.index = index = FleetIndex(

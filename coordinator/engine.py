@@ -11,7 +11,7 @@ import asyncio
 import functools
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal, TypeVar
@@ -124,6 +124,17 @@ class Denial:
 
 
 @dataclass(frozen=True)
+class Release:
+    """One release of `release_many`, with the arguments of `release`."""
+
+    lease_id: str
+    outcome: Outcome | str
+    retry_after_ms: int | None = None
+    runtime_ms: int | None = None
+    named: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
 class Released:
     """A release that took effect, and what became of the limit its answer named."""
 
@@ -157,6 +168,17 @@ class Usage:
 
 def _bytes(value: str | int) -> bytes:
     return value.encode() if isinstance(value, str) else b"%d" % value
+
+
+def _store_error(exc: BaseException) -> BaseException:
+    """What a failed reply of a pipeline raises, as `Engine._call` would have."""
+    if isinstance(exc, BackendUnavailable | UnknownLease):
+        return exc
+    if isinstance(exc, TRANSIENT) or str(exc).startswith(TRANSIENT_CODES):
+        unavailable = BackendUnavailable(str(exc) or type(exc).__name__)
+        unavailable.__cause__ = exc
+        return unavailable
+    return exc
 
 
 def _ids(info: Any) -> list[str]:
@@ -447,26 +469,83 @@ class Engine:
 
         `named` is the limit a throttled answer named, (calls, window ms): the tenant
         learns it when it is below the policy's calls limit of that window."""
-        ref, target = self._lease(lease_id)
-        policy = target.policy
-        outcome = Outcome(outcome)
+        release = Release(lease_id, outcome, retry_after_ms, runtime_ms, named)
+        ref, target, argv = self._release_argv(release, now)
+        reply = await self._call(self.lua_release(keys=target.keys, args=argv))
+        return self._released(ref, target.policy, named, reply)
+
+    async def release_many(
+        self, releases: Sequence[Release], *, now: int | None = None
+    ) -> list[Released | UnknownLease]:
+        """End several leases in one round trip: a pipeline, not a transaction, so each
+        release is its own script, as atomic as `release` alone. Per release, in order,
+        what it got: Released, or UnknownLease for one unknown, expired or released. A
+        store failure (BackendUnavailable) fails them all; a release sent twice changes
+        nothing the second time, so the whole batch may be sent again."""
+        results: list[Released | UnknownLease | None] = [None] * len(releases)
+        sent: list[tuple[int, LeaseRef, Target, list[str | int | bytes]]] = []
+        for at, release in enumerate(releases):
+            try:
+                ref, target, argv = self._release_argv(release, now)
+            except UnknownLease as exc:
+                results[at] = exc
+            else:
+                sent.append((at, ref, target, argv))
+        if isinstance(self.redis, RedisCluster) or len(sent) < 2:
+            # A cluster pipeline splits by node anyway: one script call each, at once.
+            replies: list[Any] = list(
+                await asyncio.gather(
+                    *(self._call(self.lua_release(keys=t.keys, args=a)) for _, _, t, a in sent),
+                    return_exceptions=True,
+                )
+            )
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            sha = self.lua_release.sha
+            for _, _, target, argv in sent:
+                pipe.evalsha(sha, len(target.keys), *target.keys, *argv)
+            replies = await self._call(pipe.execute(raise_on_error=False))
+            for n, reply in enumerate(replies):
+                if isinstance(reply, NoScriptError):  # the store lost its scripts: reload
+                    _, _, target, argv = sent[n]
+                    replies[n] = await self._call(self.lua_release(keys=target.keys, args=argv))
+        for (at, ref, target, _), reply in zip(sent, replies, strict=True):
+            if isinstance(reply, BaseException):
+                raise _store_error(reply)
+            try:
+                results[at] = self._released(ref, target.policy, releases[at].named, reply)
+            except UnknownLease as exc:
+                results[at] = exc
+        return [result for result in results if result is not None]
+
+    def _release_argv(
+        self, release: Release, now: int | None
+    ) -> tuple[LeaseRef, Target, list[str | int | bytes]]:
+        ref, target = self._lease(release.lease_id)
+        outcome = Outcome(release.outcome)
+        retry_after_ms = release.retry_after_ms
         if outcome is Outcome.THROTTLED and retry_after_ms is None:
             # Upstream said 429 without a time: pause for its shortest window, the
             # span after which Defender's own counters have certainly moved on.
-            retry_after_ms = policy.shortest_calls_window_ms
+            retry_after_ms = target.policy.shortest_calls_window_ms
+        named = release.named
         args = ReleaseArgs(
             now_ms=now,
             token=ref.member,
             outcome=outcome.value,
             retry_ms=retry_after_ms,
-            runtime_ms=runtime_ms,
+            runtime_ms=release.runtime_ms,
             named_amount=None if named is None else named[0],
             named_window_ms=None if named is None else named[1],
             learn_ttl_ms=self.learned_ttl_ms,
         )
-        reply = codec.decode_release(
-            await self._call(self.lua_release(keys=target.keys, args=args.argv(target.args)))
-        )
+        return ref, target, args.argv(target.args)
+
+    def _released(
+        self, ref: LeaseRef, policy: Policy, named: tuple[int, int] | None, raw: Any
+    ) -> Released:
+        """What one release script answered; UnknownLease when nothing changed."""
+        reply = codec.decode_release(raw)
         if not reply.found:
             raise UnknownLease(reply.reason)
         if reply.learned is not None and named is not None:
@@ -625,6 +704,7 @@ __all__ = [
     "Grant",
     "LimitUsage",
     "Outcome",
+    "Release",
     "Released",
     "Usage",
 ]

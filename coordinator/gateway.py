@@ -26,7 +26,7 @@ What it does with one request, in order:
    the last `PEEK` bytes of the answer, where `Stats.ExecutionTime` is. The outcome is
    the client's own (`Lease.report`, `quotagate.client.parsing`): a 429 releases as
    `throttled` before the tool sees it, so the whole fleet pauses first; other releases
-   leave the critical path.
+   leave the critical path, batched with those of other calls (`releases.py`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -62,9 +62,10 @@ from quotagate.client.routes import DEFENDER_HOSTS, GRAPH_HOSTS, RouteMatch, Rou
 from quotagate.client.routes import endpoint_key as endpoint_template
 
 from .auth import OPEN, Authorizer, Principal
-from .engine import Denial, Engine, Grant, Outcome
+from .engine import Denial, Engine, Grant, Outcome, Release
 from .errors import BackendUnavailable, InvalidRequest, QuotagateError, Unauthorized, UnknownLease
 from .policy import Kind
+from .releases import ReleaseSender
 from .replies import error_reply
 from .settings import Settings
 from .waiting import Ask, Waiting
@@ -112,23 +113,82 @@ class Target:
     url: str  # where the request goes
 
 
-def upstream_client(settings: Settings) -> httpx.AsyncClient:
-    """The one client for every upstream call: redirects are the tool's business, the
-    environment's proxy settings apply (an egress proxy), and no cookie is kept: the
-    client serves every tenant, so one tenant's cookie must never reach another's call."""
+def upstream_client(settings: Settings, connections: int | None = None) -> httpx.AsyncClient:
+    """A client for upstream calls: redirects are the tool's business, the environment's
+    proxy settings apply (an egress proxy), and no cookie is kept: the client serves every
+    tenant, so one tenant's cookie must never reach another's call. At most `connections`
+    (default: `gateway_connections`), each kept alive."""
+    connections = connections or settings.gateway_connections
     keep_none = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
     return httpx.AsyncClient(
         follow_redirects=False,
         cookies=keep_none,
         timeout=httpx.Timeout(settings.gateway_timeout, connect=10.0),
         limits=httpx.Limits(
-            max_connections=settings.gateway_connections,
-            max_keepalive_connections=settings.gateway_connections,
+            max_connections=connections,
+            max_keepalive_connections=connections,
             # Idle connections go before a server's usual 5 s keep-alive closes them
             # under a request that is being sent.
             keepalive_expiry=4.0,
         ),
     )
+
+
+class Upstream:
+    """The clients of the upstream calls, each call sent on the least busy one.
+
+    httpcore's connection pool looks at every connection it holds, several times over,
+    whenever a request starts or ends, so one pool's CPU per request grows with the
+    square of its connections: at a few dozen calls in flight, that was most of a gateway
+    call's CPU. The same connections split among `POOLS` pools cost a fraction of it."""
+
+    POOLS = 8
+
+    def __init__(self, clients: Sequence[httpx.AsyncClient]) -> None:
+        self.clients = list(clients)
+        self._busy = [0] * len(self.clients)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Upstream:
+        """`gateway_connections` shared among up to `POOLS` clients."""
+        pools, each = cls.shares(settings.gateway_connections)
+        return cls([upstream_client(settings, each) for _ in range(pools)])
+
+    @classmethod
+    def shares(cls, connections: int) -> tuple[int, int]:
+        """How many pools for `connections`, and the connections of each (rounded up)."""
+        pools = min(cls.POOLS, connections)
+        return pools, math.ceil(connections / pools)
+
+    @property
+    def busy(self) -> list[int]:
+        """Calls in flight on each client."""
+        return list(self._busy)
+
+    def build_request(self, method: str, url: str, **kwargs: Any) -> httpx.Request:
+        return self.clients[0].build_request(method, url, **kwargs)
+
+    async def send(self, request: httpx.Request) -> tuple[httpx.Response, Callable[[], None]]:
+        """The answer, streamed, and what to call once it is closed (any number of times)."""
+        at = min(range(len(self._busy)), key=self._busy.__getitem__)
+        self._busy[at] += 1
+        freed = False
+
+        def free() -> None:
+            nonlocal freed
+            if not freed:
+                freed = True
+                self._busy[at] -= 1
+
+        try:
+            return await self.clients[at].send(request, stream=True), free
+        except BaseException:
+            free()
+            raise
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.aclose()
 
 
 def tenant_from_token(authorization: str | None) -> str | None:
@@ -235,7 +295,7 @@ class _Tail:
 
 
 class Gateway:
-    """Forwards gateway requests; one per app, holding the upstream client."""
+    """Forwards gateway requests; one per app, holding the upstream clients."""
 
     def __init__(
         self,
@@ -243,14 +303,14 @@ class Gateway:
         engine: Engine,
         waiting: Waiting,
         authorizer: Authorizer,
-        client: httpx.AsyncClient,
+        upstream: Upstream,
         routes: RouteTable | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.waiting = waiting
         self.authorizer = authorizer
-        self.client = client
+        self.upstream = upstream
         self.routes = routes if routes is not None else RouteTable()
         self.upstreams = dict(settings.gateway_upstreams)
         route_hosts = {host for route in self.routes for host in route.hosts}
@@ -263,19 +323,12 @@ class Gateway:
             for host, base in self.upstreams.items()
         }
         self._warned: set[tuple[str, str]] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.releases = ReleaseSender(engine, waiting)
 
     async def aclose(self) -> None:
-        """Finish the releases under way, then close the upstream client."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.client.aclose()
-
-    def in_background(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run `work` off the critical path, held until it ends (and by `aclose`)."""
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        """Send the releases queued, then close the upstream client."""
+        await self.releases.aclose()
+        await self.upstream.aclose()
 
     # -- the request --------------------------------------------------------------------
 
@@ -391,7 +444,7 @@ class Gateway:
             headers.append((b"content-length", sized.encode()))
         has_body = (sized is not None and sized != "0") or "transfer-encoding" in request.headers
         try:
-            outgoing = self.client.build_request(
+            outgoing = self.upstream.build_request(
                 request.method,
                 target.url,
                 headers=headers,
@@ -407,7 +460,7 @@ class Gateway:
                 await call.release_now("not_called")
             raise PathRefused("the path would leave the host it names")
         try:
-            upstream = await self.client.send(outgoing, stream=True)
+            upstream, free = await self.upstream.send(outgoing)
         except NOT_SENT as exc:
             if call is not None:
                 await call.release_now("not_called")
@@ -425,7 +478,7 @@ class Gateway:
         out.extend(marks.items())
         if call is not None:
             out.append((b"x-quotagate-api", call.grant.api.encode()))
-        return await _Relay.start(call, upstream, out)
+        return await _Relay.start(call, upstream, free, out)
 
 
 class _Call:
@@ -490,7 +543,9 @@ class _Call:
             peek.read()  # decodes gzip etc.; left unread, `report` skips the body
         self.lease.report(peek, runtime=runtime)
 
-    async def release_now(self, outcome: Said | None = None) -> None:
+    def finish(self, outcome: Said | None = None) -> Release:
+        """The release of this call, its renewal stopped (`outcome` overrides the one
+        reported)."""
         if outcome is not None:
             self.lease.set_outcome(outcome, runtime=self.runtime)
         self._renewal.cancel()
@@ -506,23 +561,36 @@ class _Call:
                 body.get("status_code"),
                 retry_after,
             )
+        return Release(
+            self.grant.lease_id,
+            body["outcome"],
+            retry_after_ms=None if retry_after is None else math.ceil(retry_after * 1000),
+            runtime_ms=None if runtime is None else math.ceil(runtime * 1000),
+            named=None
+            if named is None
+            else (int(named["amount"]), math.ceil(named["window"] * 1000)),
+        )
+
+    async def release_now(self, outcome: Said | None = None) -> None:
+        """Release before going on: after a 429 (the fleet pauses before the tool hears
+        of it) and for a call that never reached the upstream."""
+        release = self.finish(outcome)
         try:
             await self.gateway.engine.release(
-                self.grant.lease_id,
-                body["outcome"],
-                retry_after_ms=None if retry_after is None else math.ceil(retry_after * 1000),
-                runtime_ms=None if runtime is None else math.ceil(runtime * 1000),
-                named=None
-                if named is None
-                else (int(named["amount"]), math.ceil(named["window"] * 1000)),
+                release.lease_id,
+                release.outcome,
+                retry_after_ms=release.retry_after_ms,
+                runtime_ms=release.runtime_ms,
+                named=release.named,
             )
         except (UnknownLease, BackendUnavailable) as exc:
             log.warning("gateway: releasing a lease of %s failed: %s", self.grant.api, exc)
         self.gateway.waiting.released(self.grant.tenant, self.grant.api)
 
     def release_later(self) -> None:
-        """Release off the critical path; `Gateway.aclose` waits for it."""
-        self.gateway.in_background(self.release_now())
+        """Release off the critical path, with the releases of other calls that end
+        meanwhile (`ReleaseSender`); `Gateway.aclose` drains them."""
+        self.gateway.releases.send(self.finish(), self.grant.tenant, self.grant.api)
 
 
 class _Relay(Response):
@@ -532,6 +600,7 @@ class _Relay(Response):
         self,
         call: _Call | None,
         upstream: httpx.Response,
+        free: Callable[[], None],
         headers: list[tuple[bytes, bytes]],
         head: list[bytes],
         chunks: AsyncIterator[bytes] | None,
@@ -540,20 +609,26 @@ class _Relay(Response):
         self.raw_headers = headers
         self.call = call
         self.upstream = upstream
+        self.free = free
         self.head = head
         self.chunks = chunks
 
     @classmethod
     async def start(
-        cls, call: _Call | None, upstream: httpx.Response, headers: list[tuple[bytes, bytes]]
+        cls,
+        call: _Call | None,
+        upstream: httpx.Response,
+        free: Callable[[], None],
+        headers: list[tuple[bytes, bytes]],
     ) -> Response:
-        """Read as much of the answer as its outcome needs: all of a small error body."""
+        """Read as much of the answer as its outcome needs: all of a small error body.
+        `free` is called once the answer is closed (`Upstream.send`)."""
         chunks = upstream.aiter_raw()
         status = upstream.status_code
         length = upstream.headers.get("content-length")
         small = length is None or (length.isdigit() and int(length) <= PEEK)
         if call is None or status < 400 or not small:
-            return cls(call, upstream, headers, [], chunks)
+            return cls(call, upstream, free, headers, [], chunks)
         head: list[bytes] = []
         held = 0
         try:
@@ -561,22 +636,22 @@ class _Relay(Response):
                 head.append(chunk)
                 held += len(chunk)
                 if held > PEEK:
-                    return cls(call, upstream, headers, head, chunks)
+                    return cls(call, upstream, free, headers, head, chunks)
         except (httpx.HTTPError, OSError):
-            await upstream.aclose()
+            await _close(upstream, free)
             call.report(status, upstream.headers, None, None)
             if call.lease.outcome != "throttled":
                 call.lease.set_outcome("failed", status, runtime=call.runtime)
             await call.release_now()
             return error_reply(502, "upstream_failed", "the upstream's answer broke off")
-        await upstream.aclose()
+        await _close(upstream, free)
         body = b"".join(head)
         call.report(status, upstream.headers, body, None)
         if call.lease.outcome == "throttled":
             await call.release_now()  # the fleet pauses before the tool hears of it
         else:
             call.release_later()
-        return cls(None, upstream, headers, head, None)
+        return cls(None, upstream, free, headers, head, None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         call, done = self.call, False
@@ -598,18 +673,33 @@ class _Relay(Response):
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     if tail is not None:
                         tail.add(chunk)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            # The upstream's connection goes back to the pool before the tool's last
+            # byte, so the tool's next request finds it idle rather than opening another.
+            await _close(self.upstream, self.free)
             done = True
+            self._end(tail)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            if call is not None:
-                status, headers = self.upstream.status_code, self.upstream.headers
-                if done:
-                    runtime = tail.execution_time() if tail is not None else None
-                    call.report(status, headers, None, runtime)
-                else:
+            if not done:
+                if call is not None:
+                    status = self.upstream.status_code
                     call.lease.set_outcome("failed", status, runtime=call.runtime)
-                call.release_later()
-            await self.upstream.aclose()
+                    call.release_later()
+                await _close(self.upstream, self.free)
+
+    def _end(self, tail: _Tail | None) -> None:
+        """The whole answer was read: its outcome goes to the release sender."""
+        if self.call is not None:
+            runtime = tail.execution_time() if tail is not None else None
+            self.call.report(self.upstream.status_code, self.upstream.headers, None, runtime)
+            self.call.release_later()
+
+
+async def _close(upstream: httpx.Response, free: Callable[[], None]) -> None:
+    try:
+        await upstream.aclose()
+    finally:
+        free()
 
 
 def exhausted_reply(denial: Denial, host: str, found: RouteMatch) -> Response:
@@ -638,4 +728,12 @@ def exhausted_reply(denial: Denial, host: str, found: RouteMatch) -> Response:
     return Response(json.dumps(body), 429, headers=headers, media_type="application/json")
 
 
-__all__ = ["PEEK", "Gateway", "Target", "exhausted_reply", "tenant_from_token", "upstream_client"]
+__all__ = [
+    "PEEK",
+    "Gateway",
+    "Target",
+    "Upstream",
+    "exhausted_reply",
+    "tenant_from_token",
+    "upstream_client",
+]

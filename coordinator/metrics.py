@@ -44,10 +44,11 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
-from .engine import Engine, Outcome, Released
+from .engine import Engine, Released
 from .errors import BackendUnavailable
+from .leases import LeaseRef
 from .logs import event
-from .policy import Kind
+from .policy import Kind, Policy
 
 T = TypeVar("T")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -250,12 +251,13 @@ class MeteredEngine(Engine):
             message = "the quota store changed (failover or restart): recovery limits on"
             event(logging.ERROR, "store_state_lost", message, since=self.recovery)
 
-    async def release(self, lease_id: str, outcome: Outcome | str, **kwargs: Any) -> Released:
-        released = await super().release(lease_id, outcome, **kwargs)
+    def _released(
+        self, ref: LeaseRef, policy: Policy, named: tuple[int, int] | None, raw: Any
+    ) -> Released:
+        released = super()._released(ref, policy, named, raw)
         learned = released.learned
         if learned is not None and learned.code == "LOWERED":
-            ref = released.ref
-            limit = self.policy(ref.tenant, ref.api).limits[learned.index - 1]
+            limit = policy.limits[learned.index - 1]
             learned_limit_changed(
                 ref.tenant, ref.api, limit.kind.value, limit.window_ms / 1000, learned.amount
             )

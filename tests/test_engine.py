@@ -6,7 +6,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from quotagate.coordinator.engine import Denial, Engine, Grant
+from quotagate.coordinator.engine import Denial, Engine, Grant, Release, Released
 from quotagate.coordinator.errors import InvalidRequest, UnknownApi, UnknownLease
 from quotagate.coordinator.policy import load_policies, parse_policies
 
@@ -186,6 +186,48 @@ async def test_scripts_reload_after_the_cache_is_flushed(engine: Engine) -> None
     await grant(engine, "calls")
     await engine.redis.script_flush()
     await grant(engine, "calls", now=T0 + 1)
+
+
+async def test_release_many_is_each_release_in_one_round_trip(engine: Engine) -> None:
+    calls = [await grant(engine, "calls", now=T0 + i) for i in range(3)]
+    session = await grant(engine, "sessions", "m1")
+    gone = await grant(engine, "sessions", "m2")
+    await engine.release(gone.lease_id, "ok", now=T0 + 5)
+    results = await engine.release_many(
+        [
+            Release(calls[0].lease_id, "not_called"),
+            Release(gone.lease_id, "ok"),  # released already: nothing changes
+            Release("not-a-lease", "ok"),
+            Release(calls[1].lease_id, "ok"),
+            Release(session.lease_id, "throttled", retry_after_ms=4_000),
+        ],
+        now=T0 + 10,
+    )
+    assert [type(result) for result in results] == [
+        Released,
+        UnknownLease,
+        UnknownLease,
+        Released,
+        Released,
+    ]
+    await grant(engine, "calls", now=T0 + 20)  # the refund freed one call
+    await deny(engine, "calls", now=T0 + 21)
+    paused = await deny(engine, "sessions", "m3", now=T0 + 1_000)
+    assert (paused.reason, paused.retry_after_ms) == ("cooling_down", 3_010)
+    usage = await engine.usage("contoso", "sessions", "m1", now=T0 + 1_000)
+    assert usage.in_flight == 0
+
+
+async def test_release_many_reloads_its_script(engine: Engine) -> None:
+    leases = [await grant(engine, "calls", now=T0 + i) for i in range(3)]
+    await engine.redis.script_flush()
+    results = await engine.release_many(
+        [Release(lease.lease_id, "not_called") for lease in leases], now=T0 + 10
+    )
+    assert all(isinstance(result, Released) for result in results)
+    assert await engine.release_many([], now=T0 + 10) == []
+    usage = await engine.usage("contoso", "calls", now=T0 + 10)
+    assert usage.limits[0].used == 0
 
 
 async def test_every_key_has_a_ttl_and_one_slot(engine: Engine) -> None:

@@ -36,7 +36,7 @@ from quotagate.client import (
 )
 from quotagate.coordinator.app import create_app
 from quotagate.coordinator.embedded import EmbeddedServer, free_port
-from quotagate.coordinator.gateway import PEEK, tenant_from_token
+from quotagate.coordinator.gateway import PEEK, Upstream, tenant_from_token
 from quotagate.coordinator.settings import Settings
 
 from .conftest import TEST_POLICIES, _wipe
@@ -414,7 +414,8 @@ def test_other_hosts_are_refused_before_any_connection(
     settings = _settings(valkey_server, tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
     app = create_app(settings)
     with serve_in_thread(app) as url:
-        app.state.gateway.client = httpx.AsyncClient(transport=httpx.MockTransport(record))
+        mocked = httpx.AsyncClient(transport=httpx.MockTransport(record))
+        app.state.gateway.upstream = Upstream([mocked])
         status, body = raw_get(url, f"/gateway/{host}/api/incidents")
     assert 400 <= status < 500, body
     assert body.get("error") in ("host_not_allowed", "invalid_path", "not_found"), body
@@ -476,6 +477,33 @@ def test_unrouted_paths_pass_marked_or_are_refused(
     assert refused.status_code == 404
     assert refused.json()["error"] == "unrouted"
     assert len(emulated.arrivals("/other/path")) == 1
+
+
+def test_a_graph_batch_passes_marked_and_logged_or_is_refused(
+    valkey_server: EmbeddedServer,
+    tmp_path: Path,
+    coordinator: str,
+    emulated: DefenderEmulator,
+    emulator: tuple[DefenderEmulator, str],
+    echo: tuple[Echo, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    body = {"requests": [{"id": "1", "method": "GET", "url": "/security/incidents"}]}
+    headers = {"X-Quotagate-Tenant": TENANT}
+    with caplog.at_level(logging.WARNING, "quotagate"):
+        answer = httpx.post(
+            f"{coordinator}/gateway/{GRAPH}/v1.0/$batch", json=body, headers=headers
+        )
+    assert answer.headers["x-quotagate"] == "uncoordinated"
+    told = [r.getMessage() for r in caplog.records]
+    assert f"gateway: {GRAPH} POST:/v1.0/_id_ has no route: passed uncoordinated" in told
+    assert len(emulated.arrivals("/v1.0/$batch")) == 1
+    settings = _settings(valkey_server, tmp_path, emulator[1], echo[1], gateway_unrouted="refuse")
+    with serve_in_thread(create_app(settings)) as url:
+        refused = httpx.post(f"{url}/gateway/{GRAPH}/v1.0/$batch", json=body, headers=headers)
+    assert refused.status_code == 404
+    assert refused.json()["error"] == "unrouted"
+    assert len(emulated.arrivals("/v1.0/$batch")) == 1
 
 
 def test_quotagate_token_in_its_own_header(

@@ -137,6 +137,9 @@ def test_graph_endpoint(method: str, path: str, api: str) -> None:
         ("GET", "api.security.microsoft.com", "/healthz"),
         ("GET", "login.microsoftonline.com", "/contoso/oauth2/v2.0/token"),
         ("GET", "graph.microsoft.com", "/api/incidents"),
+        # JSON batching: one request holding up to 20, each throttled on its own resource
+        ("POST", "graph.microsoft.com", "/v1.0/$batch"),
+        ("POST", "graph.microsoft.com", "/beta/%24batch"),
     ],
 )
 def test_unrouted(method: str, host: str, path: str) -> None:

@@ -142,6 +142,25 @@ class TestUnrouted:
             http.get(GRAPH_ME)
         assert caplog.records == [] and fake.calls == []
 
+    def test_a_graph_batch_is_told_or_refused(
+        self, client: QuotaClient, fake: FakeCoordinator, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        batch = "https://graph.microsoft.com/v1.0/$batch"
+        body = {"requests": [{"id": "1", "method": "GET", "url": "/security/incidents"}]}
+        upstream = Upstream()
+        with (
+            caplog.at_level(logging.WARNING, "quotagate.client"),
+            httpx.Client(transport=QuotaTransport(client, inner=upstream.transport)) as http,
+        ):
+            http.post(batch, json=body)
+        (warned,) = [r.getMessage() for r in caplog.records]
+        # `$batch` is no name of the path templates (letters only): it shows as an id.
+        assert "POST:/v1.0/_id_ on graph.microsoft.com matches no route" in warned
+        transport = QuotaTransport(client, inner=upstream.transport, unrouted="raise")
+        with httpx.Client(transport=transport) as http, pytest.raises(UnroutedRequest):
+            http.post(batch, json=body)
+        assert len(upstream.sent) == 1 and fake.calls == []
+
     def test_sdk_paths_are_routed(self, client: QuotaClient, fake: FakeCoordinator) -> None:
         transport = QuotaTransport(client, inner=Upstream().transport, unrouted="raise")
         with httpx.Client(transport=transport) as http:

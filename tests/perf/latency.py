@@ -14,7 +14,9 @@ whatever drifts on the machine hits every mode alike:
   `QUOTAGATE_GATEWAY_UPSTREAMS`;
 - `bare proxy`: the same through `bare_proxy_app`, a minimal pass-through proxy on the same
   stack (uvicorn's auto stack, one shared `httpx.AsyncClient`, bodies streamed), without a
-  lease: what any proxy hop costs.
+  lease: what any proxy hop costs. Under `wrk` only, `bare proxy, gateway's pools`: the
+  same proxy on the gateway's own upstream clients (`Upstream`), so the lease's own cost
+  shows apart from the pool arrangement.
 
 With `--before TREE` (a checkout of an older commit), that tree's client runs the same two
 transports as two more modes, against a second coordinator on uvicorn's plain stack (h11,
@@ -30,10 +32,11 @@ client's releases, as the sync client's own thread sends its releases.
 
 Per mode: p50 and p99 of the whole call as the caller sees it; per transport mode its p50
 over the direct p50 and its p99 minus the direct p99 (ms). Then, with `wrk` installed,
-throughput: `wrk` (one thread, `--connections`) drives the bare proxy and the gateway in
-turn, `--throughput-rounds` times each, `--throughput-seconds` each; the ratio compares
-their mean requests per second. Results go to `--json` (default
-`tests/perf/results/latency.json`) and the tables to standard output.
+throughput: `wrk` (one thread, `--connections`) drives the bare proxy, the gateway and the
+bare proxy on the gateway's pools in turn, `--throughput-rounds` times each,
+`--throughput-seconds` each; the ratio compares their mean requests per second. Results
+go to `--json` (default `tests/perf/results/latency.json`) and the tables to standard
+output.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ import httpx
 
 import quotagate.client as current_client
 from quotagate.coordinator.embedded import EmbeddedServer, free_port
+from quotagate.coordinator.gateway import Upstream
+from quotagate.coordinator.settings import Settings
 
 from ..emulator import MINUTE, DefenderEmulator, Endpoint, Limit
 from .harness import percentile
@@ -73,7 +78,7 @@ LIFETIME = 600.0  # seconds a child process lives at most
 DIRECT, ADIRECT = "direct", "direct (async)"
 UPSTREAM_MS = "QUOTAGATE_BENCH_UPSTREAM_MS"  # the emulator's answer time, for its process
 BEFORE = " (before)"
-GATEWAY, BARE = "gateway", "bare proxy"
+GATEWAY, BARE, BARE_POOLS = "gateway", "bare proxy", "bare proxy, gateway's pools"
 HOST = "api.security.microsoft.com"
 PROXY_UPSTREAM = "QUOTAGATE_BENCH_PROXY_UPSTREAM"  # where the bare proxy sends requests
 PIDS: dict[str, int] = {}  # server URL -> its process, for the CPU each request costs
@@ -98,12 +103,17 @@ def emulator_app() -> Any:
     return DefenderEmulator(endpoints=(endpoint,), latency=latency).app
 
 
-def bare_proxy_app() -> Any:
+def bare_proxy_app(client: httpx.AsyncClient | None = None, pools: bool = False) -> Any:
     """A minimal pass-through proxy: `/proxy/{path}` to `PROXY_UPSTREAM` + `/{path}`, with
-    one shared `httpx.AsyncClient`, bodies streamed and hop-by-hop headers dropped, no
-    lease: the baseline of the gateway's throughput."""
+    one shared `httpx.AsyncClient` (`client`, else a default one), bodies streamed and
+    hop-by-hop headers dropped, no lease: the baseline of the gateway's throughput. With
+    `pools`, it sends through the gateway's own upstream clients (`Upstream`, with the
+    default settings) instead."""
     upstream = os.environ[PROXY_UPSTREAM]
-    client = httpx.AsyncClient(follow_redirects=False)
+    if pools:
+        shared = Upstream.from_settings(Settings(gateway_upstreams={}))
+    else:
+        shared = Upstream([client or httpx.AsyncClient(follow_redirects=False)])
     hop = {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
     skipped = hop | {b"host", b"content-length"}
 
@@ -111,7 +121,7 @@ def bare_proxy_app() -> Any:
         if scope["type"] == "lifespan":
             while (await receive())["type"] != "lifespan.shutdown":
                 await send({"type": "lifespan.startup.complete"})
-            await client.aclose()
+            await shared.aclose()
             await send({"type": "lifespan.shutdown.complete"})
             return
 
@@ -130,13 +140,13 @@ def bare_proxy_app() -> Any:
         url = upstream + scope["raw_path"].decode().removeprefix("/proxy")
         if scope["query_string"]:
             url += "?" + scope["query_string"].decode()
-        request = client.build_request(
+        request = shared.build_request(
             scope["method"],
             url,
             headers=headers,
             content=body() if sized not in (None, b"0") else None,
         )
-        response = await client.send(request, stream=True)
+        response, free = await shared.send(request)
         try:
             out = [(k, v) for k, v in response.headers.raw if k.lower() not in hop]
             await send(
@@ -147,8 +157,14 @@ def bare_proxy_app() -> Any:
             await send({"type": "http.response.body", "body": b""})
         finally:
             await response.aclose()
+            free()
 
     return app
+
+
+def bare_pools_app() -> Any:
+    """The bare proxy on the gateway's upstream clients (uvicorn's factory)."""
+    return bare_proxy_app(pools=True)
 
 
 # -- the coordinators ----------------------------------------------------------------------
@@ -425,16 +441,19 @@ def cpu_seconds(pid: int) -> float:
 def throughput(
     gateway: str,
     proxy: str,
+    pools_proxy: str,
     seconds: float,
     connections: int,
     rounds: int,
     processes: dict[str, int],
 ) -> dict[str, Any]:
-    """Bare proxy and gateway in turn, `rounds` times each, after a warm-up of both; the
-    ratio is that of the mean rates (each round's ratio is kept too: the machine drifts).
-    Beside it, the CPU milliseconds each request cost in each of `processes` (name ->
-    pid): on a shared machine the rate moves with the load, the CPU per request less."""
-    targets = {BARE: proxy, GATEWAY: gateway}
+    """Bare proxy, gateway and the bare proxy on the gateway's pools in turn, `rounds`
+    times each, after a warm-up of each; the ratio is that of the mean rates of gateway
+    and bare proxy (each round's ratio is kept too: the machine drifts), `pools_ratio`
+    the same against the bare proxy on the gateway's pools. Beside them, the CPU
+    milliseconds each request cost in each of `processes` (name -> pid): on a shared
+    machine the rate moves with the load, the CPU per request less."""
+    targets = {BARE: proxy, GATEWAY: gateway, BARE_POOLS: pools_proxy}
     for url in targets.values():
         wrk(url + PATH, 2, connections)
     rates: dict[str, list[float]] = {name: [] for name in targets}
@@ -459,6 +478,7 @@ def throughput(
         "rates": rates,
         "round_ratios": [g / b for g, b in zip(rates[GATEWAY], rates[BARE], strict=True)],
         "ratio": mean[GATEWAY] / mean[BARE],
+        "pools_ratio": mean[GATEWAY] / mean[BARE_POOLS],
         "cpu_ms_per_request": per_request,
     }
 
@@ -575,6 +595,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             )
             + "/proxy"
         )
+        pools_url = (
+            stack.enter_context(
+                process(
+                    _UVICORN,
+                    uvicorn_args("tests.perf.latency:bare_pools_app", AUTO),
+                    "/proxy/_emulator/health",
+                    folder / "pools.log",
+                    {PROXY_UPSTREAM: emulator_url},
+                )
+            )
+            + "/proxy"
+        )
         if before is not None:
             plain = uvicorn_args("quotagate.coordinator.app:app_from_environment", PLAIN)
             urls["before"] = stack.enter_context(
@@ -591,12 +623,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             processes = {
                 "coordinator": PIDS[urls["after"]],
                 "bare proxy": PIDS[proxy_url.removesuffix("/proxy")],
+                "pools proxy": PIDS[pools_url.removesuffix("/proxy")],
                 "emulator": PIDS[emulator_url],
                 "redis": store.process.pid,
             }
             rates = throughput(
                 gateway,
                 proxy_url,
+                pools_url,
                 args.throughput_seconds,
                 args.connections,
                 args.throughput_rounds,
@@ -624,9 +658,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(
             f"throughput ({rates['connections']} connections): bare proxy "
             f"{', '.join(f'{r:,.0f}' for r in rates['rates'][BARE])} requests/s, gateway "
-            f"{', '.join(f'{r:,.0f}' for r in rates['rates'][GATEWAY])}; "
+            f"{', '.join(f'{r:,.0f}' for r in rates['rates'][GATEWAY])}, bare proxy on "
+            f"the gateway's pools {', '.join(f'{r:,.0f}' for r in rates['rates'][BARE_POOLS])}; "
             f"ratio {rates['ratio']:.2f} (target >= 0.7; per round "
-            f"{', '.join(f'{r:.2f}' for r in rates['round_ratios'])})"
+            f"{', '.join(f'{r:.2f}' for r in rates['round_ratios'])}), against the bare "
+            f"proxy on the gateway's pools {rates['pools_ratio']:.2f}"
         )
         for name, used in rates["cpu_ms_per_request"].items():
             shown = ", ".join(f"{p} {ms:.3f}" for p, ms in used.items())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from . import decisions, goodput, latency
+from . import decisions, gateway_cpu, goodput, latency
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
@@ -60,3 +60,12 @@ def test_latency_runs(tmp_path: Path) -> None:
     assert "p50_added_ms" in results["modes"][latency.GATEWAY]
     if shutil.which("wrk") is not None:
         assert results["throughput"]["ratio"] > 0
+        assert results["throughput"]["pools_ratio"] > 0
+
+
+def test_gateway_cpu_runs(tmp_path: Path) -> None:
+    profile = tmp_path / "gateway.prof"
+    args = ["--calls", "20", "--rounds", "1", "--concurrency", "4", "--profile", str(profile)]
+    results = gateway_cpu.main(args)
+    assert set(results) == {"gateway", "bare"}
+    assert profile.stat().st_size > 0
