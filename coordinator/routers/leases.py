@@ -29,8 +29,9 @@ from ..schemas import (
     documented,
 )
 from ..waiting import Ask
+from ._route import JSONBodyRoute
 
-router = APIRouter(prefix="/v1/leases", tags=["leases"])
+router = APIRouter(prefix="/v1/leases", tags=["leases"], route_class=JSONBodyRoute)
 HOLDER_READ = 0.25  # seconds a pause's log line waits for its holder from the store
 
 
