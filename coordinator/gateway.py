@@ -507,7 +507,7 @@ class _Call:
                 retry_after,
             )
         try:
-            await self.gateway.engine.release(
+            released = await self.gateway.engine.release(
                 self.grant.lease_id,
                 body["outcome"],
                 retry_after_ms=None if retry_after is None else math.ceil(retry_after * 1000),
@@ -518,7 +518,9 @@ class _Call:
             )
         except (UnknownLease, BackendUnavailable) as exc:
             log.warning("gateway: releasing a lease of %s failed: %s", self.grant.api, exc)
-        self.gateway.waiting.released(self.grant.tenant, self.grant.api)
+            return
+        if released.woke:
+            self.gateway.waiting.released(self.grant.tenant, self.grant.api)
 
     def release_later(self) -> None:
         """Release off the critical path; `Gateway.aclose` waits for it."""
