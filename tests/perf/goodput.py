@@ -594,6 +594,7 @@ def run_config(
         lower = {"caller": tenant, "factor": factor}
         httpx.post(emulator_url + "/_emulator/factor", json=lower, timeout=10).raise_for_status()
     roles = options.roles()
+    before = store_calls(redis_url)
     start_at = SPAWN.Value("d", 0.0)
     queue = SPAWN.Queue()
     processes = []
@@ -630,13 +631,32 @@ def run_config(
             process.join(10)
             if process.is_alive():
                 process.kill()
+    after = store_calls(redis_url)
     rows = httpx.get(emulator_url + "/_emulator/arrivals", timeout=30).json()["arrivals"]
     arrivals = [row for row in rows if row[1] == tenant]
     if options.raw:
         path = options.out / f"goodput-arrivals-{config}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"start": start, "arrivals": arrivals}))
-    return summarise(config, options, workers, arrivals, start, factor)
+    result = summarise(config, options, workers, arrivals, start, factor)
+    result["store_calls"] = {name: after[name] - before[name] for name in after}
+    return result
+
+
+def store_calls(redis_url: str) -> dict[str, int]:
+    """The store's count of script runs and of wake-ups published, so far."""
+    import redis
+
+    with redis.Redis.from_url(redis_url) as client:
+        stats = client.info("commandstats")
+    calls = {name: int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in SCRIPTED}
+    return {
+        "scripts": calls["evalsha"] + calls["eval"],
+        "wakeups": calls["spublish"] + calls["publish"],
+    }
+
+
+SCRIPTED = ("evalsha", "eval", "spublish", "publish")
 
 
 # -- figures -----------------------------------------------------------------------------------
@@ -754,6 +774,17 @@ def table(results: list[dict[str, Any]], options: Options) -> str:
         lines.append(
             f"| {r['config']} | {r['throttled']:,} | {r['completed']:,} | {util} | "
             f"{1000 * r['wait_p50']:.0f} ms | {1000 * r['wait_p99']:.0f} ms | {fair} |"
+        )
+    leased = [r for r in results if r["config"] in COORDINATED and r.get("store_calls")]
+    if leased:
+        lines.append("")
+        lines.append(
+            "Store scripts per completed call (wake-ups published): "
+            + "; ".join(
+                f"{r['config']} {r['store_calls']['scripts'] / max(r['completed'], 1):.1f} "
+                f"({r['store_calls']['wakeups']:,})"
+                for r in leased
+            )
         )
     return "\n".join(lines) + "\n"
 
