@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterPubSub, RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from . import codec
 from .engine import Denial, Engine, Grant, Outcome
@@ -81,6 +81,8 @@ _CHANNEL = re.compile(r"^qg:\{(?P<tenant>[^|{}]+)\|(?P<api>[^|{}]+)\}:w$")  # wa
 READ_TIMEOUT = 1.0  # seconds a read of a pub/sub connection waits for a message
 REOPEN = 1.0  # seconds before a pub/sub connection that failed is opened again
 LINGER = 5.0  # seconds a pub/sub connection stays open with no subscription
+# What a store in trouble raises here (RedisClusterException: no node for a slot).
+STORE_ERRORS = (RedisError, RedisClusterException, OSError)
 
 
 class WakeUps:
@@ -123,8 +125,9 @@ class WakeUps:
         channel = codec.wake_channel(tenant, api)
         name = ""
         if isinstance(self.redis, RedisCluster):
-            found = self.redis.get_node_from_key(channel)
-            name = "" if found is None else found.name
+            with contextlib.suppress(*STORE_ERRORS):  # then with the others: still heard
+                found = self.redis.get_node_from_key(channel)
+                name = "" if found is None else found.name
         self._node_of[channel] = name
         node = self._nodes.get(name)
         if node is None:
@@ -140,7 +143,9 @@ class WakeUps:
             return False
         channel = codec.wake_channel(tenant, api)
         self._live.discard(channel)
-        self._nodes[self._node_of.pop(channel)].remove(channel)
+        node = self._nodes.get(self._node_of.pop(channel))
+        if node is not None:  # (none once closed)
+            node.remove(channel)
         return True
 
     async def aclose(self) -> None:
@@ -165,7 +170,7 @@ class _Node:
 
     def add(self, channel: str) -> None:
         self.channels.add(channel)
-        if self.task is None:
+        if self.task is None or self.task.done():
             self.task = asyncio.create_task(self._run())  # it subscribes every channel
         elif self.pubsub is not None:
             self._send(self.pubsub.ssubscribe(channel))
@@ -180,7 +185,7 @@ class _Node:
         """Send a (un)subscription without waiting for it; a failure shows in the read."""
 
         async def send() -> None:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*STORE_ERRORS):
                 await command
 
         task = asyncio.create_task(send())
@@ -197,7 +202,7 @@ class _Node:
                     if channel in self.channels:
                         await pubsub.ssubscribe(channel)
                 await self._read(pubsub)  # until idle for LINGER seconds
-            except (RedisError, OSError) as exc:
+            except STORE_ERRORS as exc:
                 failed = True
                 if not self._failed:
                     log.warning(
@@ -209,7 +214,7 @@ class _Node:
             finally:
                 self.pubsub = None
                 self.owner._live.difference_update(self.channels)
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*STORE_ERRORS):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             if failed and self.channels:
                 await asyncio.sleep(REOPEN)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import pytest
+import redis
 
 from quotagate.coordinator import codec
 from quotagate.coordinator.engine import Denial, Engine, Grant
@@ -254,3 +255,32 @@ async def test_wake_ups_go_on_after_a_sentinel_failover(replicated: Replicated) 
         await one.aclose()
         await two.aclose()
         replicated.settle()
+
+
+def kill_pub_sub(store: Topology) -> int:
+    """CLIENT KILL TYPE pubsub on every master of `store`; how many were killed."""
+    if isinstance(store, Cluster):
+        clients = [node.client() for node in store.masters]
+    elif isinstance(store, Replicated):
+        clients = [store.master().client()]
+    else:
+        clients = [redis.Redis.from_url(store.url)]
+    killed = 0
+    for client in clients:
+        with client:
+            killed += int(client.execute_command("CLIENT", "KILL", "TYPE", "pubsub"))
+    return killed
+
+
+async def test_wake_ups_go_on_after_the_pub_sub_connection_is_killed(
+    store: Topology, pair: Pair
+) -> None:
+    lease = await held(pair.there, "slots")
+    waiter = asyncio.create_task(pair.here.acquire(Ask("t", "slots", wait=60), staying))
+    await pair.waiting("t", "slots")
+    await pair.listening("t", "slots")
+    assert kill_pub_sub(store) >= 1
+    # Released at once: heard when the connection is back (each subscription, once
+    # confirmed again, wakes its waiters), or published to it.
+    assert (await pair.there.release(lease.lease_id, "ok")).woke
+    assert isinstance(await settled(waiter), Grant)
