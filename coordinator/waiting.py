@@ -23,12 +23,13 @@ while waiting.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import re
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from redis.asyncio.client import PubSub
@@ -265,17 +266,33 @@ class _Node:
                     await task
 
 
+@dataclass(eq=False)
+class _Waiter:
+    """A request of this process in a line, and what wakes it."""
+
+    # Its place in the line, as the store orders it (acquire.lua): class rank, then the
+    # store's time when it joined, then its ticket.
+    place: tuple[int, int, str]
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    woken: bool = False  # its last sleep was ended by a wake-up
+
+
 class FleetLines:
     """Lines in the store, shared by every coordinator replica.
 
     While a request of this coordinator waits in a line, it listens to the wake-ups of
     its (tenant, api) (WakeUps), so a release through any replica that may let a waiter
-    in wakes it at once, on every kind of store."""
+    in wakes it at once, on every kind of store. A wake-up wakes, in each line of the
+    (tenant, api), the waiter of this process that is furthest ahead: those behind it
+    cannot be granted before it. When a woken waiter leaves the line (granted, or
+    answered), the next one of this process is woken in turn, as the release may have
+    freed more than one place; when it stays, so do they."""
 
     def __init__(self, engine: Engine, *, heartbeat: float = HEARTBEAT) -> None:
         self.engine = engine
         self.heartbeat = heartbeat
-        self._wake: dict[tuple[str, str], asyncio.Event] = {}
+        # This process's waiters, per (tenant, api) and key, in their order in line.
+        self._waiters: dict[tuple[str, str], dict[str, list[_Waiter]]] = {}
         # Wake-ups heard per (tenant, api) with waiters here: a waiter that was trying
         # while one came tries again at once instead of sleeping through it.
         self._heard: dict[tuple[str, str], int] = {}
@@ -312,18 +329,43 @@ class FleetLines:
         self, ask: Ask, gone: Gone, ticket: str, deadline: float
     ) -> Grant | Denial | None:
         self._in_lines[ask.line] = self._in_lines.get(ask.line, 0) + 1
-        listening = [False]
+        me: list[_Waiter] = []  # once in line
         try:
-            return await self._in_line(ask, gone, ticket, deadline, listening)
+            return await self._in_line(ask, gone, ticket, deadline, me)
         finally:
             left = self._in_lines.pop(ask.line) - 1
             if left:
                 self._in_lines[ask.line] = left
-            if listening[0] and self.wakeups.leave(ask.tenant, ask.api):
-                self._heard.pop((ask.tenant, ask.api), None)
+            if me:
+                self._leave(ask, me[0])
+
+    def _join(self, ask: Ask, ticket: str, denial: Denial) -> _Waiter:
+        policy = self.engine.target(ask.tenant, ask.api, ask.key).policy
+        klass = self.engine.priority_class(policy, ask.priority)
+        rank = 0 if klass is None else policy.classes.index(klass)
+        waiter = _Waiter((rank, denial.now_ms, ticket))
+        line = self._waiters.setdefault((ask.tenant, ask.api), {}).setdefault(ask.key, [])
+        bisect.insort(line, waiter, key=lambda w: w.place)
+        self._heard.setdefault((ask.tenant, ask.api), 0)
+        self.wakeups.join(ask.tenant, ask.api)
+        return waiter
+
+    def _leave(self, ask: Ask, waiter: _Waiter) -> None:
+        scope = (ask.tenant, ask.api)
+        lines = self._waiters[scope]
+        line = lines[ask.key]
+        line.remove(waiter)
+        if waiter.woken and line:
+            self._wake(line[0])  # the next one here may fit too
+        if not line:
+            del lines[ask.key]
+        if not lines:
+            del self._waiters[scope]
+        if self.wakeups.leave(ask.tenant, ask.api):
+            self._heard.pop(scope, None)
 
     async def _in_line(
-        self, ask: Ask, gone: Gone, ticket: str, deadline: float, listening: list[bool]
+        self, ask: Ask, gone: Gone, ticket: str, deadline: float, me: list[_Waiter]
     ) -> Grant | Denial | None:
         loop = asyncio.get_running_loop()
         queued = False
@@ -339,26 +381,32 @@ class FleetLines:
                     await self.engine.leave(ask.tenant, ask.api, ask.key, ticket)
                 return result
             queued = True
-            if not listening[0]:
-                self.wakeups.join(ask.tenant, ask.api)
-                self._heard.setdefault(scope, 0)
-                listening[0] = True
+            if not me:
+                me.append(self._join(ask, ticket, result))
             if self._heard.get(scope, 0) != heard:
                 continue  # woken while trying: the try may have come before the change
             pause = min(
                 result.retry_after_ms / 1000, self.heartbeat, max(deadline - loop.time(), 0)
             )
-            await self._sleep(ask, pause)
+            await self._sleep(me[0], pause)
             if await gone():
                 await self.engine.leave(ask.tenant, ask.api, ask.key, ticket)
                 return None
 
-    async def _sleep(self, ask: Ask, seconds: float) -> None:
-        """Sleep `seconds`, or less if the waiters of the same (tenant, api) are woken."""
-        event = self._wake.setdefault((ask.tenant, ask.api), asyncio.Event())
+    @staticmethod
+    async def _sleep(waiter: _Waiter, seconds: float) -> None:
+        """Sleep `seconds`, or less if the waiter is woken."""
+        waiter.event.clear()
+        waiter.woken = False
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
-                await event.wait()
+                await waiter.event.wait()
+        waiter.woken = waiter.event.is_set()
+
+    @staticmethod
+    def _wake(waiter: _Waiter) -> None:
+        waiter.woken = True
+        waiter.event.set()
 
     def lines(self) -> dict[tuple[str, str, str], int]:
         """Read-only: the requests of this process waiting per (tenant, api, key)."""
@@ -374,9 +422,8 @@ class FleetLines:
         scope = (tenant, api)
         if scope in self._heard:
             self._heard[scope] += 1
-        event = self._wake.pop(scope, None)
-        if event is not None:
-            event.set()
+        for line in self._waiters.get(scope, {}).values():
+            self._wake(line[0])
 
     async def aclose(self) -> None:
         """Stop listening (at shutdown)."""

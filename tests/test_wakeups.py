@@ -44,6 +44,9 @@ apis:
   learned:
     lease_ttl: 1m
     limits: [{calls: 2, per: 1m}]
+  three:
+    lease_ttl: 1m
+    limits: [{calls: 3, per: 1m}]
 """
 )
 HEARTBEAT = 600.0  # seconds: no waiter here tries again on its own within the test
@@ -121,6 +124,20 @@ async def test_a_not_called_release_gives_the_unit_to_the_waiter(pair: Pair) -> 
     await pair.waiting("t", "calls")
     assert (await pair.there.release(lease.lease_id, "not_called")).woke
     assert isinstance(await settled(waiter), Grant)
+
+
+async def test_a_refund_of_several_units_wakes_the_waiters_here_in_turn(pair: Pair) -> None:
+    lease = await pair.there.acquire("t", "three", cost=3)
+    assert isinstance(lease, Grant)
+    waiters = []
+    for number in range(3):  # one after the other: their order in line is known
+        ask = Ask("t", "three", wait=90, holder=str(number))
+        waiters.append(asyncio.create_task(pair.here.acquire(ask, staying)))
+        await pair.waiting("t", "three", number + 1)
+    # One wake-up: it wakes the first here, whose grant wakes the next, and so on.
+    assert (await pair.there.release(lease.lease_id, "not_called")).woke
+    granted = await settled(asyncio.gather(*waiters))
+    assert all(isinstance(grant, Grant) for grant in granted)
 
 
 async def test_run_time_at_the_estimate_wakes_nobody(pair: Pair) -> None:
@@ -254,7 +271,7 @@ async def test_wake_ups_go_on_after_a_sentinel_failover(replicated: Replicated) 
         await here.aclose()
         await one.aclose()
         await two.aclose()
-        replicated.settle()
+        replicated.ready_for_failover()  # as found: a master and a replica in sync
 
 
 def kill_pub_sub(store: Topology) -> int:
