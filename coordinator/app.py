@@ -93,6 +93,7 @@ def create_app(
             yield
         finally:
             await app.state.gateway.aclose()
+            await lines.aclose()
             await index.stop()
             process_exited(os.getpid())
             if redis is None:

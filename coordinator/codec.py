@@ -212,6 +212,12 @@ def redis_keys(tenant: str, api: str, key: str, policy: Policy) -> tuple[str, ..
     return tuple(keys)
 
 
+def wake_channel(tenant: str, api: str) -> str:
+    """The shard channel on which the scripts wake the waiters of (tenant, api) (lib.lua,
+    wake_waiters): the state key with `w` for `s`, so it carries the keys' hash tag."""
+    return f"qg:{{{tenant}|{api}}}:w"
+
+
 def policy_block(policy: Policy) -> tuple[int, ...]:
     """What the policy fixes, closing every quota script's ARGV: `POLICY_FIELDS`, then
     `LIMIT_FIELDS` for each limit, a limit's kind as its code in `KIND_CODES`."""
@@ -294,6 +300,7 @@ class LeaseReply:
     expiry_ms: int | None = None  # renew: the new expiry
     reason: str = ""
     learned: Learned | None = None  # release: what became of a named limit
+    woke: bool = False  # release: it woke the waiters of its (tenant, api)
 
 
 @dataclass(frozen=True)
@@ -310,12 +317,12 @@ _LEARN_NAMES = {code: name for name, code in LEARN_CODES.items()}
 
 
 def decode_release(reply: Sequence[Any]) -> LeaseReply:
-    """release.lua: {GRANTED, now_ms, learned, index, amount, before} |
+    """release.lua: {GRANTED, now_ms, learned, index, amount, before, woke} |
     {DENIED, now_ms, reason}."""
     if _int(reply[0]) == GRANTED:
-        code, index, amount, before = (_int(value) for value in reply[2:6])
+        code, index, amount, before, woke = (_int(value) for value in reply[2:7])
         learned = None if code == 0 else Learned(_LEARN_NAMES[code], index, amount, before)
-        return LeaseReply(True, _int(reply[1]), learned=learned)
+        return LeaseReply(True, _int(reply[1]), learned=learned, woke=woke == 1)
     return LeaseReply(False, _int(reply[1]), reason=_text(reply[2]))
 
 
@@ -386,4 +393,5 @@ __all__ = [
     "prelude",
     "redis_keys",
     "script_source",
+    "wake_channel",
 ]

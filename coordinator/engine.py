@@ -136,10 +136,14 @@ class Release:
 
 @dataclass(frozen=True)
 class Released:
-    """A release that took effect, and what became of the limit its answer named."""
+    """A release that took effect, what became of the limit its answer named, and
+    whether it woke the waiters of its (tenant, api): it freed something (a slot, a
+    refund, run time below the estimate) or moved the pause or a learned limit while
+    its key's line held waiters (release.lua)."""
 
     ref: LeaseRef
     learned: Learned | None
+    woke: bool = False
 
 
 @dataclass(frozen=True)
@@ -550,7 +554,7 @@ class Engine:
             raise UnknownLease(reply.reason)
         if reply.learned is not None and named is not None:
             self._log_learned(ref, policy, reply.learned, named)
-        return Released(ref, reply.learned)
+        return Released(ref, reply.learned, reply.woke)
 
     def _log_learned(
         self, ref: LeaseRef, policy: Policy, learned: Learned, named: tuple[int, int]

@@ -576,7 +576,7 @@ class _Call:
         of it) and for a call that never reached the upstream."""
         release = self.finish(outcome)
         try:
-            await self.gateway.engine.release(
+            released = await self.gateway.engine.release(
                 release.lease_id,
                 release.outcome,
                 retry_after_ms=release.retry_after_ms,
@@ -585,7 +585,9 @@ class _Call:
             )
         except (UnknownLease, BackendUnavailable) as exc:
             log.warning("gateway: releasing a lease of %s failed: %s", self.grant.api, exc)
-        self.gateway.waiting.released(self.grant.tenant, self.grant.api)
+            return
+        if released.woke:
+            self.gateway.waiting.released(self.grant.tenant, self.grant.api)
 
     def release_later(self) -> None:
         """Release off the critical path, with the releases of other calls that end

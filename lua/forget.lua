@@ -3,6 +3,8 @@
 -- KEYS: state, inflight_api, inflight_key, line, tickets; then one per limit (lib.lua).
 -- ARGV: now_ms; then the policy block.
 --   now_ms  "" = Redis TIME
+-- Forgetting a learned limit that was in force raises it: the (tenant, api)'s waiters
+-- are woken (lib.lua, wake_waiters), whichever key they wait on.
 -- Reply: {GRANTED, now_ms, forgotten}: how many learned limits were in force.
 
 local now = clock(ARGV[ARG.now_ms])
@@ -22,5 +24,8 @@ if #names > 0 then
     end
   end
   redis.call('HDEL', KEYS[1], unpack(names))
+end
+if forgotten > 0 then
+  wake_waiters()
 end
 return {REPLY.GRANTED, now, forgotten}

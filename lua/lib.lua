@@ -355,6 +355,15 @@ local function wait_for_slot(lim, now, ahead, fallback)
   return tonumber(kth[2]) - now, live
 end
 
+-- Wake the waiters of this (tenant, api) on every coordinator: "released" on the shard
+-- channel of its hash tag, qg:{<tenant>|<api>}:w (the state key with `w` for `s`), which
+-- a coordinator subscribes to (SSUBSCRIBE) while it has waiters there. pcall: a server
+-- without sharded pub/sub (Redis before 7) loses the wake-up, not the script; its
+-- waiters try again at their retry time or heartbeat.
+local function wake_waiters()
+  redis.pcall('SPUBLISH', string.sub(KEYS[1], 1, -2) .. 'w', 'released')
+end
+
 local function extend_ttl(key, ms)
   if redis.call('PTTL', key) < ms then
     redis.call('PEXPIRE', key, ms)

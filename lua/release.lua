@@ -5,9 +5,16 @@
 -- throttled: the same, and the fleet-wide cooldown moves to now + retry_ms (never
 -- earlier than it already is). not_called: nothing is charged (a refund).
 -- Unknown, expired or released leases change nothing (an expired record is dropped).
--- Wake-up: when the line of the lease's key holds waiters, a release other than
--- throttled publishes "released" on the channel qg:{<tenant>|<api>}:w (the state key with
--- `w` for `s`), so that the waiters' coordinators try again at once.
+-- Wake-up: when the line of the lease's key holds waiters and the release changed what
+-- a waiter may be granted, it publishes "released" on the shard channel
+-- qg:{<tenant>|<api>}:w (SPUBLISH; the state key with `w` for `s`, so the keys' hash tag),
+-- and the waiters' coordinators try again at once. What changes it: a concurrency slot
+-- freed; units given back (not_called refunds, a run time below the estimate); a pause
+-- that a throttled release started or moved, or a limit it lowered (the waiters learn
+-- their new soonest grant, and those it puts beyond their wait are answered). A calls
+-- lease released ok or failed frees nothing (its units stay counted, design rule 3):
+-- no waiter can be granted that could not be before, so no wake-up; except while its
+-- limit probes (a probe goes alone in flight, and a probe's end may raise the level).
 -- KEYS: state, inflight_api, inflight_key, line, tickets; then one per limit (lib.lua).
 -- Learned limits (design rule 8): a throttled release may name the upstream's limit,
 -- named_amount calls per named_window_ms. When the api has a calls limit of that window
@@ -25,10 +32,12 @@
 --   named_window_ms  its window
 --   learn_ttl_ms     how long a learned limit holds
 -- Probing (lib.lua, "Probing"): while a probing limit's confirmed level is below its
--- amount in force, an `ok` release adds its units to the `g` bucket of its grant; the probe's release (its token in
+-- amount in force, an `ok` release adds its units to the `g` bucket of its grant; the
+-- probe's release (its token in
 -- P<window>.<i>) ends the probe and, `ok`, raises C<window>.<i> to what it proves; a
 -- named limit of the window sets it to the amount now in force.
--- Reply: {GRANTED, now_ms, learned, index, amount, before}: learned is a LEARN code
+-- Reply: {GRANTED, now_ms, learned, index, amount, before, woke}: woke is 1 when the
+--        release published a wake-up, else 0; learned is a LEARN code
 --        (NONE: nothing named or not throttled; LOWERED: limit `index` now grants
 --        `amount`, it granted `before`; KEPT: it already grants no more; HIGHER: the named amount
 --        is not below the policy's `amount`; NO_LIMIT: the api has no calls limit of
@@ -49,6 +58,7 @@ if not state[1] then
   return {REPLY.DENIED, now, 'unknown'}
 end
 local lease = parse_lease(state[1])
+local wake = false  -- whether the waiters' next try may end otherwise than their last
 forget_lease(token, track_api, track_key)
 if lease.expiry <= now then
   return {REPLY.DENIED, now, 'expired'}
@@ -80,7 +90,9 @@ end
 -- The lease leaves flight in every windowed limit; unless it was not called, its units
 -- are charged in the bucket of now (the call reached the upstream before this release).
 for _, lim in ipairs(limits) do
-  if lim.kind ~= 'concurrent' then
+  if lim.kind == 'concurrent' then
+    wake = true  -- its slot
+  else
     local units, charged = lease.cost, lease.cost
     if lim.kind == 'runtime' then
       units, charged = lease.estimate, runtime or lease.estimate
@@ -88,10 +100,17 @@ for _, lim in ipairs(limits) do
     if outcome == 'not_called' then
       charged = 0
     end
+    if charged < units then
+      wake = true  -- a refund, or run time below the estimate
+    end
     if units > 0 or charged > 0 then
       local field, here = expiry_field(lim, lease.expiry), math.floor(now / lim.gran)
-      if outcome == 'ok' and lim.probes and lim.confirmed < lim.in_force then
-        count_grant(lim, lease)
+      if lim.probes and lim.confirmed < lim.in_force then
+        -- Probing: a probe goes only alone in flight, and its end may raise the level.
+        wake = true
+        if outcome == 'ok' then
+          count_grant(lim, lease)
+        end
       end
       local c, values = open_counter(lim, now, {field, here})
       local take = math.min(values[1], units)  -- less only if the counter was lost
@@ -135,7 +154,7 @@ if outcome == 'throttled' and named and named_window then
       elseif math.max(named, 1) >= before then
         learned, amount = LEARN.KEPT, before
       else
-        learned, amount = LEARN.LOWERED, math.max(named, 1)
+        learned, amount, wake = LEARN.LOWERED, math.max(named, 1), true
         local until_ms = now + learn_ttl
         local tx, expire_ms = plan_state_ttl(now, 0, until_ms, ttl)
         redis.call('HSET', KEYS[1], field,
@@ -179,6 +198,7 @@ end
 if outcome == 'throttled' and retry and retry > 0 then
   local until_ms = now + retry
   if (tonumber(state[2]) or 0) < until_ms then
+    wake = true  -- a later soonest grant for every waiter
     -- tx as if unknown: the HDEL above may have emptied the hash (a rare path, so one
     -- PTTL more is cheap).
     local tx, expire_ms = plan_state_ttl(now, 0, until_ms, ttl)
@@ -188,7 +208,9 @@ if outcome == 'throttled' and retry and retry > 0 then
     end
   end
 end
-if outcome ~= 'throttled' and redis.call('EXISTS', KEYS[4]) == 1 then
-  redis.call('PUBLISH', string.sub(KEYS[1], 1, -2) .. 'w', 'released')
+local woke = 0
+if wake and redis.call('EXISTS', KEYS[4]) == 1 then
+  wake_waiters()
+  woke = 1
 end
-return {REPLY.GRANTED, now, learned, index, amount, before}
+return {REPLY.GRANTED, now, learned, index, amount, before, woke}

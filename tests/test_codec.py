@@ -122,9 +122,10 @@ def test_replies_decode_by_code() -> None:
     with pytest.raises(ValueError, match="unknown code"):
         codec.decode_acquire([7, 10])
     assert codec.decode_release([codec.DENIED, 3, b"expired"]).reason == "expired"
-    assert codec.decode_release([codec.GRANTED, 3, 0, 0, 0, 0]).learned is None
-    learned = codec.decode_release([codec.GRANTED, 3, 1, 2, 20, 30]).learned
-    assert learned == codec.Learned("LOWERED", 2, 20, 30)
+    quiet = codec.decode_release([codec.GRANTED, 3, 0, 0, 0, 0, 0])
+    assert quiet.learned is None and not quiet.woke
+    woke = codec.decode_release([codec.GRANTED, 3, 1, 2, 20, 30, 1])
+    assert woke.learned == codec.Learned("LOWERED", 2, 20, 30) and woke.woke
     assert codec.decode_renew([codec.GRANTED, 3, 9]).expiry_ms == 9
     usage = codec.decode_usage([1, 2, 3, 0, 4, 5, 6, 7, 8, 9])
     assert usage.limits == ((4, 5, 6), (7, 8, 9)) and usage.in_flight == 3

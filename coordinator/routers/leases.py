@@ -102,14 +102,15 @@ async def release(lease_id: str, body: ReleaseBody, request: Request) -> JSONRep
     context = lease_context(request)
     engine, index = context.engine, context.index
     ref = _lease_of(lease_id, context.who)
-    await engine.release(
+    released = await engine.release(
         lease_id,
         body.outcome,
         retry_after_ms=None if body.retry_after is None else _ms(body.retry_after),
         runtime_ms=None if body.runtime is None else _ms(body.runtime),
         named=None if body.limit is None else (body.limit.amount, _ms(body.limit.window)),
     )
-    context.waiting.released(ref.tenant, ref.api)
+    if released.woke:
+        context.waiting.released(ref.tenant, ref.api)
     context.meter.released(ref.api, ref.tenant, body.outcome)
     if body.outcome == Outcome.THROTTLED:
         await _paused(ref, body, engine.policy(ref.tenant, ref.api).shortest_calls_window_ms, index)

@@ -29,8 +29,9 @@ for a fixed time. The same fleet runs four times, each on a fresh tenant:
   to the emulator) with `X-Quotagate-Tenant` and `X-Quotagate-Wait` headers; a 429 they
   get is waited out like the upstream's.
 - `replicas`: as `quotagate`, through three coordinator processes on the same Redis,
-  with the workers spread unevenly over them (`replica_spread`, 48/8/8 of 64): the one
-  line per (tenant, api, key) in the store serves them in turn, whichever replica.
+  with the workers spread unevenly over them (`replica_spread`, 48/8/8 of 64, each
+  job's workers alike), in the same fleet processes as `quotagate`: the one line per
+  (tenant, api, key) in the store serves them in turn, whichever replica.
 
 Per configuration it reports upstream 429s, calls completed, the utilisation of each
 job's binding limit, the wait before a call (p50, p99: from the moment a worker wants
@@ -175,6 +176,7 @@ class Plan:
     roles: tuple[str, ...]  # of this process's workers
     options: Options
     process: int = 0
+    worker_urls: tuple[str, ...] = ()  # `replicas`: each worker's coordinator
 
 
 @dataclass
@@ -434,10 +436,13 @@ async def _fleet(plan: Plan, ready: Any, go: Any, start_at: Any) -> list[WorkerS
     headers = {"Authorization": f"Bearer {plan.tenant}"}
     timeout = httpx.Timeout(options.seconds + 10)
     quota = None
+    quotas: dict[str, AsyncQuotaClient] = {}  # by coordinator URL
     limits_gate = None
     if plan.config in LEASED:
         assert plan.coordinator_url is not None
-        quota = AsyncQuotaClient(plan.coordinator_url, plan.tenant, timeout=5.0)
+        for url in {plan.coordinator_url, *plan.worker_urls}:
+            quotas[url] = AsyncQuotaClient(url, plan.tenant, timeout=5.0)
+        quota = quotas[plan.coordinator_url]
     if plan.config == "limits":
         assert plan.redis_url is not None
         limits_gate = LimitsGate(options, plan.redis_url, plan.tenant)
@@ -451,8 +456,9 @@ async def _fleet(plan: Plan, ready: Any, go: Any, start_at: Any) -> list[WorkerS
             inner: httpx.AsyncBaseTransport = stamp
             if plan.config == "late":
                 inner = Late(stamp, options, f"{options.seed}:{plan.process}:{number}")
+            mine = quotas[plan.worker_urls[number]] if plan.worker_urls else quota
             transport = AsyncQuotaTransport(
-                quota, ROUTES, inner=inner, wait=options.seconds + 5, unrouted="pass"
+                mine, ROUTES, inner=inner, wait=options.seconds + 5, unrouted="pass"
             )
         elif plan.config == "local":
             gate = LocalGate(options, role)
@@ -471,8 +477,8 @@ async def _fleet(plan: Plan, ready: Any, go: Any, start_at: Any) -> list[WorkerS
     # which no one would count as the limiter's wait.
     health = plan.emulator_url + "/_emulator/health"
     await asyncio.gather(*(http.get(health) for _, http, _, _ in clients))
-    if quota is not None:
-        await asyncio.gather(*(quota.usage(JOBS[role].api) for role in plan.roles))
+    for client in quotas.values():
+        await asyncio.gather(*(client.usage(JOBS[role].api) for role in plan.roles))
     if limits_gate is not None:
         await limits_gate.warm(plan.roles)
 
@@ -498,8 +504,8 @@ async def _fleet(plan: Plan, ready: Any, go: Any, start_at: Any) -> list[WorkerS
     results = [await task for task in tasks]
     for _, http, _, _ in clients:
         await http.aclose()
-    if quota is not None:
-        await quota.aclose()
+    for client in quotas.values():
+        await client.aclose()
     if limits_gate is not None:
         await limits_gate.storage.bridge.storage.aclose()
     return results
@@ -583,15 +589,17 @@ def quotagate_policies(options: Options) -> str:
 # -- one configuration -------------------------------------------------------------------------
 
 
-def _spread(roles: list[str], shares: Sequence[float]) -> list[list[str]]:
-    """`roles` cut into one part per share, each with the mix of the whole."""
-    parts: list[list[str]] = [[] for _ in shares]
-    given = [0.0] * len(shares)
-    for role in roles:  # each worker to the part furthest below its share
-        at = min(range(len(shares)), key=lambda i: (given[i] + 1) / shares[i])
-        parts[at].append(role)
-        given[at] += 1
-    return parts
+def _replicas_of(roles: list[str], shares: Sequence[float]) -> list[int]:
+    """Each worker's replica: the workers of each job spread over the replicas by
+    `shares` (so each replica has the mix of the whole)."""
+    given = {role: [0] * len(shares) for role in roles}
+    replicas = []
+    for role in roles:  # each worker to the replica furthest below its share of the job
+        counts = given[role]
+        at = min(range(len(shares)), key=lambda i: (counts[i] + 1) / shares[i])
+        counts[at] += 1
+        replicas.append(at)
+    return replicas
 
 
 def run_config(
@@ -611,23 +619,25 @@ def run_config(
         lower = {"caller": tenant, "factor": factor}
         httpx.post(emulator_url + "/_emulator/factor", json=lower, timeout=10).raise_for_status()
     roles = options.roles()
+    before = store_calls(redis_url)
     start_at = SPAWN.Value("d", 0.0)
     queue = SPAWN.Queue()
     processes = []
-    urls: list[str | None]
+    # The fleet's processes are those of every configuration; with `replicas`, each
+    # worker leases from its replica, the workers of each job spread by `replica_spread`.
+    worker_urls: list[str] = []
     if config == "replicas":
-        parts = _spread(roles, options.replica_spread)
-        urls = list(replica_urls)
-    else:
-        parts = [roles[p :: options.processes] for p in range(options.processes)]
-        urls = [coordinator_url] * options.processes
-    urls = [url for part, url in zip(parts, urls, strict=True) if part]
-    parts = [part for part in parts if part]  # a small fleet may leave a replica idle
-    ready = SPAWN.Barrier(len(parts) + 1)
-    go = SPAWN.Barrier(len(parts) + 1)
-    for p, (part, url) in enumerate(zip(parts, urls, strict=True)):
+        worker_urls = [replica_urls[r] for r in _replicas_of(roles, options.replica_spread)]
+        coordinator_url = replica_urls[0]
+    parts = [roles[p :: options.processes] for p in range(options.processes)]
+    their_urls = [tuple(worker_urls[p :: options.processes]) for p in range(options.processes)]
+    kept = [p for p, part in enumerate(parts) if part]  # a small fleet leaves some idle
+    ready = SPAWN.Barrier(len(kept) + 1)
+    go = SPAWN.Barrier(len(kept) + 1)
+    for p in kept:
         plan = Plan(
-            config, tenant, emulator_url, url, redis_url, tuple(part), options, p,
+            config, tenant, emulator_url, coordinator_url, redis_url, tuple(parts[p]), options,
+            p, their_urls[p],
         )  # fmt: skip
         process = SPAWN.Process(
             target=fleet_process, args=(plan, ready, go, start_at, queue), daemon=True
@@ -647,13 +657,32 @@ def run_config(
             process.join(10)
             if process.is_alive():
                 process.kill()
+    after = store_calls(redis_url)
     rows = httpx.get(emulator_url + "/_emulator/arrivals", timeout=30).json()["arrivals"]
     arrivals = [row for row in rows if row[1] == tenant]
     if options.raw:
         path = options.out / f"goodput-arrivals-{config}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"start": start, "arrivals": arrivals}))
-    return summarise(config, options, workers, arrivals, start, factor)
+    result = summarise(config, options, workers, arrivals, start, factor)
+    result["store_calls"] = {name: after[name] - before[name] for name in after}
+    return result
+
+
+def store_calls(redis_url: str) -> dict[str, int]:
+    """The store's count of script runs and of wake-ups published, so far."""
+    import redis
+
+    with redis.Redis.from_url(redis_url) as client:
+        stats = client.info("commandstats")
+    calls = {name: int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in SCRIPTED}
+    return {
+        "scripts": calls["evalsha"] + calls["eval"],
+        "wakeups": calls["spublish"] + calls["publish"],
+    }
+
+
+SCRIPTED = ("evalsha", "eval", "spublish", "publish")
 
 
 # -- figures -----------------------------------------------------------------------------------
@@ -771,6 +800,17 @@ def table(results: list[dict[str, Any]], options: Options) -> str:
         lines.append(
             f"| {r['config']} | {r['throttled']:,} | {r['completed']:,} | {util} | "
             f"{1000 * r['wait_p50']:.0f} ms | {1000 * r['wait_p99']:.0f} ms | {fair} |"
+        )
+    leased = [r for r in results if r["config"] in COORDINATED and r.get("store_calls")]
+    if leased:
+        lines.append("")
+        lines.append(
+            "Store scripts per completed call (wake-ups published): "
+            + "; ".join(
+                f"{r['config']} {r['store_calls']['scripts'] / max(r['completed'], 1):.1f} "
+                f"({r['store_calls']['wakeups']:,})"
+                for r in leased
+            )
         )
     return "\n".join(lines) + "\n"
 
