@@ -74,15 +74,41 @@ def coordinator_url(valkey_server: EmbeddedServer, tmp_path: Path) -> Iterator[s
         yield url
 
 
+def list_incidents(
+    http: httpx.Client, total: int, workers: int
+) -> tuple[list[int], list[BaseException]]:
+    """`total` incident lists, sent by `workers` threads through `http`: their statuses,
+    and what any thread raised (which ends that thread)."""
+    tickets = iter(range(total))
+    lock = threading.Lock()
+    statuses: list[int] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        while True:
+            with lock:
+                ticket = next(tickets, None)
+            if ticket is None:
+                return
+            try:
+                statuses.append(http.get(INCIDENTS, params={"n": ticket}).status_code)
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=work) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return statuses, errors
+
+
 def test_late_senders_see_no_upstream_429(
     coordinator_url: str, emulator: DefenderEmulator, emulator_url: str
 ) -> None:
     total, workers = 60, 16
     late = LateSends(0.1, 0.3, 1.5)  # 10% of sends leave 0.3-1.5 s after their grant
-    tickets = iter(range(total))
-    lock = threading.Lock()
-    statuses: list[int] = []
-    errors: list[BaseException] = []
     headers = {"Authorization": f"Bearer {CALLER}"}
     with (
         QuotaClient(coordinator_url, TENANT) as quota,
@@ -92,24 +118,7 @@ def test_late_senders_see_no_upstream_429(
             timeout=60,
         ) as http,
     ):
-
-        def work() -> None:
-            while True:
-                with lock:
-                    ticket = next(tickets, None)
-                if ticket is None:
-                    return
-                try:
-                    statuses.append(http.get(INCIDENTS, params={"n": ticket}).status_code)
-                except BaseException as exc:
-                    errors.append(exc)
-                    return
-
-        threads = [threading.Thread(target=work) for _ in range(workers)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        statuses, errors = list_incidents(http, total, workers)
 
     assert errors == []
     assert late.held >= 3  # the late ones did happen
@@ -129,10 +138,6 @@ def test_a_tenant_below_the_policy_sees_at_most_one_429(
     lower.raise_for_status()
     total, workers = 30, 16
     late = LateSends(0.1, 0.05, 0.3)
-    tickets = iter(range(total))
-    lock = threading.Lock()
-    statuses: list[int] = []
-    errors: list[BaseException] = []
     with (
         QuotaClient(coordinator_url, "contoso/probing") as quota,
         httpx.Client(
@@ -141,24 +146,7 @@ def test_a_tenant_below_the_policy_sees_at_most_one_429(
             timeout=60,
         ) as http,
     ):
-
-        def work() -> None:
-            while True:
-                with lock:
-                    ticket = next(tickets, None)
-                if ticket is None:
-                    return
-                try:
-                    statuses.append(http.get(INCIDENTS, params={"n": ticket}).status_code)
-                except BaseException as exc:
-                    errors.append(exc)
-                    return
-
-        threads = [threading.Thread(target=work) for _ in range(workers)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        statuses, errors = list_incidents(http, total, workers)
         assert quota.flush(timeout=5)
         learned = quota.usage("m365d.incidents")["limits"][0]
 
