@@ -968,7 +968,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     (options.out / "goodput.json").write_text(
         json.dumps(
             {
-                "options": {**asdict(options), "out": str(options.out)},
+                "options": {**asdict(options), "out": _shown(options.out)},
                 "load": [load_before, os.getloadavg()[0]],
                 "results": results,
             },
@@ -985,6 +985,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     )
     print(text)
     return results
+
+
+def _shown(folder: Path) -> str:
+    """The output folder as the results show it: relative to the repository when inside."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        return str(folder.resolve().relative_to(root))
+    except ValueError:
+        return folder.name
 
 
 if __name__ == "__main__":
