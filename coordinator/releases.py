@@ -122,9 +122,9 @@ class ReleaseSender:
             for pending, result in zip(batch, results, strict=True):
                 if isinstance(result, UnknownLease):
                     log.warning("gateway: releasing a lease of %s failed: %s", pending.api, result)
+                elif result.woke:  # it freed something while its key's line held waiters
+                    self.waiting.released(pending.tenant, pending.api)
             break
-        for pending in batch:
-            self.waiting.released(pending.tenant, pending.api)
 
 
 __all__ = ["BATCH", "DRAIN_TIMEOUT", "ReleaseSender"]

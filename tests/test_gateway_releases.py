@@ -15,7 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from quotagate.coordinator import releases as releases_module
-from quotagate.coordinator.engine import Engine, Grant, Release, Released
+from quotagate.coordinator.engine import Denial, Engine, Grant, Release, Released
 from quotagate.coordinator.errors import BackendUnavailable, UnknownLease
 from quotagate.coordinator.gateway import Upstream
 from quotagate.coordinator.policy import parse_policies
@@ -32,6 +32,9 @@ apis:
   calls:
     lease_ttl: 60s
     limits: [{calls: 1000, per: 1m}, {concurrent: 1000}]
+  slot:
+    lease_ttl: 60s
+    limits: [{concurrent: 1}]
 """
 )
 
@@ -130,7 +133,15 @@ async def test_a_release_wakes_the_waiters_of_its_api(redis_client: Redis) -> No
     (lease,) = await grants(engine, 1)
     sender.send(Release(lease.lease_id, "ok"), "contoso", "calls")
     await sender.aclose()
-    assert woken == [("contoso", "calls")]
+    assert woken == []  # nobody waits in its line: the release publishes nothing
+    held = await engine.acquire("contoso", "slot")
+    assert isinstance(held, Grant)
+    waiter = await engine.acquire("contoso", "slot", ticket="waiter", line_wait_ms=60_000)
+    assert isinstance(waiter, Denial)  # in line for the one slot
+    sender.send(Release(held.lease_id, "ok"), "contoso", "slot")
+    await sender.aclose()
+    assert woken == [("contoso", "slot")]
+    (lease,) = await grants(engine, 1)
     sender.send(Release(lease.lease_id, "ok"), "contoso", "calls")  # a sender closed restarts
     await asyncio.sleep(0)
     await sender.aclose()
