@@ -174,17 +174,6 @@ def _bytes(value: str | int) -> bytes:
     return value.encode() if isinstance(value, str) else b"%d" % value
 
 
-def _store_error(exc: BaseException) -> BaseException:
-    """What a failed reply of a pipeline raises, as `Engine._call` would have."""
-    if isinstance(exc, BackendUnavailable | UnknownLease):
-        return exc
-    if isinstance(exc, TRANSIENT) or str(exc).startswith(TRANSIENT_CODES):
-        unavailable = BackendUnavailable(str(exc) or type(exc).__name__)
-        unavailable.__cause__ = exc
-        return unavailable
-    return exc
-
-
 def _ids(info: Any) -> list[str]:
     """The run and replication ids in an INFO reply (one node's, or a cluster's per node)."""
     if "run_id" in info or "master_replid" in info:
@@ -504,23 +493,31 @@ class Engine:
                 )
             )
         else:
-            pipe = self.redis.pipeline(transaction=False)
-            sha = self.lua_release.sha
-            for _, _, target, argv in sent:
-                pipe.evalsha(sha, len(target.keys), *target.keys, *argv)
-            replies = await self._call(pipe.execute(raise_on_error=False))
-            for n, reply in enumerate(replies):
-                if isinstance(reply, NoScriptError):  # the store lost its scripts: reload
-                    _, _, target, argv = sent[n]
-                    replies[n] = await self._call(self.lua_release(keys=target.keys, args=argv))
+            replies = await self._call(self._pipelined([(t, a) for _, _, t, a in sent]))
         for (at, ref, target, _), reply in zip(sent, replies, strict=True):
             if isinstance(reply, BaseException):
-                raise _store_error(reply)
+                raise reply  # as `_call` raised it
             try:
                 results[at] = self._released(ref, target.policy, releases[at].named, reply)
             except UnknownLease as exc:
                 results[at] = exc
         return [result for result in results if result is not None]
+
+    async def _pipelined(self, calls: list[tuple[Target, list[str | int | bytes]]]) -> list[Any]:
+        """The release script for each (target, argv), in one pipeline; a reply that is an
+        error is raised (the first), for `_call` to tell a store in trouble from a bug."""
+        pipe = self.redis.pipeline(transaction=False)
+        sha = self.lua_release.sha
+        for target, argv in calls:
+            pipe.evalsha(sha, len(target.keys), *target.keys, *argv)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        for n, reply in enumerate(replies):
+            if isinstance(reply, NoScriptError):  # the store lost its scripts: reload
+                target, argv = calls[n]
+                replies[n] = await self.lua_release(keys=target.keys, args=argv)
+            elif isinstance(reply, BaseException):
+                raise reply
+        return replies
 
     def _release_argv(
         self, release: Release, now: int | None
