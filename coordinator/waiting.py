@@ -197,11 +197,18 @@ class _Node:
         while self.channels:
             pubsub = self.owner.redis.pubsub()
             failed = False
-            self.pubsub = pubsub  # add() subscribes on it from now on
             try:
-                for channel in list(self.channels):
-                    if channel in self.channels:
+                # This task alone sends on the pub/sub until its connection is open:
+                # redis-py's PubSub opens it in whichever command comes first, and two
+                # at once would each open one, leaving one unowned.
+                subscribed: set[str] = set()
+                while waiting := self.channels - subscribed:
+                    for channel in waiting:
                         await pubsub.ssubscribe(channel)
+                        subscribed.add(channel)
+                self.pubsub = pubsub  # add() and remove() send on it from now on
+                for channel in subscribed - self.channels:  # left while subscribing
+                    self._send(pubsub.sunsubscribe(channel))
                 await self._read(pubsub)  # until idle for LINGER seconds
             except STORE_ERRORS as exc:
                 failed = True
@@ -215,6 +222,12 @@ class _Node:
             finally:
                 self.pubsub = None
                 self.owner._live.difference_update(self.channels)
+                # A (un)subscription still on its way would open the closed pub/sub's
+                # connection again, owned by no one.
+                sends = list(self._sends)
+                for task in sends:
+                    task.cancel()
+                await asyncio.gather(*sends, return_exceptions=True)
                 with contextlib.suppress(*STORE_ERRORS):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             if failed and self.channels:

@@ -15,10 +15,12 @@ import pytest
 import redis
 
 from quotagate.coordinator import codec
+from quotagate.coordinator.embedded import EmbeddedServer
 from quotagate.coordinator.engine import Denial, Engine, Grant
 from quotagate.coordinator.errors import BackendUnavailable
 from quotagate.coordinator.policy import parse_policies
-from quotagate.coordinator.waiting import Ask, FleetLines
+from quotagate.coordinator.store import connect
+from quotagate.coordinator.waiting import Ask, FleetLines, WakeUps
 
 from .conftest import open_store
 from .topologies import Cluster, Replicated, Topology, until
@@ -314,3 +316,35 @@ async def test_wake_ups_go_on_after_the_pub_sub_connection_is_killed(
     # confirmed again, wakes its waiters), or published to it.
     assert (await pair.there.release(lease.lease_id, "ok")).woke
     assert isinstance(await settled(waiter), Grant)
+
+
+def _clients(url: str) -> int:
+    """Connections the server holds, besides the one asking."""
+    with redis.Redis.from_url(url) as admin:
+        return len(admin.client_list()) - 1
+
+
+async def test_channels_joined_while_the_connection_opens_share_it(
+    valkey_server: EmbeddedServer,
+) -> None:
+    """Subscriptions asked for while the pub/sub connection is being opened go on that one
+    connection, and closing leaves none behind (redis-py's PubSub opens its connection in
+    whichever command comes first: two at once would each open one, one of them unowned)."""
+    before = _clients(valkey_server.url)
+    client = connect(valkey_server.url)
+    heard: list[tuple[str, str]] = []
+    wakeups = WakeUps(client, lambda tenant, api: heard.append((tenant, api)))
+    try:
+        wakeups.join("t0", "slots")
+        await asyncio.sleep(0)  # the node's task starts opening the connection
+        for number in range(1, 8):
+            wakeups.join(f"t{number}", "slots")
+            await asyncio.sleep(0)
+        async with asyncio.timeout(HANG):
+            while not all(wakeups.listening(f"t{n}", "slots") for n in range(8)):
+                await asyncio.sleep(0.01)
+        assert _clients(valkey_server.url) == before + 1
+    finally:
+        await wakeups.aclose()
+        await client.aclose()
+    assert _clients(valkey_server.url) == before
