@@ -112,6 +112,10 @@ class FleetIndex:
         self._task: asyncio.Task[None] | None = None
         self._was_waiting = False
         self._holders: dict[str, str | None] = {}  # lease member -> holder, granted here
+        # The notes of the flush on its way: reads still see them until the store has them.
+        self._writing_seen: dict[Line, None] = {}
+        self._writing_granted: dict[tuple[str, str], dict[str, tuple[str | None, str, int]]] = {}
+        self._writing_ended: dict[tuple[str, str], set[str]] = {}
 
     # Notes, from the HTTP layer: memory only.
 
@@ -254,7 +258,11 @@ class FleetIndex:
             pipe.pexpire(INSTANCES, INSTANCE_TTL_MS)
         self._was_waiting = bool(lines)
         if len(pipe):
-            await pipe.execute()
+            self._writing_seen, self._writing_granted, self._writing_ended = seen, granted, ended
+            try:
+                await pipe.execute()
+            finally:
+                self._writing_seen, self._writing_granted, self._writing_ended = {}, {}, {}
 
     # Reads, for usage lists and the dashboard.
 
@@ -267,8 +275,8 @@ class FleetIndex:
             parts = _text(member).split("|")
             if len(parts) == 3:
                 found.append((parts[0], parts[1], parts[2]))
-        # This process's own notes, not flushed yet, count too.
-        found.extend(line for line in self._seen if line not in found)
+        # This process's own notes, not written yet, count too.
+        found.extend(line for line in (*self._writing_seen, *self._seen) if line not in found)
         return sorted(set(found))
 
     async def holdings(
@@ -286,9 +294,13 @@ class FleetIndex:
         found: dict[tuple[str, str], list[Holding]] = {}
         for pair, entries in zip(pairs, replies, strict=True):
             merged = {_text(k): _text(v) for k, v in entries.items()}
-            merged.update({m: _entry(*e) for m, e in self._granted.get(pair, {}).items()})
-            for member in self._ended.get(pair, ()):
-                merged.pop(member, None)
+            # This process's notes, those of a flush on its way included: a read between
+            # the swap of the notes and the end of their write would miss them otherwise.
+            for granted in (self._writing_granted, self._granted):
+                merged.update({m: _entry(*e) for m, e in granted.get(pair, {}).items()})
+            for ended in (self._writing_ended, self._ended):
+                for member in ended.get(pair, ()):
+                    merged.pop(member, None)
             items = []
             for member, raw in merged.items():
                 value: dict[str, Any] = json.loads(raw)
