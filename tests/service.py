@@ -14,13 +14,22 @@ import uvicorn
 
 from quotagate.coordinator.embedded import free_port
 
+GRACE = 5.0  # seconds a stopping server gives the requests still running
+
 
 @contextmanager
 def serve_in_thread(app: Any, *, port: int | None = None, **config: Any) -> Iterator[str]:
     """Serve `app` on loopback until the block ends; yields its base URL. `config` goes to
     `uvicorn.Config` (quiet by default)."""
     port = port or free_port()
-    options: dict[str, Any] = {"log_level": "warning", "lifespan": "on", **config}
+    # Requests still running GRACE seconds into the shutdown are cancelled, and the app's
+    # own shutdown runs after them: its store connections close before its loop does.
+    options: dict[str, Any] = {
+        "log_level": "warning",
+        "lifespan": "on",
+        "timeout_graceful_shutdown": GRACE,
+        **config,
+    }
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -33,7 +42,9 @@ def serve_in_thread(app: Any, *, port: int | None = None, **config: Any) -> Iter
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        thread.join(10)
+        thread.join(GRACE + 10)
+        # A server left running would fail some later test, far from its cause.
+        assert not thread.is_alive(), f"the server on port {port} did not stop"
 
 
 def wait_ready(url: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
