@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
 import requests
@@ -405,21 +406,26 @@ REFUSED_HOSTS = [
 def test_other_hosts_are_refused_before_any_connection(
     valkey_server: EmbeddedServer, tmp_path: Path, host: str
 ) -> None:
-    seen: list[httpx.Request] = []
+    seen: list[object] = []
 
-    def record(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json={})
+    async def record(session: object, context: object, params: object) -> None:
+        seen.append(params)
+
+    def recording() -> aiohttp.ClientSession:
+        """The gateway's session, telling every request it starts (before connecting)."""
+        traced = aiohttp.TraceConfig()
+        traced.on_request_start.append(record)
+        return aiohttp.ClientSession(trace_configs=[traced])
 
     settings = _settings(valkey_server, tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
     app = create_app(settings)
     with serve_in_thread(app) as url:
-        mocked = httpx.AsyncClient(transport=httpx.MockTransport(record))
-        app.state.gateway.upstream = Upstream([mocked])
+        app.state.gateway.upstream = Upstream(recording)
         status, body = raw_get(url, f"/gateway/{host}/api/incidents")
+        assert raw_get(url, f"/gateway/{ECHO}/api/incidents")[0] == 502  # would be seen
     assert 400 <= status < 500, body
     assert body.get("error") in ("host_not_allowed", "invalid_path", "not_found"), body
-    assert seen == []
+    assert len(seen) == 1  # the request to the allowed host only
 
 
 @pytest.mark.parametrize(
