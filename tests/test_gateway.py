@@ -6,6 +6,7 @@ memory; a 429 that pauses the workers that use the Python client."""
 from __future__ import annotations
 
 import base64
+import gzip
 import http.client
 import json
 import logging
@@ -68,7 +69,8 @@ def jwt(claims: dict[str, Any]) -> str:
 
 class Echo:
     """An upstream that says what it got: method, path as sent, query, headers, body size.
-    `/redirect` points at another host, `/bytes/{n}` streams n bytes, `/sink` counts them."""
+    `/redirect` points at another host, `/bytes/{n}` streams n bytes, `/sink` counts them,
+    `/gzip` answers gzip-encoded, `/peer` names the port the request came from."""
 
     def __init__(self) -> None:
         self.hits: list[str] = []
@@ -79,6 +81,9 @@ class Echo:
                 WebRoute("/sink", self.sink, methods=["POST", "PUT"]),
                 WebRoute("/throttle", self.throttle, methods=["GET"]),
                 WebRoute("/cookie", self.cookie, methods=["GET"]),
+                WebRoute("/gzip", self.gzipped, methods=["GET"]),
+                WebRoute("/api/incidents/gzipped", self.gzipped_throttle, methods=["GET"]),
+                WebRoute("/peer", self.peer, methods=["GET"]),
                 WebRoute("/api/advancedhunting/run", self.hunting, methods=["POST"]),
                 WebRoute("/{path:path}", self.echo, methods=["GET", "POST", "DELETE", "PATCH"]),
             ]
@@ -135,6 +140,19 @@ class Echo:
 
     async def cookie(self, request: Request) -> Response:
         return JSONResponse({}, headers={"Set-Cookie": "session=tenant-a; Path=/"})
+
+    async def gzipped(self, request: Request) -> Response:
+        return Response(GZIPPED, headers={"Content-Encoding": "gzip"}, media_type="text/plain")
+
+    async def gzipped_throttle(self, request: Request) -> Response:
+        """A 429 whose time to wait is only in its gzip-encoded body."""
+        body = {"error": {"code": "429", "message": "Rate limit exceeded. Try again in 7 seconds."}}
+        encoded = gzip.compress(json.dumps(body).encode(), mtime=0)
+        return Response(encoded, 429, headers={"Content-Encoding": "gzip"})
+
+    async def peer(self, request: Request) -> Response:
+        assert request.client is not None
+        return JSONResponse({"port": request.client.port})
 
     async def throttle(self, request: Request) -> Response:
         body = {"error": {"code": "TooManyRequests", "message": "Please retry again later."}}
@@ -320,6 +338,94 @@ def test_forwarded_as_sent(
     assert not [r for r in caplog.records if "upstream-secret" in r.getMessage()]  # ... not this
 
 
+def test_no_header_is_added_that_the_tool_did_not_send(
+    coordinator: str, echo: tuple[Echo, str]
+) -> None:
+    """Beside `Host` and the body's framing, the upstream gets the tool's headers only:
+    no User-Agent, Accept, Accept-Encoding or Content-Type of the gateway's client."""
+    host, _, port = coordinator.removeprefix("http://").partition(":")
+    seen = []
+    for method, body in (("GET", None), ("POST", b"payload")):
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            connection.putrequest(method, f"/gateway/{ECHO}/bare", skip_accept_encoding=True)
+            connection.putheader("X-One", "1")
+            if body is not None:
+                connection.putheader("Content-Length", str(len(body)))
+            connection.endheaders(body)
+            answer = connection.getresponse()
+            assert answer.status == 200
+            seen.append({name for name, _ in json.loads(answer.read())["headers"]})
+        finally:
+            connection.close()
+    assert seen == [{"host", "x-one"}, {"host", "x-one", "content-length"}]
+
+
+def test_path_and_query_go_exactly_as_given(coordinator: str, echo: tuple[Echo, str]) -> None:
+    path = "/api/%7Euser/%41b+c!*'(),;=:@~x%25"
+    query = "a=%7E&b=+%2B&c=%25&d&e=%2f&f=%E2%82%AC&g=a=b"
+    status, body = raw_get(coordinator, f"/gateway/{ECHO}{path}?{query}")
+    assert status == 200, body
+    assert (body["raw_path"], body["query"]) == (path, query)
+
+
+def test_an_encoded_answer_passes_as_it_came(coordinator: str, echo: tuple[Echo, str]) -> None:
+    host, _, port = coordinator.removeprefix("http://").partition(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.request("GET", f"/gateway/{ECHO}/gzip", headers={"Accept-Encoding": "gzip"})
+        answer = connection.getresponse()
+        assert answer.getheader("content-encoding") == "gzip"
+        assert answer.read() == GZIPPED  # byte for byte, not decoded
+    finally:
+        connection.close()
+
+
+def test_an_encoded_429_is_read_for_its_outcome_and_passed_as_it_came(
+    valkey_server: EmbeddedServer, tmp_path: Path, echo: tuple[Echo, str]
+) -> None:
+    _wipe(valkey_server.url)
+    settings = _settings(valkey_server, tmp_path, echo[1], echo[1])
+    headers = {"X-Quotagate-Tenant": TENANT}
+    with serve_in_thread(create_app(settings)) as url:
+        gw = f"{url}/gateway/{DEFENDER}/api/incidents/gzipped"
+        throttled = httpx.get(gw, headers=headers)
+        paused = httpx.get(gw, headers=headers)
+    assert throttled.status_code == 429
+    assert throttled.headers["content-encoding"] == "gzip"
+    assert throttled.json()["error"]["message"].endswith("in 7 seconds.")  # httpx decodes
+    # The wait was only in the encoded body: the gateway decoded it to pause the fleet.
+    assert paused.headers["x-quotagate"] == "exhausted"
+    assert int(paused.headers["retry-after"]) >= 5
+
+
+def test_the_environments_proxy_carries_the_calls(
+    coordinator: str,
+    echo: tuple[Echo, str],
+    elsewhere: tuple[Echo, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An egress proxy named by `HTTP_PROXY` (here the other echo server, which answers
+    a proxy's request as its own) carries the gateway's upstream calls."""
+    for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", elsewhere[1])
+    before = (len(echo[0].hits), len(elsewhere[0].hits))
+    status, body = raw_get(coordinator, f"/gateway/{ECHO}/via/proxy?x=1")
+    assert status == 200, body
+    assert elsewhere[0].hits[before[1] :] == ["/via/proxy"]
+    assert len(echo[0].hits) == before[0]
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert raw_get(coordinator, f"/gateway/{ECHO}/direct")[0] == 200
+    assert echo[0].hits[before[0] :] == ["/direct"]
+
+
+def test_upstream_connections_are_kept_alive(coordinator: str, echo: tuple[Echo, str]) -> None:
+    with httpx.Client() as http:
+        ports = {http.get(f"{coordinator}/gateway/{ECHO}/peer").json()["port"] for _ in range(20)}
+    assert len(ports) == 1
+
+
 def test_a_large_hunting_answer_charges_its_execution_time(
     valkey_server: EmbeddedServer, tmp_path: Path, echo: tuple[Echo, str]
 ) -> None:
@@ -379,6 +485,8 @@ def raw_get(url: str, target: str) -> tuple[int, dict[str, Any]]:
     finally:
         connection.close()
 
+
+GZIPPED = gzip.compress(b"incidents " * 1000, mtime=0)
 
 REFUSED_HOSTS = [
     "127.0.0.1",
