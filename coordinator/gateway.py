@@ -43,9 +43,10 @@ import logging
 import math
 import re
 import time
+import urllib.request
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -125,11 +126,12 @@ class Target:
 
 def upstream_session(settings: Settings) -> aiohttp.ClientSession:
     """The session of the upstream calls (in a running event loop): redirects are the
-    tool's business (`allow_redirects=False` on each call), the environment's proxy
-    settings apply (an egress proxy), and no cookie is kept: the session serves every
-    tenant, so one tenant's cookie must never reach another's call. At most
-    `gateway_connections`, each kept alive; `gateway_timeout` is how long the upstream may
-    stay silent, and how long a call may wait for a connection."""
+    tool's business (`allow_redirects=False` on each call), and no cookie is kept: the
+    session serves every tenant, so one tenant's cookie must never reach another's call.
+    At most `gateway_connections`, each kept alive; `gateway_timeout` is how long the
+    upstream may stay silent, and how long a call may wait for a connection. Not
+    `trust_env`: that would read the environment's proxies on every call and add
+    credentials from `.netrc`; `Upstream` reads the proxies once."""
     connector = aiohttp.TCPConnector(
         limit=settings.gateway_connections,
         limit_per_host=0,
@@ -146,21 +148,54 @@ def upstream_session(settings: Settings) -> aiohttp.ClientSession:
             sock_connect=10.0,
             sock_read=settings.gateway_timeout,
         ),
-        trust_env=True,
         auto_decompress=False,
         skip_auto_headers=_NOT_ADDED,
     )
+
+
+Proxy = tuple[yarl.URL | None, str | None]  # the proxy, its Proxy-Authorization
 
 
 class Upstream:
     """The client of the upstream calls: one aiohttp session, made on first use (it
     belongs to the running event loop). aiohttp's connector takes a connection from a
     queue of idle ones per host and gives it back the same way, so one pool's cost per
-    call does not grow with its connections, and C parses the answers."""
+    call does not grow with its connections, and C parses the answers.
 
-    def __init__(self, session: Callable[[], aiohttp.ClientSession]) -> None:
+    The environment's proxy settings (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, `NO_PROXY`;
+    `proxies` instead, as `urllib.request.getproxies` gives them) are read once, as the
+    process starts, and apply to every call (an egress proxy)."""
+
+    CHOSEN = 1024  # proxy choices remembered at most (one per upstream host and scheme)
+
+    def __init__(
+        self,
+        session: Callable[[], aiohttp.ClientSession],
+        proxies: Mapping[str, str] | None = None,
+    ) -> None:
         self._make = session
         self._session: aiohttp.ClientSession | None = None
+        self.proxies = dict(urllib.request.getproxies() if proxies is None else proxies)
+        self._chosen: dict[tuple[str, str], Proxy] = {}
+
+    def proxy(self, url: yarl.URL) -> Proxy:
+        """The proxy a call to `url` goes through, and the `Proxy-Authorization` its
+        credentials make: (None, None) for none."""
+        key = (url.scheme, url.raw_authority)
+        chosen = self._chosen.get(key)
+        if chosen is None:
+            named = self.proxies.get(url.scheme) or self.proxies.get("all")
+            if not named or _bypassed(url, self.proxies.get("no", "")):
+                chosen = (None, None)
+            else:
+                proxy = yarl.URL(named if "://" in named else f"http://{named}")
+                login = None
+                if proxy.user is not None:
+                    login = aiohttp.encode_basic_auth(proxy.user, proxy.password or "")
+                chosen = (proxy.with_user(None), login)
+            if len(self._chosen) < self.CHOSEN:
+                self._chosen[key] = chosen
+        return chosen
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Upstream:
@@ -180,13 +215,40 @@ class Upstream:
         body: AsyncIterator[bytes] | None,
     ) -> aiohttp.ClientResponse:
         """The answer, its body not read yet: `release` it once read, or `close` it."""
+        proxy, login = self.proxy(url)
+        proxy_headers = None
+        if login is not None:  # to the proxy: in its CONNECT, or in a request it forwards
+            if url.scheme == "https":
+                proxy_headers = {"Proxy-Authorization": login}
+            else:
+                headers = [*headers, ("Proxy-Authorization", login)]
         return await self.session.request(
-            method, url, headers=headers, data=body, allow_redirects=False
+            method,
+            url,
+            headers=headers,
+            data=body,
+            allow_redirects=False,
+            proxy=proxy,
+            proxy_headers=proxy_headers,
         )
 
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+def _bypassed(url: yarl.URL, no_proxy: str) -> bool:
+    """Whether `NO_PROXY` exempts `url`: `*`, its host, or a domain it is in (a leading dot
+    or none), each with or without a port."""
+    host = (url.host or "").lower()
+    for entry in no_proxy.lower().replace(" ", "").split(","):
+        name, _, port = entry.partition(":") if entry.count(":") == 1 else (entry, "", "")
+        if port and port != str(url.port):
+            continue
+        name = name.lstrip(".").strip("[]")
+        if name == "*" or (name and (host == name or host.endswith("." + name))):
+            return True
+    return False
 
 
 def tenant_from_token(authorization: str | None) -> str | None:

@@ -400,24 +400,32 @@ def test_an_encoded_429_is_read_for_its_outcome_and_passed_as_it_came(
 
 
 def test_the_environments_proxy_carries_the_calls(
-    coordinator: str,
+    valkey_server: EmbeddedServer,
+    tmp_path: Path,
     echo: tuple[Echo, str],
-    elsewhere: tuple[Echo, str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """An egress proxy named by `HTTP_PROXY` (here the other echo server, which answers
-    a proxy's request as its own) carries the gateway's upstream calls."""
-    for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+    """An egress proxy named by `HTTP_PROXY` as the coordinator starts (here another
+    echo server, which answers a proxy's request as its own) carries the gateway's
+    upstream calls, but for the hosts `NO_PROXY` names."""
+    for name in ("NO_PROXY", "no_proxy", "http_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTP_PROXY", elsewhere[1])
-    before = (len(echo[0].hits), len(elsewhere[0].hits))
-    status, body = raw_get(coordinator, f"/gateway/{ECHO}/via/proxy?x=1")
+    proxy = Echo()
+    before = len(echo[0].hits)
+    settings = _settings(valkey_server, tmp_path, echo[1], echo[1])
+    with serve_in_thread(proxy.app) as proxy_url:
+        monkeypatch.setenv("HTTP_PROXY", proxy_url.replace("://", "://egress:secret@"))
+        with serve_in_thread(create_app(settings)) as url:
+            status, body = raw_get(url, f"/gateway/{ECHO}/via/proxy?x=1")
     assert status == 200, body
-    assert elsewhere[0].hits[before[1] :] == ["/via/proxy"]
-    assert len(echo[0].hits) == before[0]
+    said = dict(body["headers"])
+    assert said["proxy-authorization"] == "Basic ZWdyZXNzOnNlY3JldA=="  # the proxy's login
+    assert proxy.hits == ["/via/proxy"]
+    assert len(echo[0].hits) == before
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    assert raw_get(coordinator, f"/gateway/{ECHO}/direct")[0] == 200
-    assert echo[0].hits[before[0] :] == ["/direct"]
+    with serve_in_thread(create_app(settings)) as url:
+        assert raw_get(url, f"/gateway/{ECHO}/direct")[0] == 200
+    assert echo[0].hits[before:] == ["/direct"]
 
 
 def test_upstream_connections_are_kept_alive(coordinator: str, echo: tuple[Echo, str]) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yarl
 from redis.asyncio import Redis
 
 from quotagate.coordinator import releases as releases_module
@@ -155,7 +156,35 @@ async def test_the_upstream_session_is_made_once_on_the_settings() -> None:
     assert session.connector is not None and session.connector.limit == 10
     assert (session.timeout.connect, session.timeout.sock_read) == (7.0, 7.0)
     assert isinstance(session.cookie_jar, aiohttp.DummyCookieJar)
-    assert session.trust_env and not session.auto_decompress
+    assert not session.trust_env and not session.auto_decompress  # proxies: read once
     assert {"User-Agent", "Accept", "Accept-Encoding"} <= set(session.skip_auto_headers)
     await upstream.aclose()
     assert session.closed
+
+
+def test_the_upstream_proxy_is_chosen_as_the_environment_says() -> None:
+    proxies = {
+        "http": "http://user:secret@egress.example:3128",
+        "all": "egress.example:8080",
+        "no": "skip.example, .inner.example:8443,[::1]",
+    }
+    upstream = Upstream(aiohttp.ClientSession, proxies)
+    egress = yarl.URL("http://egress.example:3128")
+    assert upstream.proxy(yarl.URL("http://api.example/x")) == (
+        egress,
+        "Basic dXNlcjpzZWNyZXQ=",
+    )
+    assert upstream.proxy(yarl.URL("https://api.example/x")) == (
+        yarl.URL("http://egress.example:8080"),
+        None,
+    )
+    for bypassed in (
+        "http://skip.example/",
+        "http://a.skip.example/",
+        "https://b.inner.example:8443/",
+        "http://[::1]:80/",
+    ):
+        assert upstream.proxy(yarl.URL(bypassed)) == (None, None), bypassed
+    assert upstream.proxy(yarl.URL("https://b.inner.example/"))[0] is not None  # other port
+    assert upstream.proxy(yarl.URL("http://notskip.example/"))[0] == egress
+    assert Upstream(aiohttp.ClientSession, {}).proxy(yarl.URL("http://a.example/")) == (None, None)
