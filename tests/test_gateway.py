@@ -677,6 +677,27 @@ def test_an_upstream_that_cannot_be_reached_refunds(
         assert calls_used(settled(url, TENANT, "m365d.incidents")) == 0
 
 
+def test_an_upstream_that_stays_silent_times_out(
+    valkey_server: EmbeddedServer,
+    tmp_path: Path,
+    emulator: tuple[DefenderEmulator, str],
+    emulated: DefenderEmulator,
+    echo: tuple[Echo, str],
+) -> None:
+    _wipe(valkey_server.url)
+    emulated.delay(INCIDENTS, 1.0)  # real seconds, past the gateway's timeout
+    settings = _settings(valkey_server, tmp_path, emulator[1], echo[1], gateway_timeout=0.2)
+    with serve_in_thread(create_app(settings)) as url:
+        answer = httpx.get(
+            f"{url}/gateway/{DEFENDER}{INCIDENTS}", headers={"X-Quotagate-Tenant": TENANT}
+        )
+        assert answer.status_code == 504
+        assert answer.json()["error"] == "upstream_timeout"
+        found = settled(url, TENANT, "m365d.incidents")
+    assert found["in_flight"] == 0  # released (failed: the call may have reached it)
+    assert calls_used(found) == 1
+
+
 # -- throttles ----------------------------------------------------------------------------
 
 
