@@ -11,6 +11,7 @@ import http.client
 import json
 import logging
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -38,7 +39,7 @@ from quotagate.client import (
 )
 from quotagate.coordinator.app import create_app
 from quotagate.coordinator.embedded import EmbeddedServer, free_port
-from quotagate.coordinator.gateway import PEEK, Upstream, tenant_from_token
+from quotagate.coordinator.gateway import PEEK, PathRefused, Upstream, tenant_from_token
 from quotagate.coordinator.settings import Settings
 
 from .conftest import TEST_POLICIES, _wipe
@@ -367,6 +368,37 @@ def test_path_and_query_go_exactly_as_given(coordinator: str, echo: tuple[Echo, 
     status, body = raw_get(coordinator, f"/gateway/{ECHO}{path}?{query}")
     assert status == 200, body
     assert (body["raw_path"], body["query"]) == (path, query)
+
+
+def test_a_target_that_cannot_go_byte_for_byte_is_refused(
+    valkey_server: EmbeddedServer, tmp_path: Path, echo: tuple[Echo, str]
+) -> None:
+    """Bytes outside printable ASCII in a path or query: httptools refuses them itself,
+    the gateway too, for a server (h11) that lets them through."""
+    app = create_app(_settings(valkey_server, tmp_path, echo[1], echo[1]))
+    before = len(echo[0].hits)
+    with serve_in_thread(app) as url:
+        host, _, port = url.removeprefix("http://").partition(":")
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            raw.sendall(
+                f"GET /gateway/{ECHO}/caf\xc3\xa9 HTTP/1.1\r\n".encode("latin-1")
+                + b"Host: gateway\r\nConnection: close\r\n\r\n"
+            )
+            assert raw.recv(65536).startswith(b"HTTP/1.1 400")
+        gateway = app.state.gateway
+        for path, query in ((b"/caf\xc3\xa9", b""), (b"/x", b"q=\xe2\x82\xac"), (b"/x", b"a b")):
+            with pytest.raises(PathRefused):
+                gateway.target(f"/gateway/{ECHO}".encode() + path, query)
+    assert len(echo[0].hits) == before
+
+
+def test_a_chunked_body_goes_chunked(coordinator: str, echo: tuple[Echo, str]) -> None:
+    def parts() -> Iterator[bytes]:
+        yield from (b"z" * 1000 for _ in range(50))  # no length: httpx sends it chunked
+
+    answer = httpx.post(f"{coordinator}/gateway/{ECHO}/sink", content=parts())
+    assert answer.status_code == 200
+    assert answer.json()["size"] == 50_000
 
 
 def test_an_encoded_answer_passes_as_it_came(coordinator: str, echo: tuple[Echo, str]) -> None:
