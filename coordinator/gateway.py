@@ -164,7 +164,7 @@ class Upstream:
 
     The environment's proxy settings (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, `NO_PROXY`;
     `proxies` instead, as `urllib.request.getproxies` gives them) are read once, as the
-    process starts, and apply to every call (an egress proxy)."""
+    gateway starts, and apply to every call (an egress proxy)."""
 
     CHOSEN = 1024  # proxy choices remembered at most (one per upstream host and scheme)
 
