@@ -23,7 +23,10 @@ What it does with one request, in order:
    `X-Quotagate: coordinated`, with `X-Quotagate-Api` and `X-Quotagate-Waited` (seconds).
 4. The call. Bodies stream both ways; only what the outcome needs is held: a small error
    body (up to `PEEK` bytes, where throttles are told), and for an api with run-time limits
-   the last `PEEK` bytes of the answer, where `Stats.ExecutionTime` is. The outcome is
+   the last `PEEK` bytes of the answer, where `Stats.ExecutionTime` is. Upstream calls go
+   out on one aiohttp session (`Upstream`): the exact path and query as given, no headers
+   the tool did not send besides `Host` and the body's framing, encoded bodies passed
+   through as they came (only the outcome's peek decodes them). The outcome is
    the client's own (`Lease.report`, `quotagate.client.parsing`): a 429 releases as
    `throttled` before the tool sees it, so the whole fleet pauses first; other releases
    leave the critical path, batched with those of other calls (`releases.py`).
@@ -35,22 +38,24 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import http.cookiejar
 import json
 import logging
 import math
 import re
 import time
+import urllib.request
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
+import aiohttp
 import anyio
 import httpx
+import yarl
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
@@ -82,8 +87,14 @@ HOP_BY_HOP = frozenset(
 _NOT_FORWARDED = frozenset({b"host", b"expect", b"content-length"})
 _OURS = b"x-quotagate-"
 _HOST = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?")
-# Failures that leave before a byte of the request was sent: nothing to charge.
-NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+_SENDABLE = re.compile(r"[!-~]*")  # what a request target may hold, sent byte for byte
+# Failures that leave before a byte of the request was sent: nothing to charge. A
+# connection that could not be made (refused, DNS, TLS, the egress proxy), or none
+# within the connect timeout (a free one from the pool included).
+NOT_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+# Headers aiohttp adds to a request that lacks them: the tool's request goes as it sent it
+# (`Host` and the body's framing, Content-Length or chunked, are the only ones added).
+_NOT_ADDED = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 
 
 class HostRefused(QuotagateError):
@@ -113,82 +124,131 @@ class Target:
     url: str  # where the request goes
 
 
-def upstream_client(settings: Settings, connections: int | None = None) -> httpx.AsyncClient:
-    """A client for upstream calls: redirects are the tool's business, the environment's
-    proxy settings apply (an egress proxy), and no cookie is kept: the client serves every
-    tenant, so one tenant's cookie must never reach another's call. At most `connections`
-    (default: `gateway_connections`), each kept alive."""
-    connections = connections or settings.gateway_connections
-    keep_none = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-    return httpx.AsyncClient(
-        follow_redirects=False,
-        cookies=keep_none,
-        timeout=httpx.Timeout(settings.gateway_timeout, connect=10.0),
-        limits=httpx.Limits(
-            max_connections=connections,
-            max_keepalive_connections=connections,
-            # Idle connections go before a server's usual 5 s keep-alive closes them
-            # under a request that is being sent.
-            keepalive_expiry=4.0,
+def upstream_session(settings: Settings) -> aiohttp.ClientSession:
+    """The session of the upstream calls (in a running event loop): redirects are the
+    tool's business (`allow_redirects=False` on each call), and no cookie is kept: the
+    session serves every tenant, so one tenant's cookie must never reach another's call.
+    At most `gateway_connections`, each kept alive; `gateway_timeout` is how long the
+    upstream may stay silent, and how long a call may wait for a connection. Not
+    `trust_env`: that would read the environment's proxies on every call and add
+    credentials from `.netrc`; `Upstream` reads the proxies once."""
+    connector = aiohttp.TCPConnector(
+        limit=settings.gateway_connections,
+        limit_per_host=0,
+        # Idle connections go before a server's usual 5 s keep-alive closes them
+        # under a request that is being sent.
+        keepalive_timeout=4.0,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=aiohttp.ClientTimeout(
+            total=None,
+            connect=settings.gateway_timeout,
+            sock_connect=10.0,
+            sock_read=settings.gateway_timeout,
         ),
+        auto_decompress=False,
+        skip_auto_headers=_NOT_ADDED,
     )
 
 
+Proxy = tuple[yarl.URL | None, str | None]  # the proxy, its Proxy-Authorization
+
+
 class Upstream:
-    """The clients of the upstream calls, each call sent on the least busy one.
+    """The client of the upstream calls: one aiohttp session, made on first use (it
+    belongs to the running event loop). aiohttp's connector takes a connection from a
+    queue of idle ones per host and gives it back the same way, so one pool's cost per
+    call does not grow with its connections, and C parses the answers.
 
-    httpcore's connection pool looks at every connection it holds, several times over,
-    whenever a request starts or ends, so one pool's CPU per request grows with the
-    square of its connections: at a few dozen calls in flight, that was most of a gateway
-    call's CPU. The same connections split among `POOLS` pools cost a fraction of it."""
+    The environment's proxy settings (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, `NO_PROXY`;
+    `proxies` instead, as `urllib.request.getproxies` gives them) are read once, as the
+    gateway starts, and apply to every call (an egress proxy)."""
 
-    POOLS = 8
+    CHOSEN = 1024  # proxy choices remembered at most (one per upstream host and scheme)
 
-    def __init__(self, clients: Sequence[httpx.AsyncClient]) -> None:
-        self.clients = list(clients)
-        self._busy = [0] * len(self.clients)
+    def __init__(
+        self,
+        session: Callable[[], aiohttp.ClientSession],
+        proxies: Mapping[str, str] | None = None,
+    ) -> None:
+        self._make = session
+        self._session: aiohttp.ClientSession | None = None
+        self.proxies = dict(urllib.request.getproxies() if proxies is None else proxies)
+        self._chosen: dict[tuple[str, str], Proxy] = {}
+
+    def proxy(self, url: yarl.URL) -> Proxy:
+        """The proxy a call to `url` goes through, and the `Proxy-Authorization` its
+        credentials make: (None, None) for none."""
+        key = (url.scheme, url.raw_authority)
+        chosen = self._chosen.get(key)
+        if chosen is None:
+            named = self.proxies.get(url.scheme) or self.proxies.get("all")
+            if not named or _bypassed(url, self.proxies.get("no", "")):
+                chosen = (None, None)
+            else:
+                proxy = yarl.URL(named if "://" in named else f"http://{named}")
+                login = None
+                if proxy.user is not None:
+                    login = aiohttp.encode_basic_auth(proxy.user, proxy.password or "")
+                chosen = (proxy.with_user(None), login)
+            if len(self._chosen) < self.CHOSEN:
+                self._chosen[key] = chosen
+        return chosen
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Upstream:
-        """`gateway_connections` shared among up to `POOLS` clients."""
-        pools, each = cls.shares(settings.gateway_connections)
-        return cls([upstream_client(settings, each) for _ in range(pools)])
-
-    @classmethod
-    def shares(cls, connections: int) -> tuple[int, int]:
-        """How many pools for `connections`, and the connections of each (rounded up)."""
-        pools = min(cls.POOLS, connections)
-        return pools, math.ceil(connections / pools)
+        return cls(lambda: upstream_session(settings))
 
     @property
-    def busy(self) -> list[int]:
-        """Calls in flight on each client."""
-        return list(self._busy)
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = self._make()
+        return self._session
 
-    def build_request(self, method: str, url: str, **kwargs: Any) -> httpx.Request:
-        return self.clients[0].build_request(method, url, **kwargs)
-
-    async def send(self, request: httpx.Request) -> tuple[httpx.Response, Callable[[], None]]:
-        """The answer, streamed, and what to call once it is closed (any number of times)."""
-        at = min(range(len(self._busy)), key=self._busy.__getitem__)
-        self._busy[at] += 1
-        freed = False
-
-        def free() -> None:
-            nonlocal freed
-            if not freed:
-                freed = True
-                self._busy[at] -= 1
-
-        try:
-            return await self.clients[at].send(request, stream=True), free
-        except BaseException:
-            free()
-            raise
+    async def send(
+        self,
+        method: str,
+        url: yarl.URL,
+        headers: list[tuple[str, str]],
+        body: AsyncIterator[bytes] | None,
+    ) -> aiohttp.ClientResponse:
+        """The answer, its body not read yet: `release` it once read, or `close` it."""
+        proxy, login = self.proxy(url)
+        proxy_headers = None
+        if login is not None:  # to the proxy: in its CONNECT, or in a request it forwards
+            if url.scheme == "https":
+                proxy_headers = {"Proxy-Authorization": login}
+            else:
+                headers = [*headers, ("Proxy-Authorization", login)]
+        return await self.session.request(
+            method,
+            url,
+            headers=headers,
+            data=body,
+            allow_redirects=False,
+            proxy=proxy,
+            proxy_headers=proxy_headers,
+        )
 
     async def aclose(self) -> None:
-        for client in self.clients:
-            await client.aclose()
+        if self._session is not None:
+            await self._session.close()
+
+
+def _bypassed(url: yarl.URL, no_proxy: str) -> bool:
+    """Whether `NO_PROXY` exempts `url`: `*`, its host, or a domain it is in (a leading dot
+    or none), each with or without a port."""
+    host = (url.host or "").lower()
+    for entry in no_proxy.lower().replace(" ", "").split(","):
+        name, _, port = entry.partition(":") if entry.count(":") == 1 else (entry, "", "")
+        if port and port != str(url.port):
+            continue
+        name = name.lstrip(".").strip("[]")
+        if name == "*" or (name and (host == name or host.endswith("." + name))):
+            return True
+    return False
 
 
 def tenant_from_token(authorization: str | None) -> str | None:
@@ -259,7 +319,7 @@ class _Inbox:
             message = self._held.popleft() if self._held else await self._receive()
             if message["type"] == "http.disconnect":
                 self._gone = True
-                raise httpx.ReadError("the client went away while sending its body")
+                raise ConnectionResetError("the client went away while sending its body")
             chunk = message.get("body", b"")
             if chunk:
                 yield chunk
@@ -319,7 +379,7 @@ class Gateway:
         )
         # Where each host's requests must land: checked on the built request too.
         self._authorities = {
-            host: (httpx.URL(base).host, httpx.URL(base).port)
+            host: (yarl.URL(base).host, yarl.URL(base).explicit_port)
             for host, base in self.upstreams.items()
         }
         self._warned: set[tuple[str, str]] = set()
@@ -348,6 +408,8 @@ class Gateway:
         escaped = re.search(r"%(2f|5c)", rest, re.IGNORECASE)
         if escaped or "\\" in path or any(seg in (".", "..") for seg in path.split("/")):
             raise PathRefused("escaped slashes and dot segments are refused in gateway paths")
+        if not _SENDABLE.fullmatch(text + query.decode("latin-1")):
+            raise PathRefused("a gateway path and query are printable ASCII, sent as given")
         base = self.upstreams.get(host, f"https://{host}")
         url = base + (slash + rest or "/") + ("?" + query.decode("latin-1") if query else "")
         return Target(host, path, url)
@@ -435,50 +497,47 @@ class Gateway:
     ) -> Response:
         raw = request.headers.raw
         headers = [
-            (name, value)
+            (name.decode("latin-1"), value.decode("latin-1"))
             for name, value in _end_to_end(raw)
             if name not in _NOT_FORWARDED and not name.startswith(_OURS)
         ]
         sized = request.headers.get("content-length")
         if sized is not None and sized.isdigit():
-            headers.append((b"content-length", sized.encode()))
+            headers.append(("Content-Length", sized))
         has_body = (sized is not None and sized != "0") or "transfer-encoding" in request.headers
         try:
-            outgoing = self.upstream.build_request(
-                request.method,
-                target.url,
-                headers=headers,
-                content=inbox.body() if has_body else None,
-            )
-        except (httpx.InvalidURL, ValueError) as exc:
+            # As given: `encoded` keeps yarl from quoting the path and query again.
+            url = yarl.URL(target.url, encoded=True)
+        except ValueError as exc:
             if call is not None:
                 await call.release_now("not_called")
             raise PathRefused(f"not a URL the gateway can send: {exc}") from exc
         landing = self._authorities.get(target.host, (target.host, None))
-        if (outgoing.url.host, outgoing.url.port) != landing:  # never another host
+        if (url.host, url.explicit_port) != landing:  # never another host
             if call is not None:
                 await call.release_now("not_called")
             raise PathRefused("the path would leave the host it names")
+        body = inbox.body() if has_body else None
         try:
-            upstream, free = await self.upstream.send(outgoing)
+            upstream = await self.upstream.send(request.method, url, headers, body)
         except NOT_SENT as exc:
             if call is not None:
                 await call.release_now("not_called")
             return error_reply(502, "upstream_unreachable", f"{target.host}: {type(exc).__name__}")
-        except (httpx.HTTPError, OSError) as exc:
+        except (aiohttp.ClientError, OSError) as exc:  # OSError: TimeoutError too
             if call is not None:
                 await call.release_now("failed")
             status, code = (
                 (504, "upstream_timeout")
-                if isinstance(exc, httpx.TimeoutException)
+                if isinstance(exc, TimeoutError)
                 else (502, "upstream_failed")
             )
             return error_reply(status, code, f"{target.host}: {type(exc).__name__}")
-        out = _end_to_end(upstream.headers.raw)
+        out = _end_to_end(list(upstream.raw_headers))
         out.extend(marks.items())
         if call is not None:
             out.append((b"x-quotagate-api", call.grant.api.encode()))
-        return await _Relay.start(call, upstream, free, out)
+        return await _Relay.start(call, upstream, out)
 
 
 class _Call:
@@ -601,17 +660,15 @@ class _Relay(Response):
     def __init__(
         self,
         call: _Call | None,
-        upstream: httpx.Response,
-        free: Callable[[], None],
+        upstream: aiohttp.ClientResponse,
         headers: list[tuple[bytes, bytes]],
         head: list[bytes],
         chunks: AsyncIterator[bytes] | None,
     ) -> None:
-        super().__init__(status_code=upstream.status_code)
+        super().__init__(status_code=upstream.status)
         self.raw_headers = headers
         self.call = call
         self.upstream = upstream
-        self.free = free
         self.head = head
         self.chunks = chunks
 
@@ -619,18 +676,16 @@ class _Relay(Response):
     async def start(
         cls,
         call: _Call | None,
-        upstream: httpx.Response,
-        free: Callable[[], None],
+        upstream: aiohttp.ClientResponse,
         headers: list[tuple[bytes, bytes]],
     ) -> Response:
-        """Read as much of the answer as its outcome needs: all of a small error body.
-        `free` is called once the answer is closed (`Upstream.send`)."""
-        chunks = upstream.aiter_raw()
-        status = upstream.status_code
+        """Read as much of the answer as its outcome needs: all of a small error body."""
+        chunks = upstream.content.iter_any()  # as it came: not decoded
+        status = upstream.status
         length = upstream.headers.get("content-length")
         small = length is None or (length.isdigit() and int(length) <= PEEK)
         if call is None or status < 400 or not small:
-            return cls(call, upstream, free, headers, [], chunks)
+            return cls(call, upstream, headers, [], chunks)
         head: list[bytes] = []
         held = 0
         try:
@@ -638,22 +693,22 @@ class _Relay(Response):
                 head.append(chunk)
                 held += len(chunk)
                 if held > PEEK:
-                    return cls(call, upstream, free, headers, head, chunks)
-        except (httpx.HTTPError, OSError):
-            await _close(upstream, free)
-            call.report(status, upstream.headers, None, None)
+                    return cls(call, upstream, headers, head, chunks)
+        except (aiohttp.ClientError, OSError):
+            upstream.close()
+            call.report(status, _headers(upstream), None, None)
             if call.lease.outcome != "throttled":
                 call.lease.set_outcome("failed", status, runtime=call.runtime)
             await call.release_now()
             return error_reply(502, "upstream_failed", "the upstream's answer broke off")
-        await _close(upstream, free)
+        upstream.release()
         body = b"".join(head)
-        call.report(status, upstream.headers, body, None)
+        call.report(status, _headers(upstream), body, None)
         if call.lease.outcome == "throttled":
             await call.release_now()  # the fleet pauses before the tool hears of it
         else:
             call.release_later()
-        return cls(None, upstream, free, headers, head, None)
+        return cls(None, upstream, headers, head, None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         call, done = self.call, False
@@ -677,31 +732,28 @@ class _Relay(Response):
                         tail.add(chunk)
             # The upstream's connection goes back to the pool before the tool's last
             # byte, so the tool's next request finds it idle rather than opening another.
-            await _close(self.upstream, self.free)
+            self.upstream.release()
             done = True
             self._end(tail)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             if not done:
                 if call is not None:
-                    status = self.upstream.status_code
-                    call.lease.set_outcome("failed", status, runtime=call.runtime)
+                    call.lease.set_outcome("failed", self.upstream.status, runtime=call.runtime)
                     call.release_later()
-                await _close(self.upstream, self.free)
+                self.upstream.close()  # the rest of the answer is not read: not reused
 
     def _end(self, tail: _Tail | None) -> None:
         """The whole answer was read: its outcome goes to the release sender."""
         if self.call is not None:
             runtime = tail.execution_time() if tail is not None else None
-            self.call.report(self.upstream.status_code, self.upstream.headers, None, runtime)
+            self.call.report(self.upstream.status, _headers(self.upstream), None, runtime)
             self.call.release_later()
 
 
-async def _close(upstream: httpx.Response, free: Callable[[], None]) -> None:
-    try:
-        await upstream.aclose()
-    finally:
-        free()
+def _headers(upstream: aiohttp.ClientResponse) -> httpx.Headers:
+    """The answer's headers as the client's outcome parsing reads them."""
+    return httpx.Headers(list(upstream.raw_headers))
 
 
 def exhausted_reply(denial: Denial, host: str, found: RouteMatch) -> Response:
@@ -737,5 +789,5 @@ __all__ = [
     "Upstream",
     "exhausted_reply",
     "tenant_from_token",
-    "upstream_client",
+    "upstream_session",
 ]

@@ -6,10 +6,12 @@ memory; a 429 that pauses the workers that use the Python client."""
 from __future__ import annotations
 
 import base64
+import gzip
 import http.client
 import json
 import logging
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -18,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
 import requests
@@ -36,7 +39,7 @@ from quotagate.client import (
 )
 from quotagate.coordinator.app import create_app
 from quotagate.coordinator.embedded import EmbeddedServer, free_port
-from quotagate.coordinator.gateway import PEEK, Upstream, tenant_from_token
+from quotagate.coordinator.gateway import PEEK, PathRefused, Upstream, tenant_from_token
 from quotagate.coordinator.settings import Settings
 
 from .conftest import TEST_POLICIES, _wipe
@@ -67,7 +70,8 @@ def jwt(claims: dict[str, Any]) -> str:
 
 class Echo:
     """An upstream that says what it got: method, path as sent, query, headers, body size.
-    `/redirect` points at another host, `/bytes/{n}` streams n bytes, `/sink` counts them."""
+    `/redirect` points at another host, `/bytes/{n}` streams n bytes, `/sink` counts them,
+    `/gzip` answers gzip-encoded, `/peer` names the port the request came from."""
 
     def __init__(self) -> None:
         self.hits: list[str] = []
@@ -78,6 +82,9 @@ class Echo:
                 WebRoute("/sink", self.sink, methods=["POST", "PUT"]),
                 WebRoute("/throttle", self.throttle, methods=["GET"]),
                 WebRoute("/cookie", self.cookie, methods=["GET"]),
+                WebRoute("/gzip", self.gzipped, methods=["GET"]),
+                WebRoute("/api/incidents/gzipped", self.gzipped_throttle, methods=["GET"]),
+                WebRoute("/peer", self.peer, methods=["GET"]),
                 WebRoute("/api/advancedhunting/run", self.hunting, methods=["POST"]),
                 WebRoute("/{path:path}", self.echo, methods=["GET", "POST", "DELETE", "PATCH"]),
             ]
@@ -134,6 +141,19 @@ class Echo:
 
     async def cookie(self, request: Request) -> Response:
         return JSONResponse({}, headers={"Set-Cookie": "session=tenant-a; Path=/"})
+
+    async def gzipped(self, request: Request) -> Response:
+        return Response(GZIPPED, headers={"Content-Encoding": "gzip"}, media_type="text/plain")
+
+    async def gzipped_throttle(self, request: Request) -> Response:
+        """A 429 whose time to wait is only in its gzip-encoded body."""
+        body = {"error": {"code": "429", "message": "Rate limit exceeded. Try again in 7 seconds."}}
+        encoded = gzip.compress(json.dumps(body).encode(), mtime=0)
+        return Response(encoded, 429, headers={"Content-Encoding": "gzip"})
+
+    async def peer(self, request: Request) -> Response:
+        assert request.client is not None
+        return JSONResponse({"port": request.client.port})
 
     async def throttle(self, request: Request) -> Response:
         body = {"error": {"code": "TooManyRequests", "message": "Please retry again later."}}
@@ -319,6 +339,133 @@ def test_forwarded_as_sent(
     assert not [r for r in caplog.records if "upstream-secret" in r.getMessage()]  # ... not this
 
 
+def test_no_header_is_added_that_the_tool_did_not_send(
+    coordinator: str, echo: tuple[Echo, str]
+) -> None:
+    """Beside `Host` and the body's framing, the upstream gets the tool's headers only:
+    no User-Agent, Accept, Accept-Encoding or Content-Type of the gateway's client."""
+    host, _, port = coordinator.removeprefix("http://").partition(":")
+    seen = []
+    for method, body in (("GET", None), ("POST", b"payload")):
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            connection.putrequest(method, f"/gateway/{ECHO}/bare", skip_accept_encoding=True)
+            connection.putheader("X-One", "1")
+            if body is not None:
+                connection.putheader("Content-Length", str(len(body)))
+            connection.endheaders(body)
+            answer = connection.getresponse()
+            assert answer.status == 200
+            seen.append({name for name, _ in json.loads(answer.read())["headers"]})
+        finally:
+            connection.close()
+    assert seen == [{"host", "x-one"}, {"host", "x-one", "content-length"}]
+
+
+def test_path_and_query_go_exactly_as_given(coordinator: str, echo: tuple[Echo, str]) -> None:
+    path = "/api/%7Euser/%41b+c!*'(),;=:@~x%25"
+    query = "a=%7E&b=+%2B&c=%25&d&e=%2f&f=%E2%82%AC&g=a=b"
+    status, body = raw_get(coordinator, f"/gateway/{ECHO}{path}?{query}")
+    assert status == 200, body
+    assert (body["raw_path"], body["query"]) == (path, query)
+
+
+def test_a_target_that_cannot_go_byte_for_byte_is_refused(
+    valkey_server: EmbeddedServer, tmp_path: Path, echo: tuple[Echo, str]
+) -> None:
+    """Bytes outside printable ASCII in a path or query: httptools refuses them itself,
+    the gateway too, for a server (h11) that lets them through."""
+    app = create_app(_settings(valkey_server, tmp_path, echo[1], echo[1]))
+    before = len(echo[0].hits)
+    with serve_in_thread(app) as url:
+        host, _, port = url.removeprefix("http://").partition(":")
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            raw.sendall(
+                f"GET /gateway/{ECHO}/caf\xc3\xa9 HTTP/1.1\r\n".encode("latin-1")
+                + b"Host: gateway\r\nConnection: close\r\n\r\n"
+            )
+            assert raw.recv(65536).startswith(b"HTTP/1.1 400")
+        gateway = app.state.gateway
+        for path, query in ((b"/caf\xc3\xa9", b""), (b"/x", b"q=\xe2\x82\xac"), (b"/x", b"a b")):
+            with pytest.raises(PathRefused):
+                gateway.target(f"/gateway/{ECHO}".encode() + path, query)
+    assert len(echo[0].hits) == before
+
+
+def test_a_chunked_body_goes_chunked(coordinator: str, echo: tuple[Echo, str]) -> None:
+    def parts() -> Iterator[bytes]:
+        yield from (b"z" * 1000 for _ in range(50))  # no length: httpx sends it chunked
+
+    answer = httpx.post(f"{coordinator}/gateway/{ECHO}/sink", content=parts())
+    assert answer.status_code == 200
+    assert answer.json()["size"] == 50_000
+
+
+def test_an_encoded_answer_passes_as_it_came(coordinator: str, echo: tuple[Echo, str]) -> None:
+    host, _, port = coordinator.removeprefix("http://").partition(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.request("GET", f"/gateway/{ECHO}/gzip", headers={"Accept-Encoding": "gzip"})
+        answer = connection.getresponse()
+        assert answer.getheader("content-encoding") == "gzip"
+        assert answer.read() == GZIPPED  # byte for byte, not decoded
+    finally:
+        connection.close()
+
+
+def test_an_encoded_429_is_read_for_its_outcome_and_passed_as_it_came(
+    valkey_server: EmbeddedServer, tmp_path: Path, echo: tuple[Echo, str]
+) -> None:
+    _wipe(valkey_server.url)
+    settings = _settings(valkey_server, tmp_path, echo[1], echo[1])
+    headers = {"X-Quotagate-Tenant": TENANT}
+    with serve_in_thread(create_app(settings)) as url:
+        gw = f"{url}/gateway/{DEFENDER}/api/incidents/gzipped"
+        throttled = httpx.get(gw, headers=headers)
+        paused = httpx.get(gw, headers=headers)
+    assert throttled.status_code == 429
+    assert throttled.headers["content-encoding"] == "gzip"
+    assert throttled.json()["error"]["message"].endswith("in 7 seconds.")  # httpx decodes
+    # The wait was only in the encoded body: the gateway decoded it to pause the fleet.
+    assert paused.headers["x-quotagate"] == "exhausted"
+    assert int(paused.headers["retry-after"]) >= 5
+
+
+def test_the_environments_proxy_carries_the_calls(
+    valkey_server: EmbeddedServer,
+    tmp_path: Path,
+    echo: tuple[Echo, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An egress proxy named by `HTTP_PROXY` as the coordinator starts (here another
+    echo server, which answers a proxy's request as its own) carries the gateway's
+    upstream calls, but for the hosts `NO_PROXY` names."""
+    for name in ("NO_PROXY", "no_proxy", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    proxy = Echo()
+    before = len(echo[0].hits)
+    settings = _settings(valkey_server, tmp_path, echo[1], echo[1])
+    with serve_in_thread(proxy.app) as proxy_url:
+        monkeypatch.setenv("HTTP_PROXY", proxy_url.replace("://", "://egress:secret@"))
+        with serve_in_thread(create_app(settings)) as url:
+            status, body = raw_get(url, f"/gateway/{ECHO}/via/proxy?x=1")
+    assert status == 200, body
+    said = dict(body["headers"])
+    assert said["proxy-authorization"] == "Basic ZWdyZXNzOnNlY3JldA=="  # the proxy's login
+    assert proxy.hits == ["/via/proxy"]
+    assert len(echo[0].hits) == before
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    with serve_in_thread(create_app(settings)) as url:
+        assert raw_get(url, f"/gateway/{ECHO}/direct")[0] == 200
+    assert echo[0].hits[before:] == ["/direct"]
+
+
+def test_upstream_connections_are_kept_alive(coordinator: str, echo: tuple[Echo, str]) -> None:
+    with httpx.Client() as http:
+        ports = {http.get(f"{coordinator}/gateway/{ECHO}/peer").json()["port"] for _ in range(20)}
+    assert len(ports) == 1
+
+
 def test_a_large_hunting_answer_charges_its_execution_time(
     valkey_server: EmbeddedServer, tmp_path: Path, echo: tuple[Echo, str]
 ) -> None:
@@ -379,6 +526,8 @@ def raw_get(url: str, target: str) -> tuple[int, dict[str, Any]]:
         connection.close()
 
 
+GZIPPED = gzip.compress(b"incidents " * 1000, mtime=0)
+
 REFUSED_HOSTS = [
     "127.0.0.1",
     "[::1]",
@@ -405,21 +554,26 @@ REFUSED_HOSTS = [
 def test_other_hosts_are_refused_before_any_connection(
     valkey_server: EmbeddedServer, tmp_path: Path, host: str
 ) -> None:
-    seen: list[httpx.Request] = []
+    seen: list[object] = []
 
-    def record(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json={})
+    async def record(session: object, context: object, params: object) -> None:
+        seen.append(params)
+
+    def recording() -> aiohttp.ClientSession:
+        """The gateway's session, telling every request it starts (before connecting)."""
+        traced = aiohttp.TraceConfig()
+        traced.on_request_start.append(record)
+        return aiohttp.ClientSession(trace_configs=[traced])
 
     settings = _settings(valkey_server, tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
     app = create_app(settings)
     with serve_in_thread(app) as url:
-        mocked = httpx.AsyncClient(transport=httpx.MockTransport(record))
-        app.state.gateway.upstream = Upstream([mocked])
+        app.state.gateway.upstream = Upstream(recording)
         status, body = raw_get(url, f"/gateway/{host}/api/incidents")
+        assert raw_get(url, f"/gateway/{ECHO}/api/incidents")[0] == 502  # would be seen
     assert 400 <= status < 500, body
     assert body.get("error") in ("host_not_allowed", "invalid_path", "not_found"), body
-    assert seen == []
+    assert len(seen) == 1  # the request to the allowed host only
 
 
 @pytest.mark.parametrize(
@@ -553,6 +707,27 @@ def test_an_upstream_that_cannot_be_reached_refunds(
         assert answer.status_code == 502
         assert answer.json()["error"] == "upstream_unreachable"
         assert calls_used(settled(url, TENANT, "m365d.incidents")) == 0
+
+
+def test_an_upstream_that_stays_silent_times_out(
+    valkey_server: EmbeddedServer,
+    tmp_path: Path,
+    emulator: tuple[DefenderEmulator, str],
+    emulated: DefenderEmulator,
+    echo: tuple[Echo, str],
+) -> None:
+    _wipe(valkey_server.url)
+    emulated.delay(INCIDENTS, 1.0)  # real seconds, past the gateway's timeout
+    settings = _settings(valkey_server, tmp_path, emulator[1], echo[1], gateway_timeout=0.2)
+    with serve_in_thread(create_app(settings)) as url:
+        answer = httpx.get(
+            f"{url}/gateway/{DEFENDER}{INCIDENTS}", headers={"X-Quotagate-Tenant": TENANT}
+        )
+        assert answer.status_code == 504
+        assert answer.json()["error"] == "upstream_timeout"
+        found = settled(url, TENANT, "m365d.incidents")
+    assert found["in_flight"] == 0  # released (failed: the call may have reached it)
+    assert calls_used(found) == 1
 
 
 # -- throttles ----------------------------------------------------------------------------

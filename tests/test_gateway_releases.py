@@ -1,7 +1,7 @@
 """The gateway's background release sender (`coordinator/releases.py`) on a real server:
 releases that come in together go in one batch, a batch the store did not take is sent
-again, and closing drains what is queued. And the gateway's upstream pools (`Upstream`):
-each call on the least busy one."""
+again, and closing drains what is queued. And the gateway's upstream client (`Upstream`):
+one session, made on first use, on the settings."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import httpx
+import aiohttp
 import pytest
+import yarl
 from redis.asyncio import Redis
 
 from quotagate.coordinator import releases as releases_module
@@ -147,28 +148,43 @@ async def test_a_release_wakes_the_waiters_of_its_api(redis_client: Redis) -> No
     await sender.aclose()
 
 
-async def test_each_upstream_call_goes_to_the_least_busy_pool() -> None:
-    def answer(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=b"{}")
-
-    clients = [httpx.AsyncClient(transport=httpx.MockTransport(answer)) for _ in range(3)]
-    upstream = Upstream(clients)
-    sent = [
-        await upstream.send(clients[0].build_request("GET", "https://x.test/")) for _ in range(4)
-    ]
-    assert upstream.busy == [2, 1, 1]
-    for response, free in sent[:2]:
-        await response.aclose()
-        free()
-        free()  # a second call changes nothing
-    assert upstream.busy == [1, 0, 1]
-    await upstream.send(clients[0].build_request("GET", "https://x.test/"))
-    assert upstream.busy == [1, 1, 1]
+async def test_the_upstream_session_is_made_once_on_the_settings() -> None:
+    upstream = Upstream.from_settings(Settings(gateway_connections=10, gateway_timeout=7.0))
+    await upstream.aclose()  # none made yet: nothing to close
+    session = upstream.session
+    assert upstream.session is session
+    assert session.connector is not None and session.connector.limit == 10
+    assert (session.timeout.connect, session.timeout.sock_read) == (7.0, 7.0)
+    assert isinstance(session.cookie_jar, aiohttp.DummyCookieJar)
+    assert not session.trust_env and not session.auto_decompress  # proxies: read once
+    assert {"User-Agent", "Accept", "Accept-Encoding"} <= set(session.skip_auto_headers)
     await upstream.aclose()
-    assert all(client.is_closed for client in clients)
+    assert session.closed
 
 
-def test_the_pools_share_the_connections_of_the_settings() -> None:
-    assert [Upstream.shares(n) for n in (200, 10, 3, 1)] == [(8, 25), (8, 2), (3, 1), (1, 1)]
-    upstream = Upstream.from_settings(Settings(gateway_connections=10))
-    assert len(upstream.clients) == 8
+def test_the_upstream_proxy_is_chosen_as_the_environment_says() -> None:
+    proxies = {
+        "http": "http://user:secret@egress.example:3128",
+        "all": "egress.example:8080",
+        "no": "skip.example, .inner.example:8443,[::1]",
+    }
+    upstream = Upstream(aiohttp.ClientSession, proxies)
+    egress = yarl.URL("http://egress.example:3128")
+    assert upstream.proxy(yarl.URL("http://api.example/x")) == (
+        egress,
+        "Basic dXNlcjpzZWNyZXQ=",
+    )
+    assert upstream.proxy(yarl.URL("https://api.example/x")) == (
+        yarl.URL("http://egress.example:8080"),
+        None,
+    )
+    for bypassed in (
+        "http://skip.example/",
+        "http://a.skip.example/",
+        "https://b.inner.example:8443/",
+        "http://[::1]:80/",
+    ):
+        assert upstream.proxy(yarl.URL(bypassed)) == (None, None), bypassed
+    assert upstream.proxy(yarl.URL("https://b.inner.example/"))[0] is not None  # other port
+    assert upstream.proxy(yarl.URL("http://notskip.example/"))[0] == egress
+    assert Upstream(aiohttp.ClientSession, {}).proxy(yarl.URL("http://a.example/")) == (None, None)

@@ -13,10 +13,13 @@ whatever drifts on the machine hits every mode alike:
   `/gateway/api.security.microsoft.com/api/incidents`, sent on to the emulator by
   `QUOTAGATE_GATEWAY_UPSTREAMS`;
 - `bare proxy`: the same through `bare_proxy_app`, a minimal pass-through proxy on the same
-  stack (uvicorn's auto stack, one shared `httpx.AsyncClient`, bodies streamed), without a
-  lease: what any proxy hop costs. Under `wrk` only, `bare proxy, gateway's pools`: the
-  same proxy on the gateway's own upstream clients (`Upstream`), so the lease's own cost
-  shows apart from the pool arrangement.
+  stack (uvicorn's auto stack, the gateway's upstream client stack: one shared aiohttp
+  session, bodies streamed), without a lease: what any proxy hop costs. Under `wrk` only,
+  `bare proxy, gateway's session`: the same proxy on a session made as the gateway makes
+  its own (`Upstream.from_settings`), so the lease's own cost shows apart from how the
+  connections are kept;
+- `bare proxy (httpx)`: the same proxy on one `httpx.AsyncClient` (`bare_httpx_app`), the
+  gateway's upstream client before aiohttp.
 
 With `--before TREE` (a checkout of an older commit), that tree's client runs the same two
 transports as two more modes, against a second coordinator on uvicorn's plain stack (h11,
@@ -32,8 +35,8 @@ client's releases, as the sync client's own thread sends its releases.
 
 Per mode: p50 and p99 of the whole call as the caller sees it; per transport mode its p50
 over the direct p50 and its p99 minus the direct p99 (ms). Then, with `wrk` installed,
-throughput: `wrk` (one thread, `--connections`) drives the bare proxy, the gateway and the
-bare proxy on the gateway's pools in turn, `--throughput-rounds` times each,
+throughput: `wrk` (one thread, `--connections`) drives the bare proxy, the gateway, the
+bare proxy on the gateway's session and the one on httpx in turn, `--throughput-rounds` times each,
 `--throughput-seconds` each; the ratio compares their mean requests per second. Results
 go to `--json` (default `tests/perf/results/latency.json`) and the tables to standard
 output.
@@ -59,7 +62,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
+import yarl
 
 import quotagate.client as current_client
 from quotagate.coordinator.embedded import EmbeddedServer, free_port
@@ -78,7 +83,8 @@ LIFETIME = 600.0  # seconds a child process lives at most
 DIRECT, ADIRECT = "direct", "direct (async)"
 UPSTREAM_MS = "QUOTAGATE_BENCH_UPSTREAM_MS"  # the emulator's answer time, for its process
 BEFORE = " (before)"
-GATEWAY, BARE, BARE_POOLS = "gateway", "bare proxy", "bare proxy, gateway's pools"
+GATEWAY, BARE, BARE_POOLS = "gateway", "bare proxy", "bare proxy, gateway's session"
+BARE_HTTPX = "bare proxy (httpx)"
 HOST = "api.security.microsoft.com"
 PROXY_UPSTREAM = "QUOTAGATE_BENCH_PROXY_UPSTREAM"  # where the bare proxy sends requests
 PIDS: dict[str, int] = {}  # server URL -> its process, for the CPU each request costs
@@ -103,52 +109,89 @@ def emulator_app() -> Any:
     return DefenderEmulator(endpoints=(endpoint,), latency=latency).app
 
 
-def bare_proxy_app(client: httpx.AsyncClient | None = None, pools: bool = False) -> Any:
-    """A minimal pass-through proxy: `/proxy/{path}` to `PROXY_UPSTREAM` + `/{path}`, with
-    one shared `httpx.AsyncClient` (`client`, else a default one), bodies streamed and
-    hop-by-hop headers dropped, no lease: the baseline of the gateway's throughput. With
-    `pools`, it sends through the gateway's own upstream clients (`Upstream`, with the
-    default settings) instead."""
-    upstream = os.environ[PROXY_UPSTREAM]
+_HOP = {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
+_SKIPPED = _HOP | {b"host", b"content-length"}
+
+
+def _proxied(scope: dict[str, Any], receive: Any) -> tuple[str, list[tuple[bytes, bytes]], Any]:
+    """The bare proxies' request: URL, headers (hop-by-hop dropped), streamed body."""
+
+    async def body() -> Any:
+        while True:
+            message = await receive()
+            if message.get("body"):
+                yield message["body"]
+            if not message.get("more_body"):
+                return
+
+    headers = [(k, v) for k, v in scope["headers"] if k not in _SKIPPED]
+    sized = dict(scope["headers"]).get(b"content-length")
+    if sized is not None:
+        headers.append((b"content-length", sized))
+    url = os.environ[PROXY_UPSTREAM] + scope["raw_path"].decode().removeprefix("/proxy")
+    if scope["query_string"]:
+        url += "?" + scope["query_string"].decode()
+    return url, headers, body() if sized not in (None, b"0") else None
+
+
+async def _lifespan(receive: Any, send: Any, close: Callable[[], Awaitable[None]]) -> None:
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await close()
+    await send({"type": "lifespan.shutdown.complete"})
+
+
+def bare_proxy_app(
+    session: Callable[[], aiohttp.ClientSession] | None = None, pools: bool = False
+) -> Any:
+    """A minimal pass-through proxy: `/proxy/{path}` to `PROXY_UPSTREAM` + `/{path}`, on
+    the gateway's client stack (`Upstream`: one aiohttp session, made by `session`, else a
+    default one), bodies streamed and hop-by-hop headers dropped, no lease: the baseline
+    of the gateway's throughput. With `pools`, the session is the gateway's own
+    (`upstream_session` with the default settings)."""
     if pools:
         shared = Upstream.from_settings(Settings(gateway_upstreams={}))
     else:
-        shared = Upstream([client or httpx.AsyncClient(follow_redirects=False)])
-    hop = {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
-    skipped = hop | {b"host", b"content-length"}
+        shared = Upstream(session or (lambda: aiohttp.ClientSession(auto_decompress=False)))
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await shared.aclose()
-            await send({"type": "lifespan.shutdown.complete"})
+            await _lifespan(receive, send, shared.aclose)
             return
-
-        async def body() -> Any:
-            while True:
-                message = await receive()
-                if message.get("body"):
-                    yield message["body"]
-                if not message.get("more_body"):
-                    return
-
-        headers = [(k, v) for k, v in scope["headers"] if k not in skipped]
-        sized = dict(scope["headers"]).get(b"content-length")
-        if sized is not None:
-            headers.append((b"content-length", sized))
-        url = upstream + scope["raw_path"].decode().removeprefix("/proxy")
-        if scope["query_string"]:
-            url += "?" + scope["query_string"].decode()
-        request = shared.build_request(
-            scope["method"],
-            url,
-            headers=headers,
-            content=body() if sized not in (None, b"0") else None,
-        )
-        response, free = await shared.send(request)
+        url, headers, body = _proxied(scope, receive)
+        sent = [(k.decode(), v.decode()) for k, v in headers]
+        response = await shared.send(scope["method"], yarl.URL(url, encoded=True), sent, body)
         try:
-            out = [(k, v) for k, v in response.headers.raw if k.lower() not in hop]
+            out = [(k, v) for k, v in response.raw_headers if k.lower() not in _HOP]
+            await send({"type": "http.response.start", "status": response.status, "headers": out})
+            async for chunk in response.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            response.release()
+
+    return app
+
+
+def bare_pools_app() -> Any:
+    """The bare proxy on the gateway's upstream session (uvicorn's factory)."""
+    return bare_proxy_app(pools=True)
+
+
+def bare_httpx_app(client: httpx.AsyncClient | None = None) -> Any:
+    """The same bare proxy on one `httpx.AsyncClient` (`client`, else one with httpx's
+    default limits): the gateway's upstream client stack before aiohttp."""
+    shared = client or httpx.AsyncClient(follow_redirects=False)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send, shared.aclose)
+            return
+        url, headers, body = _proxied(scope, receive)
+        request = shared.build_request(scope["method"], url, headers=headers, content=body)
+        response = await shared.send(request, stream=True)
+        try:
+            out = [(k, v) for k, v in response.headers.raw if k.lower() not in _HOP]
             await send(
                 {"type": "http.response.start", "status": response.status_code, "headers": out}
             )
@@ -157,14 +200,8 @@ def bare_proxy_app(client: httpx.AsyncClient | None = None, pools: bool = False)
             await send({"type": "http.response.body", "body": b""})
         finally:
             await response.aclose()
-            free()
 
     return app
-
-
-def bare_pools_app() -> Any:
-    """The bare proxy on the gateway's upstream clients (uvicorn's factory)."""
-    return bare_proxy_app(pools=True)
 
 
 # -- the coordinators ----------------------------------------------------------------------
@@ -327,6 +364,7 @@ def _modes(
     before: types.ModuleType | None,
     settle: bool,
     proxy_url: str | None = None,
+    httpx_proxy_url: str | None = None,
 ) -> dict[str, tuple[Call, Closer]]:
     """Each mode's timed call and what closes it. Every transport mode is compared with
     the direct call of its own kind (sync or async)."""
@@ -356,7 +394,8 @@ def _modes(
 
     add_sync(DIRECT, None)
     add_async(ADIRECT, None)
-    for name, url in ((GATEWAY, f"{urls['after']}/gateway/{HOST}"), (BARE, proxy_url)):
+    plain = ((GATEWAY, f"{urls['after']}/gateway/{HOST}"), (BARE, proxy_url))
+    for name, url in (*plain, (BARE_HTTPX, httpx_proxy_url)):
         if url is None:
             continue
         http = httpx.Client(headers={**headers, "X-Quotagate-Tenant": TENANT})
@@ -384,8 +423,9 @@ async def measure(
     calls: int,
     settle: bool,
     proxy_url: str | None = None,
+    httpx_proxy_url: str | None = None,
 ) -> dict[str, list[float]]:
-    modes = _modes(emulator_url, urls, before, settle, proxy_url)
+    modes = _modes(emulator_url, urls, before, settle, proxy_url, httpx_proxy_url)
     timings: dict[str, list[float]] = {name: [] for name in modes}
     try:
         for round_ in range(WARMUP + calls):
@@ -442,18 +482,20 @@ def throughput(
     gateway: str,
     proxy: str,
     pools_proxy: str,
+    httpx_proxy: str,
     seconds: float,
     connections: int,
     rounds: int,
     processes: dict[str, int],
 ) -> dict[str, Any]:
-    """Bare proxy, gateway and the bare proxy on the gateway's pools in turn, `rounds`
-    times each, after a warm-up of each; the ratio is that of the mean rates of gateway
-    and bare proxy (each round's ratio is kept too: the machine drifts), `pools_ratio`
-    the same against the bare proxy on the gateway's pools. Beside them, the CPU
+    """Bare proxy, gateway, the bare proxy on the gateway's session and the bare proxy on
+    httpx in turn, `rounds` times each, after a warm-up of each; the ratio is that of the
+    mean rates of gateway and bare proxy (each round's ratio is kept too: the machine
+    drifts), `pools_ratio` the same against the bare proxy on the gateway's session,
+    `httpx_ratio` against the bare proxy on httpx. Beside them, the CPU
     milliseconds each request cost in each of `processes` (name -> pid): on a shared
     machine the rate moves with the load, the CPU per request less."""
-    targets = {BARE: proxy, GATEWAY: gateway, BARE_POOLS: pools_proxy}
+    targets = {BARE: proxy, GATEWAY: gateway, BARE_POOLS: pools_proxy, BARE_HTTPX: httpx_proxy}
     for url in targets.values():
         wrk(url + PATH, 2, connections)
     rates: dict[str, list[float]] = {name: [] for name in targets}
@@ -479,6 +521,7 @@ def throughput(
         "round_ratios": [g / b for g, b in zip(rates[GATEWAY], rates[BARE], strict=True)],
         "ratio": mean[GATEWAY] / mean[BARE],
         "pools_ratio": mean[GATEWAY] / mean[BARE_POOLS],
+        "httpx_ratio": mean[GATEWAY] / mean[BARE_HTTPX],
         "cpu_ms_per_request": per_request,
     }
 
@@ -607,6 +650,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             )
             + "/proxy"
         )
+        httpx_url = (
+            stack.enter_context(
+                process(
+                    _UVICORN,
+                    uvicorn_args("tests.perf.latency:bare_httpx_app", AUTO),
+                    "/proxy/_emulator/health",
+                    folder / "httpx-proxy.log",
+                    {PROXY_UPSTREAM: emulator_url},
+                )
+            )
+            + "/proxy"
+        )
         if before is not None:
             plain = uvicorn_args("quotagate.coordinator.app:app_from_environment", PLAIN)
             urls["before"] = stack.enter_context(
@@ -614,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             )
         started = time.monotonic()
         timings = asyncio.run(
-            measure(emulator_url, urls, before, args.calls, not args.overlap, proxy_url)
+            measure(emulator_url, urls, before, args.calls, not args.overlap, proxy_url, httpx_url)
         )
         seconds = time.monotonic() - started
         rates = None
@@ -624,6 +679,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "coordinator": PIDS[urls["after"]],
                 "bare proxy": PIDS[proxy_url.removesuffix("/proxy")],
                 "pools proxy": PIDS[pools_url.removesuffix("/proxy")],
+                "httpx proxy": PIDS[httpx_url.removesuffix("/proxy")],
                 "emulator": PIDS[emulator_url],
                 "redis": store.process.pid,
             }
@@ -631,6 +687,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 gateway,
                 proxy_url,
                 pools_url,
+                httpx_url,
                 args.throughput_seconds,
                 args.connections,
                 args.throughput_rounds,
@@ -659,10 +716,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"throughput ({rates['connections']} connections): bare proxy "
             f"{', '.join(f'{r:,.0f}' for r in rates['rates'][BARE])} requests/s, gateway "
             f"{', '.join(f'{r:,.0f}' for r in rates['rates'][GATEWAY])}, bare proxy on "
-            f"the gateway's pools {', '.join(f'{r:,.0f}' for r in rates['rates'][BARE_POOLS])}; "
+            f"the gateway's session "
+            f"{', '.join(f'{r:,.0f}' for r in rates['rates'][BARE_POOLS])}, bare proxy on "
+            f"httpx {', '.join(f'{r:,.0f}' for r in rates['rates'][BARE_HTTPX])}; "
             f"ratio {rates['ratio']:.2f} (target >= 0.7; per round "
             f"{', '.join(f'{r:.2f}' for r in rates['round_ratios'])}), against the bare "
-            f"proxy on the gateway's pools {rates['pools_ratio']:.2f}"
+            f"proxy on the gateway's session {rates['pools_ratio']:.2f}, on httpx "
+            f"{rates['httpx_ratio']:.2f}"
         )
         for name, used in rates["cpu_ms_per_request"].items():
             shown = ", ".join(f"{p} {ms:.3f}" for p, ms in used.items())

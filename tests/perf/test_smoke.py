@@ -52,6 +52,7 @@ def test_latency_runs(tmp_path: Path) -> None:
         latency.ADIRECT,
         latency.GATEWAY,
         latency.BARE,
+        latency.BARE_HTTPX,
         *modes,
         *(mode + latency.BEFORE for mode in modes),
     ]
@@ -61,11 +62,12 @@ def test_latency_runs(tmp_path: Path) -> None:
     if shutil.which("wrk") is not None:
         assert results["throughput"]["ratio"] > 0
         assert results["throughput"]["pools_ratio"] > 0
+        assert results["throughput"]["httpx_ratio"] > 0
 
 
 def test_gateway_cpu_runs(tmp_path: Path) -> None:
     profile = tmp_path / "gateway.prof"
     args = ["--calls", "20", "--rounds", "1", "--concurrency", "4", "--profile", str(profile)]
     results = gateway_cpu.main(args)
-    assert set(results) == {"gateway", "bare"}
+    assert set(results) == {"gateway", "bare", "bare httpx"}
     assert profile.stat().st_size > 0
