@@ -22,8 +22,10 @@ for a fixed time. The same fleet runs four times, each on a fresh tenant:
   TLS handshake), far beyond any margin.
 - `learned`: the same, on a tenant whose calls limits the emulator holds at
   `learned_factor` of the catalog's; the coordinator learns them from the first 429s.
-  Its calls limits probe above `learned_assured` (0.5) of their amount: one call at a
-  time, alone in flight, so the upstream can refuse at most one per limit.
+  The calls limits of `learned_probed` (incidents, machines: the apis whose answers are
+  quick, as the README recommends) probe above `learned_assured` (0.5) of their amount:
+  one call at a time, alone in flight, so the upstream can refuse at most one per limit.
+  Hunting's is trusted whole and learned from its first 429.
 - `gateway`: plain httpx workers with no quotagate code, sending to the same coordinator's
   gateway (`/gateway/api.security.microsoft.com/...`, which `gateway_upstreams` sends on
   to the emulator) with `X-Quotagate-Tenant` and `X-Quotagate-Wait` headers; a 429 they
@@ -146,6 +148,7 @@ class Options:
     late_hold: tuple[float, float] = (1.0, 2.0)  # ... this many real seconds
     learned_factor: float = 0.7  # `learned`: the tenant's calls limits, of the catalog's
     learned_assured: float | None = 0.5  # `learned`: its policies' `assured`; None: unset
+    learned_probed: tuple[str, ...] = ("incidents", "machines")  # the roles given `assured`
     replica_spread: tuple[float, ...] = (0.75, 0.125, 0.125)  # `replicas`: workers' shares
     configs: tuple[str, ...] = CONFIGS
     seed: int = 1
@@ -545,7 +548,9 @@ def _ms(seconds: float) -> int:
     return math.ceil(round(seconds * 1000, 6))
 
 
-def _api_lines(options: Options, indent: str, assured: float | None) -> list[str]:
+def _api_lines(
+    options: Options, indent: str, assured: float | None, probed: Sequence[str] = ()
+) -> list[str]:
     lines = []
     for role, job in JOBS.items():
         endpoint = endpoint_of(role)
@@ -560,7 +565,7 @@ def _api_lines(options: Options, indent: str, assured: float | None) -> list[str
                 spec = f"runtime: {_ms(options.real(limit.amount))}ms, per: {window}ms"
             else:
                 spec = f"calls: {int(limit.amount)}, per: {window}ms"
-                if assured is not None:
+                if assured is not None and role in probed:
                     spec += f", assured: {assured:g}"
             if window <= 10_000 and window % options.granularity_ms == 0:
                 spec += f", granularity: {options.granularity_ms}ms"
@@ -573,16 +578,16 @@ def _api_lines(options: Options, indent: str, assured: float | None) -> list[str
 def quotagate_policies(options: Options) -> str:
     """The coordinator's policies for the jobs: the emulator's limits on its time scale;
     windows up to 10 s in buckets of `granularity_ms`, and `margin_ms` on every limit if
-    set (else each window's default). The `learned` tenants' calls limits probe above
-    `learned_assured` of their amount, the setting the README recommends for tenants
-    whose limits vary."""
+    set (else each window's default). The `learned` tenants' calls limits of the
+    `learned_probed` jobs probe above `learned_assured` of their amount, the setting the
+    README recommends for tenants whose limits vary, on apis whose answers are quick."""
     lines = [] if options.margin_ms is None else [f"margin: {options.margin_ms}ms"]
     lines.append("apis:")
     lines.extend(_api_lines(options, "  ", None))
     if options.learned_assured is not None:
         lines.append("tenants:")
         lines.append('  "bench-learned-*":')
-        lines.extend(_api_lines(options, "    ", options.learned_assured))
+        lines.extend(_api_lines(options, "    ", options.learned_assured, options.learned_probed))
     return "\n".join(lines) + "\n"
 
 
@@ -874,6 +879,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         default=defaults.learned_assured,
         help="`assured` of the learned tenant's calls limits ('none': no probing)",
     )
+    parser.add_argument(
+        "--learned-probed",
+        default=",".join(defaults.learned_probed),
+        help="the jobs whose calls limits get `learned_assured` (default: the quick ones)",
+    )
     parser.add_argument("--granularity-ms", type=int, default=defaults.granularity_ms)
     parser.add_argument(
         "--mix",
@@ -888,9 +898,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     args = parser.parse_args(argv)
     mix = tuple((name, int(weight)) for name, weight in (p.split("=") for p in args.mix.split(",")))
     configs = tuple(args.configs.split(","))
-    unknown = [name for name, _ in mix if name not in JOBS] + [
-        c for c in configs if c not in CONFIGS
-    ]
+    probed = tuple(name for name in args.learned_probed.split(",") if name)
+    unknown = (
+        [name for name, _ in mix if name not in JOBS]
+        + [c for c in configs if c not in CONFIGS]
+        + [name for name in probed if name not in JOBS]
+    )
     if unknown:
         parser.error(f"unknown job or configuration: {', '.join(unknown)}")
     if args.workers < args.processes or args.processes < 1:
@@ -906,6 +919,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         late_share=args.late_share,
         learned_factor=args.learned_factor,
         learned_assured=args.learned_assured,
+        learned_probed=probed,
         mix=mix,
         configs=configs,
         stagger=args.stagger,
