@@ -8,9 +8,13 @@ re-discovery of the master and a script reload; redis-py drops a connection whos
 was cancelled half-way, so the bound leaves no half-read reply behind. Connects end by
 redis-py's connect timeout. Socket timeouts on reads and writes are kept only where the
 client itself acts on them: the queries to the sentinels (a sentinel that does not answer
-is skipped for the next) and the cluster's nodes (a node that does not answer sends the
-client back to the slot map). On the connection to a single node they would only repeat
-the engine's deadline, at the price of a task per write (`asyncio.wait_for`).
+is skipped for the next), the master found through them (a read that times out drops
+the connection, and the retry asks the sentinels for the master again: during a failover
+the old master pauses its clients, and a call left hanging there until the engine's
+deadline got no retry on the new one) and the cluster's nodes (a node that does not
+answer sends the client back to the slot map). On the connection to a single node they
+would only repeat the engine's deadline, at the price of a task per write
+(`asyncio.wait_for`).
 
 URLs (values in the query are URL-encoded; ports default to 6379, sentinels' to 26379):
 
@@ -83,8 +87,9 @@ class StoreRefused(RuntimeError):
 def connect(url: str, *, timeout: float | None = None) -> StoreClient:
     """A client for `url` (see the module's table). A connect takes at most one second
     or two thirds of `timeout`; `timeout` seconds bound each read and write to the
-    sentinels and to the nodes of a cluster (see above). Raises StoreUrlError for a URL
-    that is malformed or names an unknown scheme or option."""
+    sentinels, the master found through them and the nodes of a cluster (see above).
+    Raises StoreUrlError for a URL that is malformed or names an unknown scheme or
+    option."""
     # A connect ends by redis-py's own timeout, before the engine's deadline (the same
     # `timeout`) can cancel it half-way: a connect cancelled between the socket and the
     # handshake can leave the socket open.
@@ -94,7 +99,7 @@ def connect(url: str, *, timeout: float | None = None) -> StoreClient:
     moving_on = {**bounds, "socket_timeout": timeout}  # for clients that try another node
     scheme, _, _ = url.partition("://")
     if scheme == "redis+sentinel":
-        return _sentinel(url, bounds, moving_on)
+        return _sentinel(url, moving_on)
     if scheme == "redis+cluster":
         return _cluster(url, moving_on)
     if scheme not in ("redis", "rediss", "unix"):
@@ -187,7 +192,8 @@ def _tls(scheme: str, options: dict[str, str]) -> dict[str, Any]:
     return tls
 
 
-def _sentinel(url: str, bounds: dict[str, Any], sentinel_bounds: dict[str, Any]) -> Redis:
+def _sentinel(url: str, bounds: dict[str, Any]) -> Redis:
+    """`bounds` (a socket timeout included) for the sentinels and the master alike."""
     allowed = ("ssl", *_TLS_OPTIONS, "ssl_check_hostname", *_SENTINEL_OPTIONS)
     parts = _split(url, SENTINEL_PORT, allowed)
     if not parts.path or len(parts.path) > 2:
@@ -204,7 +210,7 @@ def _sentinel(url: str, bounds: dict[str, Any], sentinel_bounds: dict[str, Any])
             sentinel_credentials[name.removeprefix("sentinel_")] = parts.options[name] or None
     sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
         parts.nodes,
-        sentinel_kwargs={**sentinel_bounds, **tls, **sentinel_credentials},
+        sentinel_kwargs={**bounds, **tls, **sentinel_credentials},
         **bounds,
     )
     client: Redis = sentinel.master_for(

@@ -119,7 +119,8 @@ async def test_sentinel_urls_name_the_sentinels_the_master_and_the_db(
     assert isinstance(pool, SentinelConnectionPool)
     assert pool.service_name == master
     assert pool.connection_kwargs["db"] == db
-    assert pool.connection_kwargs["socket_timeout"] is None  # the engine's deadline
+    # A master that does not answer within the timeout is asked for again (a failover).
+    assert pool.connection_kwargs["socket_timeout"] == 1.5
     sentinels = pool.sentinel_manager.sentinels
     # A sentinel that does not answer within the timeout is skipped for the next one.
     assert {s.connection_pool.connection_kwargs["socket_timeout"] for s in sentinels} == {1.5}
