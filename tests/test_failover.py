@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import gc
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -27,6 +28,29 @@ from .service import serve_in_thread
 from .topologies import Cluster, Replicated, until
 
 pytestmark = pytest.mark.server
+
+# A master killed or failed over under load leaves redis-py holding a connection to it
+# that it drops unclosed (its pool keeps in-use connections by weak reference): collected
+# later, its socket warns. The store client's own behaviour is what these tests check;
+# the warnings of those sockets are let pass here, and `under_load` collects them before
+# it ends, so they do not turn up in a later test.
+DROPPED_BY_REDIS_PY = (
+    pytest.mark.filterwarnings(
+        r"ignore:Exception ignored in. <function StreamWriter.__del__"
+        ":pytest.PytestUnraisableExceptionWarning"
+    ),
+    pytest.mark.filterwarnings(
+        r"ignore:Exception ignored in. 'uvloop.loop.__uv_walk_close_all_handles_cb'"
+        ":pytest.PytestUnraisableExceptionWarning"
+    ),
+)
+
+
+def dropped_by_redis_py(test: Callable[..., None]) -> Callable[..., None]:
+    for mark in DROPPED_BY_REDIS_PY:
+        test = mark(test)
+    return test
+
 
 LIMIT, WINDOW_MS = 20, 1_000
 POLICY_TEXT = f"""
@@ -212,9 +236,11 @@ def under_load(
             load.untouched = tuple(tenants[1:])  # only the first one's shard is flushed
     if isinstance(topology, Replicated):
         topology.settle()
+    gc.collect()  # what the disruption left behind warns now (DROPPED_BY_REDIS_PY)
     yield scenario, load
 
 
+@dropped_by_redis_py
 def test_the_store_in_trouble_gives_503_with_retry_after_never_another_5xx(
     under_load: tuple[Scenario, Load],
 ) -> None:
@@ -225,6 +251,7 @@ def test_the_store_in_trouble_gives_503_with_retry_after_never_another_5xx(
     assert load.statuses[200] > 0
 
 
+@dropped_by_redis_py
 def test_grants_resume_within_15_s(under_load: tuple[Scenario, Load]) -> None:
     _, load = under_load
     last_error = max(load.errors_at, default=load.disrupted_at)
@@ -234,6 +261,7 @@ def test_grants_resume_within_15_s(under_load: tuple[Scenario, Load]) -> None:
     assert later[0] - load.disrupted_at <= RESUME_WITHIN_S * 1000
 
 
+@dropped_by_redis_py
 def test_no_window_holds_more_than_the_recovery_rule_allows(
     under_load: tuple[Scenario, Load],
 ) -> None:
