@@ -492,7 +492,9 @@ def check_renewed(log: list[Exchange], caplog: pytest.LogCaptureFixture) -> None
     (release,) = [e for e in calls(log, "/release") if "runtime" in e.body]
     assert (release.status, release.reply) == (200, {"released": True})
     assert release.body["outcome"] == "ok"
-    assert release.body["runtime"] >= 1.5
+    # The upstream held the call 1.5 s by its event loop's timer, which may fire up to a
+    # millisecond early.
+    assert release.body["runtime"] >= 1.49
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
