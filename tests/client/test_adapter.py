@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,13 @@ from quotagate.coordinator.embedded import EmbeddedServer
 from ..emulator import DefenderEmulator, Endpoint, calls
 from ..service import serve_in_thread
 from .fakes import URL, FakeCoordinator
-from .upstreams import EmulatorAdapter, coordinator, forward_proxy, most_in_any_window
+from .upstreams import (
+    EmulatorAdapter,
+    coordinator,
+    forward_proxy,
+    from_threads,
+    most_in_any_window,
+)
 
 TENANT = "contoso/app1"
 INCIDENTS = "https://api.security.microsoft.com/api/incidents"
@@ -269,32 +274,13 @@ def test_threads_through_a_session_see_no_429(
     coordinator_url: str, emulator: DefenderEmulator, emulator_url: str
 ) -> None:
     total, workers = 50, 16
-    tickets = iter(range(total))
-    lock = threading.Lock()
-    statuses: list[int] = []
-    errors: list[BaseException] = []
     with QuotaClient(coordinator_url, TENANT) as quota, requests.Session() as http:
         inner = EmulatorAdapter(emulator_url, pool_maxsize=workers)
         http.mount("https://", QuotaAdapter(quota, inner=inner))
         http.headers["Authorization"] = "Bearer contoso-app1"
-
-        def work() -> None:
-            while True:
-                with lock:
-                    ticket = next(tickets, None)
-                if ticket is None:
-                    return
-                try:
-                    statuses.append(http.get(f"{INCIDENTS}?n={ticket}", timeout=60).status_code)
-                except BaseException as exc:
-                    errors.append(exc)
-                    return
-
-        threads = [threading.Thread(target=work) for _ in range(workers)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        statuses, errors = from_threads(
+            lambda n: http.get(f"{INCIDENTS}?n={n}", timeout=60).status_code, total, workers
+        )
 
     assert errors == []
     assert statuses == [200] * total

@@ -8,7 +8,6 @@ it is in flight, so the coordinator never forgets a call before the upstream doe
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from quotagate.coordinator.embedded import EmbeddedServer
 
 from ..emulator import MINUTE, DefenderEmulator, Endpoint, calls, runtime
 from ..service import serve_in_thread
-from .upstreams import LateSends, ToEmulator, coordinator, most_in_any_window
+from .upstreams import LateSends, ToEmulator, coordinator, from_threads, most_in_any_window
 
 pytestmark = pytest.mark.server
 
@@ -79,29 +78,7 @@ def list_incidents(
 ) -> tuple[list[int], list[BaseException]]:
     """`total` incident lists, sent by `workers` threads through `http`: their statuses,
     and what any thread raised (which ends that thread)."""
-    tickets = iter(range(total))
-    lock = threading.Lock()
-    statuses: list[int] = []
-    errors: list[BaseException] = []
-
-    def work() -> None:
-        while True:
-            with lock:
-                ticket = next(tickets, None)
-            if ticket is None:
-                return
-            try:
-                statuses.append(http.get(INCIDENTS, params={"n": ticket}).status_code)
-            except BaseException as exc:
-                errors.append(exc)
-                return
-
-    threads = [threading.Thread(target=work) for _ in range(workers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return statuses, errors
+    return from_threads(lambda n: http.get(INCIDENTS, params={"n": n}).status_code, total, workers)
 
 
 def test_late_senders_see_no_upstream_429(

@@ -40,7 +40,7 @@ from quotagate.coordinator.settings import Settings
 
 from ..emulator import DefenderEmulator as Upstream
 from ..service import serve_in_thread
-from .upstreams import most_in_any_window
+from .upstreams import from_threads, most_in_any_window
 
 pytestmark = pytest.mark.server
 
@@ -415,34 +415,13 @@ def test_threads_stay_within_the_limit(
     paced_url: str, upstream: Upstream, upstream_url: str
 ) -> None:
     total, workers = 60, 16
-    tickets = iter(range(total))
-    lock = threading.Lock()
-    statuses: list[int] = []
-    errors: list[BaseException] = []
-
     with (
         QuotaClient(paced_url, TENANT) as quota,
         httpx.Client(transport=QuotaTransport(quota, ROUTES), timeout=60) as http,
     ):
-
-        def work() -> None:
-            while True:
-                with lock:
-                    ticket = next(tickets, None)
-                if ticket is None:
-                    return
-                try:
-                    status = http.get(f"{upstream_url}{PACED}?n={ticket}").status_code
-                except BaseException as exc:
-                    errors.append(exc)
-                    return
-                statuses.append(status)
-
-        threads = [threading.Thread(target=work) for _ in range(workers)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        statuses, errors = from_threads(
+            lambda n: http.get(f"{upstream_url}{PACED}?n={n}").status_code, total, workers
+        )
 
     assert errors == []
     assert statuses == [200] * total

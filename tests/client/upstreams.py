@@ -9,7 +9,7 @@ import json
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -117,6 +117,37 @@ class LateSends:
             self.held += late
         if late:
             time.sleep(delay)  # the sender's own delay, the case under test
+
+
+def from_threads(
+    call: Callable[[int], int], total: int, workers: int
+) -> tuple[list[int], list[BaseException]]:
+    """`call(n)` for each n in range(total), from `workers` threads that each take the
+    next n in turn: the statuses it returned, and what any thread raised (which ends
+    that thread)."""
+    tickets = iter(range(total))
+    lock = threading.Lock()
+    statuses: list[int] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        while True:
+            with lock:
+                ticket = next(tickets, None)
+            if ticket is None:
+                return
+            try:
+                statuses.append(call(ticket))
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=work) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return statuses, errors
 
 
 def most_in_any_window(times: list[float], window: float) -> int:
