@@ -92,6 +92,8 @@ class AcquireArgs(ScriptArgs):
     estimate_ms: int  # run time reserved
     known_epoch: int | None  # this state's epoch as the caller last saw it
     known_until: int | None  # until when the caller saw the state sure to live
+    writer: str | None  # the caller's id among the state's writers; None: not counted
+    known_written: int | None  # the writer's grants the caller saw written in the epoch
     loss_on_start: int | None  # since when a missing state counts as lost
     recovery: int | None  # the time of a loss the caller saw (a failover)
     share_permille: int | None  # the share granted in recovery; None: no loss tracking
@@ -267,6 +269,7 @@ class Granted:
     expiry_ms: int
     epoch_ms: int  # the state's epoch, to pass as known_epoch next time (0: untracked)
     until_ms: int  # the state is sure to live until then: known_until next time
+    written: int  # the writer's grants in the epoch: known_written next time
 
 
 @dataclass(frozen=True)
@@ -278,16 +281,17 @@ class Denied:
     amount: int  # the bound limit's amount in force (a learned one may be lower)
     epoch_ms: int  # as in Granted
     until_ms: int
+    written: int
 
 
 def decode_acquire(reply: Sequence[Any]) -> Granted | Denied:
-    """acquire.lua: {GRANTED, now_ms, expiry_ms, epoch_ms, until_ms} | {DENIED, now_ms,
-    retry_ms, bound, soonest_ms, amount, epoch_ms, until_ms}."""
+    """acquire.lua: {GRANTED, now_ms, expiry_ms, epoch_ms, until_ms, written} | {DENIED,
+    now_ms, retry_ms, bound, soonest_ms, amount, epoch_ms, until_ms, written}."""
     code = _int(reply[0])
     if code == GRANTED:
-        return Granted(*(_int(value) for value in reply[1:5]))
+        return Granted(*(_int(value) for value in reply[1:6]))
     if code == DENIED:
-        return Denied(*(_int(value) for value in reply[1:8]))
+        return Denied(*(_int(value) for value in reply[1:9]))
     raise ValueError(f"acquire.lua replied with an unknown code {code}")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import secrets
 from collections import OrderedDict
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
@@ -217,7 +218,10 @@ class Engine:
     it (`acquire.lua`), and a failover or restart of the store it talks to (a new run or
     replication id) counts as a loss of what was not yet written through; after a loss
     every windowed limit grants at most that share of its amount until its window no
-    longer overlaps the loss. `loss_on_start` treats state missing at start as lost too.
+    longer overlaps the loss. The engine counts its own grants in each state it writes
+    (as writer `writer`, random per engine), so that a state that comes back without
+    grants it saw written (a replica promoted before it received them) counts as a loss
+    too. `loss_on_start` treats state missing at start as lost too.
     Without `recovery_share` (None), no loss is tracked.
     """
 
@@ -239,9 +243,11 @@ class Engine:
         self.learned_ttl_ms = learned_ttl_ms
         self._hinted: set[tuple[str, str, int, int]] = set()  # named limits logged once
         # What this engine last saw of each (tenant, api)'s state: (epoch, sure to live
-        # until), both Redis ms; bounded, the oldest forgotten first (a forgotten state
-        # only loses its loss detection here, other coordinators may still know it).
-        self._known: OrderedDict[tuple[str, str], tuple[int, int]] = OrderedDict()
+        # until, both Redis ms; how many of this engine's grants it holds in the epoch);
+        # bounded, the oldest forgotten first (a forgotten state only loses its loss
+        # detection here, other coordinators may still know it).
+        self._known: OrderedDict[tuple[str, str], tuple[int, int, int]] = OrderedDict()
+        self.writer = secrets.token_hex(6)  # this engine among the writers of a state
         self._started_ms: int | None = None  # Redis time of the first decision
         self.recovery: int | None = None  # Redis ms of the last failover or restart seen
         self._store_id: frozenset[str] | None = None  # the run and replication ids
@@ -409,6 +415,8 @@ class Engine:
             estimate_ms=estimate,
             known_epoch=None if known is None else known[0],
             known_until=None if known is None else known[1],
+            writer=None if share is None else self.writer,
+            known_written=None if known is None else known[2],
             loss_on_start=self._started_ms,
             recovery=self.recovery,
             share_permille=None if share is None else round(share * 1000),
@@ -439,7 +447,11 @@ class Engine:
                 api=api,
                 since=reply.epoch_ms,
             )
-        self._known[scope] = (reply.epoch_ms, reply.until_ms)
+        written = reply.written
+        if before is not None and before[0] == reply.epoch_ms:
+            # Replies to concurrent grants may come back out of order: the count only grows.
+            written = max(written, before[2])
+        self._known[scope] = (reply.epoch_ms, reply.until_ms, written)
         self._known.move_to_end(scope)
         if len(self._known) > KNOWN_STATES:
             self._known.popitem(last=False)

@@ -10,7 +10,12 @@
 -- known_until). A state hash that is missing although the caller knew it must still live,
 -- or that carries another epoch than the one the caller knew alive, was lost: the epoch
 -- becomes a loss, from its start, for every caller. A missing hash the caller never knew
--- is fresh (or, with loss_on_start, a loss since that time).
+-- is fresh (or, with loss_on_start, a loss since that time). Each writer (an engine,
+-- `writer`) counts its grants of the epoch in the field S<writer>; a state whose count
+-- is below what the caller saw it write (`known_written`, same epoch, known alive)
+-- misses grants that were written: a failover to a replica that had not received them.
+-- The epoch then becomes a loss from now, for every caller. Counted per writer, since other writers'
+-- grants on the new master would hide a shared count's gap.
 -- Recovery: after a loss (of this hash tag's state, or a failover the caller saw: the
 -- `recovery` time), a windowed limit whose window still overlaps the loss grants at most
 -- share_permille / 1000 of its amount.
@@ -42,15 +47,17 @@
 -- that keeps asking waits at most aging_ms, then for room. A lower class not yet aged
 -- gets retry_ms and soonest_ms no longer than the time until it ages (nor shorter than
 -- the cooldown): it may be served then.
--- ARGV: now_ms, token, cost, estimate_ms, known_epoch, known_until, loss_on_start,
---       recovery, share_permille, class_permille, ticket, rank, classes, aging_ms,
---       line_wait_ms, ticket_ttl_ms; then the policy block.
+-- ARGV: now_ms, token, cost, estimate_ms, known_epoch, known_until, writer,
+--       known_written, loss_on_start, recovery, share_permille, class_permille, ticket,
+--       rank, classes, aging_ms, line_wait_ms, ticket_ttl_ms; then the policy block.
 --   now_ms          "" = Redis TIME
 --   token           the lease's random part and key
 --   cost            call units
 --   estimate_ms     run time reserved
 --   known_epoch     the start of this state's epoch as the caller last saw it, "" = none
 --   known_until     until when the caller saw the state hash sure to live, "" = none
+--   writer          the caller's id among the writers of this state, "" = none
+--   known_written   how many grants of the writer's the caller saw written in the epoch
 --   loss_on_start   a time (ms) since which a missing state counts as lost, "" = none
 --   recovery        the time (ms) of a loss the caller saw (a failover), "" = none
 --   share_permille  the share of each limit granted in recovery, "" = no loss tracking
@@ -61,13 +68,15 @@
 --   aging_ms        a lower class this long without a grant goes first, "" = never
 --   line_wait_ms    join or stay in line when the soonest grant lies within, "" = leave
 --   ticket_ttl_ms   how long a joined or refreshed ticket stays without a refresh
--- Reply: {GRANTED, now_ms, expiry_ms, epoch_ms, until_ms}; {DENIED, now_ms, retry_ms,
---        bound, soonest_ms, amount, epoch_ms, until_ms}, where retry_ms is the wait if
---        nothing else happens (leases in flight expire unreleased), bound the 1-based
---        limit that bound it (0 for the cooldown), soonest_ms the wait if every lease in
---        flight were released now (both -1 when no wait can ever grant it), and amount the
---        bound limit's amount in force (a learned one may be lower than the policy's);
---        epoch_ms and until_ms are what the caller should know next time (0 untracked).
+-- Reply: {GRANTED, now_ms, expiry_ms, epoch_ms, until_ms, written}; {DENIED, now_ms,
+--        retry_ms, bound, soonest_ms, amount, epoch_ms, until_ms, written}, where
+--        retry_ms is the wait if nothing else happens (leases in flight expire
+--        unreleased), bound the 1-based limit that bound it (0 for the cooldown),
+--        soonest_ms the wait if every lease in flight were released now (both -1 when no
+--        wait can ever grant it), and amount the bound limit's amount in force (a learned
+--        one may be lower than the policy's);
+--        epoch_ms, until_ms and written (the writer's grants in the epoch) are what the
+--        caller should know next time (0 untracked).
 -- Learned limits (design rule 8) lower a calls limit's amount while they hold.
 -- Probing (lib.lua, "Probing"): a grant above a probing limit's confirmed level is its
 -- probe, granted only while nothing else of that counter is in flight and no one is
@@ -80,6 +89,8 @@ local cost = tonumber(ARGV[ARG.cost])
 local estimate = tonumber(ARGV[ARG.estimate_ms])
 local known_epoch = tonumber(ARGV[ARG.known_epoch])
 local known_until = tonumber(ARGV[ARG.known_until]) or 0
+local writer = ARGV[ARG.writer]
+local known_written = tonumber(ARGV[ARG.known_written]) or 0
 local loss_on_start = tonumber(ARGV[ARG.loss_on_start])
 local since = tonumber(ARGV[ARG.recovery])
 local share = tonumber(ARGV[ARG.share_permille])
@@ -102,7 +113,12 @@ if aging then
     wanted[#wanted + 1] = 'G' .. r
   end
 end
+local written_field = share and writer ~= '' and 'S' .. writer
+if written_field then
+  wanted[#wanted + 1] = written_field
+end
 local state = redis.call('HMGET', KEYS[1], 'cd', 'ep', 'px', 'tx', unpack(wanted))
+local written = written_field and tonumber(state[4 + #wanted]) or 0
 apply_learned(limits, {unpack(state, 5, stamps_at)}, now)
 local state_until = tonumber(state[4]) or 0
 
@@ -213,6 +229,9 @@ if share then
   elseif knew and start ~= known_epoch and kind ~= 'loss' then
     kind = 'loss'  -- recreated while the caller knew it alive: a loss another took as fresh
     epoch_text = string.format('%d:%s', start, kind)
+  elseif knew and start == known_epoch and written < known_written then
+    start, kind = now, 'loss'  -- grants the caller saw written are missing
+    epoch_text = string.format('%d:%s', start, kind)
   end
   epoch = start
   if kind == 'loss' and (not since or start > since) then
@@ -317,7 +336,7 @@ for i, lim in ipairs(limits) do
   end
   if wait < 0 then
     keep_place(false, -1)
-    return {REPLY.DENIED, now, -1, i, -1, lim.amount, epoch, state_until}
+    return {REPLY.DENIED, now, -1, i, -1, lim.amount, epoch, state_until, written}
   end
   if wait > retry then
     retry, bound = wait, i
@@ -339,7 +358,7 @@ if retry > 0 then
     amount = limits[bound].amount
   end
   keep_place(false, soonest)
-  return {REPLY.DENIED, now, retry, bound, soonest, amount, epoch, state_until}
+  return {REPLY.DENIED, now, retry, bound, soonest, amount, epoch, state_until, written}
 end
 keep_place(true, 0)
 
@@ -383,6 +402,11 @@ if epoch_text then
   fields[#fields + 1] = 'ep'
   fields[#fields + 1] = epoch_text
 end
+if written_field then
+  written = written + 1
+  fields[#fields + 1] = written_field
+  fields[#fields + 1] = written
+end
 for _, lim in ipairs(limits) do
   if lim.probe then
     fields[#fields + 1] = probe_field('P', lim)
@@ -411,4 +435,4 @@ if track_key then
   redis.call('ZADD', KEYS[3], expiry, token)
   extend_ttl(KEYS[3], ttl)
 end
-return {REPLY.GRANTED, now, expiry, epoch, state_until}
+return {REPLY.GRANTED, now, expiry, epoch, state_until, written}

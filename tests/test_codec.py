@@ -97,6 +97,8 @@ def test_arguments_encode_none_and_booleans_as_the_scripts_read_them() -> None:
         estimate_ms=0,
         known_epoch=None,
         known_until=7,
+        writer="w1",
+        known_written=None,
         loss_on_start=None,
         recovery=None,
         share_permille=500,
@@ -109,16 +111,17 @@ def test_arguments_encode_none_and_booleans_as_the_scripts_read_them() -> None:
         ticket_ttl_ms=2000,
     )
     assert args.argv(("x", 1)) == [
-        *("", "t:k", 2, 0, "", 7, "", "", 500, "", "", 0, 0, "", "", 2000),
+        *("", "t:k", 2, 0, "", 7, "w1", "", "", "", 500, "", "", 0, 0, "", "", 2000),
         *("x", 1),
     ]
     assert codec.RenewArgs(now_ms=5, token="t", renew_ttl_ms=9).argv(("p",)) == [5, "t", 9, "p"]
 
 
 def test_replies_decode_by_code() -> None:
-    assert codec.decode_acquire([codec.GRANTED, 10, 70, 3, 90]) == codec.Granted(10, 70, 3, 90)
-    denied = codec.decode_acquire([codec.DENIED, 10, 5, 2, 1, 3, 4, 80])
-    assert denied == codec.Denied(10, 5, 2, 1, 3, 4, 80)
+    granted = codec.decode_acquire([codec.GRANTED, 10, 70, 3, 90, 6])
+    assert granted == codec.Granted(10, 70, 3, 90, 6)
+    denied = codec.decode_acquire([codec.DENIED, 10, 5, 2, 1, 3, 4, 80, 6])
+    assert denied == codec.Denied(10, 5, 2, 1, 3, 4, 80, 6)
     with pytest.raises(ValueError, match="unknown code"):
         codec.decode_acquire([7, 10])
     assert codec.decode_release([codec.DENIED, 3, b"expired"]).reason == "expired"
