@@ -27,6 +27,8 @@
 --                   C<window_ms>.<i>  the confirmed level of the probing calls limit i
 --                       (1-based, of that window; see "Probing" below), in the same format
 --                   P<window_ms>.<i>  the token of its probe, while one may be in flight
+--                   S<writer>  how many grants that writer (an engine) made in the
+--                       epoch, for loss detection (acquire.lua)
 --                 One hash, so that a grant reads all of it in one HMGET and writes it in
 --                 one HSET.
 --   inflight_api  zset, lease token scored by expiry; kept only when a concurrent limit of
