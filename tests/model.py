@@ -6,7 +6,9 @@ that the Lua engine is checked against.
 
 Design rule 3, as the model states it: a lease that has not been released counts in the
 bucket of its expiry, in full while it is in flight (whatever its age); a released lease
-counts in the bucket of its release, a refunded one nowhere. A denial's soonest grant is
+counts in the bucket of its release (its calls in that of its latest arrival when the
+upstream reported its own processing time: the release less that time, not before the
+grant), a refunded one nowhere. A denial's soonest grant is
 its wait as if every lease in flight were released now: a calls lease's units then sit in
 the bucket of now, a runtime lease's estimate is gone (it may have run no time).
 
@@ -287,7 +289,11 @@ class Model:
         runtime: int | None,
         now: int,
         named: tuple[int, int] | None = None,
+        upstream: bool = False,
     ) -> str:
+        """`upstream`: `runtime` is the upstream's own processing time, so the call arrived
+        by now - runtime (1 ms allowed for rounding up), where its calls are charged (not
+        before its grant); its run time is charged now."""
         lease = self.leases.pop(token, None)
         if lease is None:
             return "unknown"
@@ -301,7 +307,10 @@ class Model:
             charged = lease.cost if lim.kind is Kind.CALLS else lease.estimate
             if lim.kind is Kind.RUNTIME and runtime is not None:
                 charged = runtime
-            self._charge(lim, lease.key, now, charged)
+            at = now
+            if lim.kind is Kind.CALLS and upstream and runtime is not None and runtime > 1:
+                at = max(lease.grant, now - runtime + 1)
+            self._charge(lim, lease.key, at, charged)
         if outcome == "throttled" and retry:
             self.cooldown_until = max(self.cooldown_until, now + retry)
         return "released"
