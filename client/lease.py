@@ -34,6 +34,7 @@ class _Record:
     status_code: int | None = None
     retry_after: float | None = None
     runtime: float | None = None
+    runtime_upstream: bool = False  # runtime is the upstream's own (Stats.ExecutionTime)
     limit: tuple[int, float] | None = None  # (calls, window seconds) a throttle named
 
 
@@ -84,14 +85,14 @@ class Lease:
         record = self._record
         record.outcome, record.called = outcome, outcome != "not_called"
         record.status_code, record.retry_after, record.runtime = status_code, retry_after, runtime
-        record.limit = limit
+        record.limit, record.runtime_upstream = limit, False
 
     def report(self, response: httpx.Response, *, runtime: float | None = None) -> Outcome:
         """Record the outcome an upstream answer shows, and return it.
 
         A throttled answer gives `throttled` with its retry time and the limit it names;
-        `Stats.ExecutionTime` of a read hunting answer is the run time, else `runtime`
-        (e.g. measured).
+        `Stats.ExecutionTime` of a read hunting answer is the run time (sent as the
+        upstream's own, `runtime_upstream`), else `runtime` (e.g. measured).
         """
         try:
             content = response.content
@@ -114,12 +115,14 @@ class Lease:
         if throttle is None:
             outcome = outcome_for_status(status_code)
             self.set_outcome(outcome, status_code, runtime=runtime)
+            self._record.runtime_upstream = reported is not None
             return outcome
         limit = None
         # What the coordinator accepts: at least one call in a window that has a length.
         if throttle.calls and throttle.window and throttle.calls >= 1 and throttle.window > 0:
             limit = (throttle.calls, throttle.window)
         self.set_outcome("throttled", status_code, throttle.retry_after, runtime, limit=limit)
+        self._record.runtime_upstream = reported is not None
         return "throttled"
 
     def release_body(self, raised: bool = False) -> dict[str, Any]:
@@ -133,6 +136,10 @@ class Lease:
             value = getattr(record, name)
             if value is not None:
                 body[name] = value
+        if record.runtime_upstream and record.runtime is not None:
+            # The upstream's own processing time: the call reached it at least that long
+            # before the answer, which lets the coordinator charge its calls that early.
+            body["runtime_upstream"] = True
         if record.limit is not None:
             body["limit"] = {"amount": record.limit[0], "window": record.limit[1]}
         return body

@@ -126,6 +126,7 @@ class ReleaseArgs(ScriptArgs):
     named_amount: int | None  # the limit a throttled answer named: calls ...
     named_window_ms: int | None  # ... per this window
     learn_ttl_ms: int  # how long a learned limit holds
+    ran_ms: int | None  # the upstream's own report of its processing; None: not known
 
 
 @dataclass(frozen=True)

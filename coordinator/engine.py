@@ -133,6 +133,7 @@ class Release:
     retry_after_ms: int | None = None
     runtime_ms: int | None = None
     named: tuple[int, int] | None = None
+    runtime_upstream: bool = False  # runtime_ms is the upstream's own processing time
 
 
 @dataclass(frozen=True)
@@ -468,13 +469,19 @@ class Engine:
         retry_after_ms: int | None = None,
         runtime_ms: int | None = None,
         named: tuple[int, int] | None = None,
+        runtime_upstream: bool = False,
         now: int | None = None,
     ) -> Released:
         """End a lease; raises UnknownLease when it is unknown, expired or released.
 
         `named` is the limit a throttled answer named, (calls, window ms): the tenant
-        learns it when it is below the policy's calls limit of that window."""
-        release = Release(lease_id, outcome, retry_after_ms, runtime_ms, named)
+        learns it when it is below the policy's calls limit of that window.
+        `runtime_upstream`: `runtime_ms` is the upstream's own report of how long it
+        processed the call (Stats.ExecutionTime), not a time the client measured; the call
+        then reached the upstream at least that long before the release, and its calls
+        are charged that much earlier (never before the grant). A measured time gives no
+        such bound (the request's way out is inside it), so it is charged at release."""
+        release = Release(lease_id, outcome, retry_after_ms, runtime_ms, named, runtime_upstream)
         ref, target, argv = self._release_argv(release, now)
         reply = await self._call(self.lua_release(keys=target.keys, args=argv))
         return self._released(ref, target.policy, named, reply)
@@ -551,6 +558,7 @@ class Engine:
             named_amount=None if named is None else named[0],
             named_window_ms=None if named is None else named[1],
             learn_ttl_ms=self.learned_ttl_ms,
+            ran_ms=release.runtime_ms if release.runtime_upstream else None,
         )
         return ref, target, args.argv(target.args)
 

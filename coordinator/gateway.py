@@ -628,6 +628,7 @@ class _Call:
             named=None
             if named is None
             else (int(named["amount"]), math.ceil(named["window"] * 1000)),
+            runtime_upstream=runtime is not None and body.get("runtime_upstream", False),
         )
 
     async def release_now(self, outcome: Said | None = None) -> None:
@@ -641,6 +642,7 @@ class _Call:
                 retry_after_ms=release.retry_after_ms,
                 runtime_ms=release.runtime_ms,
                 named=release.named,
+                runtime_upstream=release.runtime_upstream,
             )
         except (UnknownLease, BackendUnavailable) as exc:
             log.warning("gateway: releasing a lease of %s failed: %s", self.grant.api, exc)

@@ -44,6 +44,9 @@ class ReleaseBody(BaseModel):
     status_code: int | None = Field(None, ge=100, le=599)
     retry_after: Seconds | None = Field(None, le=MAX_REPORTED_SECONDS)
     runtime: Seconds | None = Field(None, le=MAX_REPORTED_SECONDS)
+    # True when `runtime` is the upstream's own processing time (a hunting answer's
+    # Stats.ExecutionTime), not a time the client measured.
+    runtime_upstream: bool = Field(False, strict=True)
     limit: NamedLimit | None = None  # with throttled: what the upstream said its limit is
 
 

@@ -14,8 +14,8 @@
 -- `writer`) counts its grants of the epoch in the field S<writer>; a state whose count
 -- is below what the caller saw it write (`known_written`, same epoch, known alive)
 -- misses grants that were written: a failover to a replica that had not received them.
--- The epoch then becomes a loss from now, for every caller. Counted per writer, since other writers'
--- grants on the new master would hide a shared count's gap.
+-- The epoch then becomes a loss from now, for every caller. Counted per writer, since
+-- other writers' grants on the new master would hide a shared count's gap.
 -- Recovery: after a loss (of this hash tag's state, or a failover the caller saw: the
 -- `recovery` time), a windowed limit whose window still overlaps the loss grants at most
 -- share_permille / 1000 of its amount.
@@ -34,10 +34,11 @@
 -- rank, then arrival. A request is granted only when every limit has room for the
 -- tickets ahead of it (their cost, estimate and one slot each) and for itself, so a
 -- newcomer never overtakes a waiter and capacity that falls short goes to the head; its
--- retry_ms and soonest_ms count those ahead too. A denied request with a ticket whose
--- soonest grant lies within line_wait_ms joins the line (or stays, refreshed until now +
--- ticket_ttl_ms); otherwise, and when granted, its ticket leaves. Tickets not refreshed
--- in time are dropped. With nobody waiting this costs one EXISTS.
+-- retry_ms counts those ahead too, and so does soonest_ms but for run time (see the
+-- reply). A denied request with a ticket whose soonest grant lies within line_wait_ms
+-- joins the line (or stays, refreshed until now + ticket_ttl_ms); otherwise, and when
+-- granted, its ticket leaves. Tickets not refreshed in time are dropped. With nobody
+-- waiting this costs one EXISTS.
 -- Aging, so that no class starves: a grant of a lower class (rank > 0) stamps the state
 -- hash's field G<rank> with its time (the first grant in the hash's life stamps every
 -- lower class). A lower class whose stamp is aging_ms old or more has aged: its tickets
@@ -73,10 +74,13 @@
 --        retry_ms is the wait if nothing else happens (leases in flight expire
 --        unreleased), bound the 1-based limit that bound it (0 for the cooldown),
 --        soonest_ms the wait if every lease in flight were released now (both -1 when no
---        wait can ever grant it), and amount the bound limit's amount in force (a learned
---        one may be lower than the policy's);
---        epoch_ms, until_ms and written (the writer's grants in the epoch) are what the
---        caller should know next time (0 untracked).
+--        wait can ever grant it; a runtime limit's leases released having run no time,
+--        and the tickets ahead of it granted and released so: a release charges the run
+--        time it reports, not the estimate, so until nothing is left in flight a waiter
+--        for run time may still be served soon), and amount the bound limit's amount in
+--        force (a learned one may be lower than the policy's); epoch_ms, until_ms and
+--        written (the writer's grants in the epoch) are what the caller should know next
+--        time (0 untracked).
 -- Learned limits (design rule 8) lower a calls limit's amount while they hold.
 -- Probing (lib.lua, "Probing"): a grant above a probing limit's confirmed level is its
 -- probe, granted only while nothing else of that counter is in flight and no one is
@@ -318,7 +322,15 @@ for i, lim in ipairs(limits) do
       local live, used = live_buckets(lim, now)
       wait = window_wait(lim, live, used, need, now, recovered, share)
       soon = wait
-      if c.fl > 0 and wait > 0 then
+      if lim.kind == 'runtime' then
+        -- Run time is charged as reported at release, so the estimates in flight, and
+        -- those of the tickets ahead, may all come back unused: the soonest grant is when
+        -- this lease's own estimate fits what is charged.
+        if c.fl > 0 or before > 0 then
+          local charged, sum = charged_only(live)
+          soon = window_wait(lim, charged, sum, lim.need, now, recovered, share)
+        end
+      elseif c.fl > 0 and wait > 0 then
         soon = window_wait(lim, released_now(lim, live, now), used, need, now, recovered, share)
       end
     end

@@ -339,6 +339,20 @@ local function released_now(lim, live, now)
   return moved
 end
 
+-- The live buckets (from live_buckets) without the leases in flight, and their sum: a
+-- runtime limit's as if every lease in flight were released now having run no time (its
+-- release charges the run time it reports, not its estimate, and may report none).
+local function charged_only(live)
+  local kept, used = {}, 0
+  for _, bucket in ipairs(live) do
+    if not bucket[3] then
+      kept[#kept + 1] = bucket
+      used = used + bucket[2]
+    end
+  end
+  return kept, used
+end
+
 -- Milliseconds until one more lease fits under a concurrent limit, after `ahead` more
 -- (the waiters ahead in line); when those alone fill it, `fallback` (a lease's ttl: they
 -- will hold their slots at most that long).

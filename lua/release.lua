@@ -2,6 +2,11 @@
 --
 -- The lease leaves flight (lib.lua, "counter hash"). ok | failed: its calls, and its
 -- reported runtime (else its estimate), are charged in the bucket of the release time.
+-- When the upstream reported its own processing time (ran_ms), the call reached it at
+-- least that long before the answer, so before now - ran_ms: its calls are charged in
+-- the bucket of max(grant, now - ran_ms + 1) instead (the 1 ms for a time rounded up),
+-- or nowhere once that lies before every window (design rule 3 holds: the charge still
+-- sits no earlier than the arrival). Its run time stays charged at the release.
 -- throttled: the same, and the fleet-wide cooldown moves to now + retry_ms (never
 -- earlier than it already is). not_called: nothing is charged (a refund).
 -- Unknown, expired or released leases change nothing (an expired record is dropped).
@@ -13,8 +18,9 @@
 -- that a throttled release started or moved, or a limit it lowered (the waiters learn
 -- their new soonest grant, and those it puts beyond their wait are answered). A calls
 -- lease released ok or failed frees nothing (its units stay counted, design rule 3):
--- no waiter can be granted that could not be before, so no wake-up; except while its
--- limit probes (a probe goes alone in flight, and a probe's end may raise the level).
+-- no waiter can be granted that could not be before, so no wake-up; except when they
+-- are charged before now (ran_ms, below) or while its limit probes (a probe goes alone
+-- in flight, and a probe's end may raise the level).
 -- KEYS: state, inflight_api, inflight_key, line, tickets; then one per limit (lib.lua).
 -- Learned limits (design rule 8): a throttled release may name the upstream's limit,
 -- named_amount calls per named_window_ms. When the api has a calls limit of that window
@@ -22,7 +28,7 @@
 -- learn_ttl_ms (never above the policy's amount, never below 1); a later, lower one
 -- replaces it.
 -- ARGV: now_ms, token, outcome, retry_ms, runtime_ms, named_amount, named_window_ms,
---       learn_ttl_ms; then the policy block.
+--       learn_ttl_ms, ran_ms; then the policy block.
 --   now_ms           "" = Redis TIME
 --   token            the lease's random part and key
 --   outcome          ok | failed | throttled | not_called
@@ -31,6 +37,8 @@
 --   named_amount     the limit the upstream named, "" = none
 --   named_window_ms  its window
 --   learn_ttl_ms     how long a learned limit holds
+--   ran_ms           how long the upstream itself says it processed the call (its own
+--                    server-side time, as Stats.ExecutionTime), "" = not known
 -- Probing (lib.lua, "Probing"): while a probing limit's confirmed level is below its
 -- amount in force, an `ok` release adds its units to the `g` bucket of its grant; the
 -- probe's release (its token in
@@ -51,6 +59,7 @@ local runtime = tonumber(ARGV[ARG.runtime_ms])
 local named = tonumber(ARGV[ARG.named_amount])
 local named_window = tonumber(ARGV[ARG.named_window_ms])
 local learn_ttl = tonumber(ARGV[ARG.learn_ttl_ms])
+local ran = tonumber(ARGV[ARG.ran_ms])
 local ttl, track_api, track_key, _, limits = read_policy()
 
 local state = redis.call('HMGET', KEYS[1], token, 'cd')
@@ -88,14 +97,19 @@ if #probing > 0 then
 end
 
 -- The lease leaves flight in every windowed limit; unless it was not called, its units
--- are charged in the bucket of now (the call reached the upstream before this release).
+-- are charged in the bucket of now (the call reached the upstream before this release),
+-- its calls in that of the latest arrival the upstream's own run time allows.
+local arrived = now
+if ran and ran > 1 then
+  arrived = math.max(lease.grant, now - ran + 1)
+end
 for _, lim in ipairs(limits) do
   if lim.kind == 'concurrent' then
     wake = true  -- its slot
   else
-    local units, charged = lease.cost, lease.cost
+    local units, charged, at = lease.cost, lease.cost, arrived
     if lim.kind == 'runtime' then
-      units, charged = lease.estimate, runtime or lease.estimate
+      units, charged, at = lease.estimate, runtime or lease.estimate, now
     end
     if outcome == 'not_called' then
       charged = 0
@@ -104,7 +118,10 @@ for _, lim in ipairs(limits) do
       wake = true  -- a refund, or run time below the estimate
     end
     if units > 0 or charged > 0 then
-      local field, here = expiry_field(lim, lease.expiry), math.floor(now / lim.gran)
+      local field, here = expiry_field(lim, lease.expiry), math.floor(at / lim.gran)
+      if (here + 1) * lim.gran <= now - lim.window - lim.margin then
+        charged = 0  -- it arrived before every window that still counts
+      end
       if lim.probes and lim.confirmed < lim.in_force then
         -- Probing: a probe goes only alone in flight, and its end may raise the level.
         wake = true
@@ -123,6 +140,9 @@ for _, lim in ipairs(limits) do
       end
       if c.fl <= 0 then
         c.fl, c.xl = 0, nil  -- a stale `xl` is ignored while `fl` is 0
+      end
+      if charged > 0 and here < math.floor(now / lim.gran) then
+        wake = true  -- charged before now: it may leave the window before waiters were told
       end
       if charged > 0 then
         extra[#extra + 1] = here

@@ -6,7 +6,11 @@ that the Lua engine is checked against.
 
 Design rule 3, as the model states it: a lease that has not been released counts in the
 bucket of its expiry, in full while it is in flight (whatever its age); a released lease
-counts in the bucket of its release, a refunded one nowhere.
+counts in the bucket of its release (its calls in that of its latest arrival when the
+upstream reported its own processing time: the release less that time, not before the
+grant), a refunded one nowhere. A denial's soonest grant is
+its wait as if every lease in flight were released now: a calls lease's units then sit in
+the bucket of now, a runtime lease's estimate is gone (it may have run no time).
 
 Learned limits and probing (design rule 8), as the model states them: a throttled release
 naming a calls limit's window lowers that limit to the named amount (never above the
@@ -194,11 +198,15 @@ class Model:
         return wait
 
     def _released_now(self, lim: Limit, key: str, now: int) -> list[tuple[int, int]]:
-        """The counted buckets as if every lease in flight were released `ok` now."""
+        """The counted buckets as if every lease in flight were released `ok` now: a calls
+        lease's units in the bucket of now; a runtime lease having run no time (a release
+        charges the run time it reports, not the estimate), so its estimate is gone."""
         live = [lease for lease in self._unreleased(lim, key) if lease.expiry > now]
         rest = [lease for lease in self._unreleased(lim, key) if lease.expiry <= now]
         here = now // lim.granularity_ms
         moved = [(here, lease.units(lim)) for lease in live if lease.units(lim) > 0]
+        if lim.kind is Kind.RUNTIME:
+            moved = []
         return sorted(counted(lim, self._counter(lim, key), now, rest) + moved)
 
     def acquire(
@@ -281,7 +289,11 @@ class Model:
         runtime: int | None,
         now: int,
         named: tuple[int, int] | None = None,
+        upstream: bool = False,
     ) -> str:
+        """`upstream`: `runtime` is the upstream's own processing time, so the call arrived
+        by now - runtime (1 ms allowed for rounding up), where its calls are charged (not
+        before its grant); its run time is charged now."""
         lease = self.leases.pop(token, None)
         if lease is None:
             return "unknown"
@@ -295,7 +307,10 @@ class Model:
             charged = lease.cost if lim.kind is Kind.CALLS else lease.estimate
             if lim.kind is Kind.RUNTIME and runtime is not None:
                 charged = runtime
-            self._charge(lim, lease.key, now, charged)
+            at = now
+            if lim.kind is Kind.CALLS and upstream and runtime is not None and runtime > 1:
+                at = max(lease.grant, now - runtime + 1)
+            self._charge(lim, lease.key, at, charged)
         if outcome == "throttled" and retry:
             self.cooldown_until = max(self.cooldown_until, now + retry)
         return "released"

@@ -92,6 +92,7 @@ class Release:
     outcome: str
     retry_ms: int | None
     runtime_ms: int | None
+    upstream: bool = False  # runtime_ms is the upstream's own processing time
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ operations = st.lists(
             st.sampled_from(OUTCOMES),
             st.one_of(st.none(), st.integers(10_000, 90_000)),
             st.one_of(st.none(), st.integers(0, 30_000)),
+            st.booleans(),
         ),
         st.builds(Renew, st.integers(0, 50), st.sampled_from([10_000, 30_000])),
         st.builds(Advance, st.integers(0, 15_000)),
@@ -153,6 +155,7 @@ late_operations = st.lists(
             st.sampled_from(["ok", "ok", "failed", "not_called"]),
             st.none(),
             st.one_of(st.none(), st.integers(0, 30_000)),
+            st.booleans(),
         ),
         st.builds(Renew, st.integers(0, 50), st.sampled_from([10_000, 30_000])),
         st.builds(Advance, st.integers(5_000, 15_000)),

@@ -155,11 +155,16 @@ def test_release_validates_its_body(http: httpx.Client) -> None:
         ({"outcome": "ok", "retry_after": -1}, "retry_after"),
         ({"outcome": "ok", "runtime": "long"}, "runtime"),
         ({"outcome": "ok", "status_code": 1000}, "status_code"),
+        ({"outcome": "ok", "runtime": 1, "runtime_upstream": "yes"}, "runtime_upstream"),
         ({}, "outcome"),
     ):
         reply = http.post(f"/v1/leases/{lease}/release", json=body)
         assert reply.status_code == 422 and reply.json()["field"] == field, reply.text
     assert http.post(f"/v1/leases/{lease}/release", json={"outcome": "ok"}).status_code == 200
+    # The upstream's own run time (the client says so) is accepted beside `runtime`.
+    other = acquire(http).json()["lease_id"]
+    upstream = {"outcome": "ok", "runtime": 0.5, "runtime_upstream": True}
+    assert http.post(f"/v1/leases/{other}/release", json=upstream).status_code == 200
 
 
 def test_renew(http: httpx.Client) -> None:

@@ -142,6 +142,34 @@ async def test_reported_runtime_replaces_the_estimate(engine: Engine) -> None:
     await grant(engine, "hunting", now=T0 + 3_000, runtime_estimate_ms=3_000)
 
 
+async def test_the_upstreams_own_run_time_dates_the_calls_charge_back(engine: Engine) -> None:
+    # Three calls of 3 in 10 s, granted at T0; each ran 4.5 s upstream, answered at
+    # T0 + 5 s. The upstream's own processing time says each arrived by T0 + 0.5 s (1 ms
+    # more, for a time rounded up): its calls are charged there (not before the grant),
+    # its run time at the release.
+    leases = [await grant(engine, "calls") for _ in range(3)]
+    for lease in leases[:2]:
+        await engine.release(
+            lease.lease_id, "ok", runtime_ms=4_500, runtime_upstream=True, now=T0 + 5_000
+        )
+    # A time the client measured bounds nothing: that call is charged at its release.
+    await engine.release(leases[2].lease_id, "ok", runtime_ms=4_500, now=T0 + 5_000)
+    denial = await deny(engine, "calls", now=T0 + 10_000)
+    assert denial.retry_after_ms == 1_000  # the bucket of T0 + 0.5 s leaves at T0 + 11 s
+    await grant(engine, "calls", now=T0 + 11_000)
+    await grant(engine, "calls", now=T0 + 11_000)
+    await deny(engine, "calls", now=T0 + 11_000)  # the measured one counts until T0 + 16 s
+    # Run time: still charged at the release, in full.
+    hunt = await grant(engine, "hunting")
+    await engine.release(
+        hunt.lease_id, "ok", runtime_ms=9_000, runtime_upstream=True, now=T0 + 3_000
+    )
+    assert (await deny(engine, "hunting", now=T0 + 3_000)).retry_after_ms == 11_000
+    view = await engine.usage("contoso", "hunting", now=T0 + 3_000)
+    assert [u.used for u in view.limits] == [1, 9_000]
+    assert view.limits[0].resets_in_ms == 8_000  # charged at T0 (its grant), not T0 - 6 s
+
+
 async def test_renew_extends_a_live_lease_only(engine: Engine) -> None:
     lease = await grant(engine, "sessions", "m1")
     assert await engine.renew(lease.lease_id, 30_000, now=T0 + 5_000) == 30_000

@@ -47,12 +47,14 @@ PROPERTY = settings(
 @dataclass
 class Run:
     """What a schedule did: grants (time, cost, key, lease id), the refunded lease ids, and
-    for each lease the last moment its call could reach the upstream (its release, else its
-    expiry: a client never sends on an expired lease)."""
+    for each lease the last moment its call could reach the upstream (its release, less the
+    processing time the upstream reported, if it did; else its expiry: a client never sends
+    on an expired lease)."""
 
     grants: list[tuple[int, int, str, str]] = field(default_factory=list)
     refunded: set[str] = field(default_factory=set)
     last_send: dict[str, int] = field(default_factory=dict)
+    granted: dict[str, int] = field(default_factory=dict)
     denials: int = 0
 
 
@@ -113,6 +115,7 @@ async def _run(
                     leases.append(result.lease_id)
                     run.grants.append((now, op.cost, op.key, result.lease_id))
                     run.last_send[result.lease_id] = result.expires_at_ms
+                    run.granted[result.lease_id] = now
                 else:
                     assert isinstance(result, Denial)
                     run.denials += 1
@@ -154,6 +157,7 @@ async def _run(
                         op.outcome,
                         retry_after_ms=op.retry_ms,
                         runtime_ms=op.runtime_ms,
+                        runtime_upstream=op.upstream,
                         now=now,
                     )
                     released = True
@@ -162,9 +166,13 @@ async def _run(
                 if released and op.outcome == "not_called":
                     run.refunded.add(lease_id)
                 if released:
-                    run.last_send[lease_id] = now
+                    # The upstream's own processing time: the call arrived by then.
+                    ran = op.runtime_ms if op.upstream and op.runtime_ms is not None else 0
+                    run.last_send[lease_id] = max(run.granted[lease_id], now - ran)
                 if check_model:
-                    expected = model.release(lease_id, op.outcome, retry, op.runtime_ms, now)
+                    expected = model.release(
+                        lease_id, op.outcome, retry, op.runtime_ms, now, upstream=op.upstream
+                    )
                     assert released == (expected == "released"), (op, expected)
             elif isinstance(op, Renew) and leases:
                 lease_id = leases[op.lease % len(leases)]

@@ -26,6 +26,10 @@ apis:
   calls:
     lease_ttl: 10s
     limits: [{calls: 2, per: 10s, granularity: 1s}]
+  runtime:
+    lease_ttl: 10s
+    runtime_estimate: 4s
+    limits: [{runtime: 10s, per: 1m, granularity: 1s}]
 """
 )
 
@@ -171,3 +175,32 @@ async def test_waiters_that_never_fit_at_once_are_served_in_order(engine: Engine
     last = await attempt(engine, "calls", later, "w3")
     assert isinstance(last, Denial) and last.soonest_ms > 5_000
     assert await waiting(engine, "calls", later) == 0
+
+
+async def test_a_waiter_for_run_time_stays_while_estimates_in_flight_may_come_back(
+    engine: Engine,
+) -> None:
+    # 4 s charged, 4 s reserved in flight: a third 4 s estimate does not fit now.
+    done = await attempt(engine, "runtime", T0)
+    assert isinstance(done, Grant)
+    await engine.release(done.lease_id, "ok", runtime_ms=4_000, now=T0 + 100)
+    flying = await attempt(engine, "runtime", T0 + 200)
+    assert isinstance(flying, Grant)
+    # A release charges the run time it reports, not the estimate: the lease in flight
+    # may leave room at once, so the waiter stays in line rather than being told a
+    # minute (its estimate charged in full).
+    denial = await attempt(engine, "runtime", T0 + 300, "w", wait_ms=5_000)
+    assert isinstance(denial, Denial) and denial.retry_after_ms > 5_000
+    assert denial.soonest_ms == 0
+    assert await waiting(engine, "runtime", T0 + 300) == 1
+    # Behind it, another counts no more of its estimate either.
+    behind = await attempt(engine, "runtime", T0 + 300, "w2", wait_ms=5_000)
+    assert isinstance(behind, Denial) and behind.soonest_ms == 0
+    await engine.release(flying.lease_id, "ok", runtime_ms=1_000, now=T0 + 400)
+    served = await attempt(engine, "runtime", T0 + 500, "w")
+    assert isinstance(served, Grant)
+    await engine.release(served.lease_id, "ok", runtime_ms=4_000, now=T0 + 600)
+    # Nothing in flight now and 9 s charged: no release can make room for 4 s.
+    last = await attempt(engine, "runtime", T0 + 700, "w2", wait_ms=5_000)
+    assert isinstance(last, Denial) and last.soonest_ms > 5_000
+    assert await waiting(engine, "runtime", T0 + 700) == 0

@@ -117,7 +117,7 @@ class TestOutcomes:
             http.post(HUNTING, json={"Query": "DeviceInfo"})
         assert client.flush(timeout=5)
         assert list(fake.released.values()) == [
-            {"outcome": "ok", "status_code": 200, "runtime": 4.25}
+            {"outcome": "ok", "status_code": 200, "runtime": 4.25, "runtime_upstream": True}
         ]
 
     def test_failed_status(self, client: QuotaClient, fake: FakeCoordinator) -> None:

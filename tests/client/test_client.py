@@ -255,6 +255,7 @@ class TestLeaseOutcomes:
             "outcome": "ok",
             "status_code": 200,
             "runtime": 4.5,
+            "runtime_upstream": True,
         }
 
     @pytest.mark.parametrize(("status", "outcome"), [(204, "ok"), (404, "failed"), (500, "failed")])

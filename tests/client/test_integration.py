@@ -377,7 +377,12 @@ def test_hunting_reports_execution_time(
     assert used(after) == [1, 4.5, 4.5]
     assert after["in_flight"] == 0
     (release,) = calls(recording.log, "/release")
-    assert release.body == {"outcome": "ok", "status_code": 200, "runtime": 4.5}
+    assert release.body == {
+        "outcome": "ok",
+        "status_code": 200,
+        "runtime": 4.5,
+        "runtime_upstream": True,  # the upstream's own time, not one the client measured
+    }
 
 
 # -- 4. the limit holds under concurrency ------------------------------------------------------

@@ -138,7 +138,12 @@ class TestReleases:
     ) -> None:
         answer = {"Stats": {"ExecutionTime": 4.621215}, "Schema": [], "Results": []}
         call(client, respond(200, json=answer), "POST", HUNTING)
-        assert only_release(fake) == {"outcome": "ok", "status_code": 200, "runtime": 4.621215}
+        assert only_release(fake) == {
+            "outcome": "ok",
+            "status_code": 200,
+            "runtime": 4.621215,
+            "runtime_upstream": True,
+        }
         assert fake.bodies("/v1/leases")[0]["api"] == "m365d.advanced-hunting"
 
     def test_compressed_stats_are_read(self, client: QuotaClient, fake: FakeCoordinator) -> None:
@@ -220,7 +225,12 @@ class TestAsyncTransport:
         answer = {"Stats": {"ExecutionTime": 2.0}, "Results": []}
         response = await self.call(aclient, respond(200, json=answer), "POST", HUNTING)
         assert response.json() == answer
-        assert only_release(fake) == {"outcome": "ok", "status_code": 200, "runtime": 2.0}
+        assert only_release(fake) == {
+            "outcome": "ok",
+            "status_code": 200,
+            "runtime": 2.0,
+            "runtime_upstream": True,
+        }
 
     async def test_throttled(self, aclient: AsyncQuotaClient, fake: FakeCoordinator) -> None:
         await self.call(aclient, respond(429, headers={"Retry-After": "5"}))
