@@ -327,7 +327,7 @@ for i, lim in ipairs(limits) do
         -- those of the tickets ahead, may all come back unused: the soonest grant is when
         -- this lease's own estimate fits what is charged.
         if c.fl > 0 or before > 0 then
-          local charged, sum = charged_only(live)
+          local charged, sum = charged_only(lim, live, now)
           soon = window_wait(lim, charged, sum, lim.need, now, recovered, share)
         end
       elseif c.fl > 0 and wait > 0 then

@@ -341,11 +341,13 @@ end
 
 -- The live buckets (from live_buckets) without the leases in flight, and their sum: a
 -- runtime limit's as if every lease in flight were released now having run no time (its
--- release charges the run time it reports, not its estimate, and may report none).
-local function charged_only(live)
+-- release charges the run time it reports, not its estimate, and may report none). The
+-- units in flight of the current bucket of expiry stay: some of those leases may have
+-- expired, and no release ends an expired lease (its estimate is charged).
+local function charged_only(lim, live, now)
   local kept, used = {}, 0
   for _, bucket in ipairs(live) do
-    if not bucket[3] then
+    if not bucket[3] or bucket[1] * lim.gran <= now then
       kept[#kept + 1] = bucket
       used = used + bucket[2]
     end

@@ -200,13 +200,17 @@ class Model:
     def _released_now(self, lim: Limit, key: str, now: int) -> list[tuple[int, int]]:
         """The counted buckets as if every lease in flight were released `ok` now: a calls
         lease's units in the bucket of now; a runtime lease having run no time (a release
-        charges the run time it reports, not the estimate), so its estimate is gone."""
+        charges the run time it reports, not the estimate), so its estimate is gone; but
+        not that of a lease expiring within the current bucket, which the script cannot
+        tell from one that has expired (it keeps units in flight per bucket of expiry),
+        and which no release ends."""
         live = [lease for lease in self._unreleased(lim, key) if lease.expiry > now]
         rest = [lease for lease in self._unreleased(lim, key) if lease.expiry <= now]
         here = now // lim.granularity_ms
         moved = [(here, lease.units(lim)) for lease in live if lease.units(lim) > 0]
         if lim.kind is Kind.RUNTIME:
             moved = []
+            rest += [lease for lease in live if lease.expiry // lim.granularity_ms == here]
         return sorted(counted(lim, self._counter(lim, key), now, rest) + moved)
 
     def acquire(
