@@ -77,15 +77,18 @@ class Lease:
         runtime: float | None = None,
         *,
         limit: tuple[int, float] | None = None,
+        runtime_upstream: bool = False,
     ) -> None:
         """Record how the call went; `retry_after` and `runtime` are seconds, `limit` the
-        (calls, window seconds) a throttled answer named."""
+        (calls, window seconds) a throttled answer named; `runtime_upstream`: `runtime` is
+        the upstream's own processing time (a hunting answer's `Stats.ExecutionTime`), not
+        a time measured here."""
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {sorted(OUTCOMES)}, not {outcome!r}")
         record = self._record
         record.outcome, record.called = outcome, outcome != "not_called"
         record.status_code, record.retry_after, record.runtime = status_code, retry_after, runtime
-        record.limit, record.runtime_upstream = limit, False
+        record.limit, record.runtime_upstream = limit, runtime_upstream and runtime is not None
 
     def report(self, response: httpx.Response, *, runtime: float | None = None) -> Outcome:
         """Record the outcome an upstream answer shows, and return it.

@@ -588,14 +588,19 @@ class _Call:
     ) -> None:
         """The outcome of the answer (`body`: all of it, or None when not held), as the
         client reads one (`Lease.report`; without a body, what its status line and
-        headers say, as the client's transport does for a body that broke off)."""
+        headers say, as the client's transport does for a body that broke off).
+        `runtime`: what the answer's own `Stats.ExecutionTime` said, if it was read."""
+        reported = runtime is not None
         runtime = runtime if runtime is not None else self.runtime
         if body is None:
             throttle = parse_throttle(status, headers, b"")
             if throttle is None:
-                self.lease.set_outcome(outcome_for_status(status), status, runtime=runtime)
+                outcome = outcome_for_status(status)
+                self.lease.set_outcome(outcome, status, runtime=runtime, runtime_upstream=reported)
             else:
-                self.lease.set_outcome("throttled", status, throttle.retry_after, runtime)
+                self.lease.set_outcome(
+                    "throttled", status, throttle.retry_after, runtime, runtime_upstream=reported
+                )
             return
         peek = httpx.Response(status, headers=headers, stream=httpx.ByteStream(body))
         with contextlib.suppress(httpx.DecodingError):

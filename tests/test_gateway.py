@@ -5,6 +5,7 @@ memory; a 429 that pauses the workers that use the Python client."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import http.client
@@ -23,6 +24,7 @@ from typing import Any
 import aiohttp
 import httpx
 import pytest
+import redis
 import requests
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -40,6 +42,7 @@ from quotagate.client import (
 from quotagate.coordinator.app import create_app
 from quotagate.coordinator.embedded import EmbeddedServer, free_port
 from quotagate.coordinator.gateway import PEEK, PathRefused, Upstream, tenant_from_token
+from quotagate.coordinator.policy import load_policies
 from quotagate.coordinator.settings import Settings
 
 from .conftest import TEST_POLICIES, _wipe
@@ -75,6 +78,7 @@ class Echo:
 
     def __init__(self) -> None:
         self.hits: list[str] = []
+        self.hunted_at: list[float] = []  # when each hunting request arrived (time.time())
         self.app = Starlette(
             routes=[
                 WebRoute("/redirect", self.redirect, methods=["GET"]),
@@ -128,14 +132,20 @@ class Echo:
         return JSONResponse({"size": size})
 
     async def hunting(self, request: Request) -> Response:
-        """A large hunting answer (more than the gateway holds), `Stats` at its end."""
+        """A large hunting answer (more than the gateway holds), `Stats` at its end; with
+        `?ran=S`, answered S seconds after the request arrived, reporting S as its run
+        time."""
+        self.hunted_at.append(time.time())
         row = json.dumps({"DeviceName": "d" * 200, "Timestamp": "2024-01-01T00:00:00Z"})
+        ran = float(request.query_params.get("ran", "0"))
+        await asyncio.sleep(ran)
+        reported = json.dumps(ran or 4.25).encode()
 
         async def chunks() -> Any:
             yield b'{"Schema": [], "Results": ['
             for i in range(5000):
                 yield (("," if i else "") + row).encode()
-            yield b'], "Stats": {"ExecutionTime": 4.25, "resource_usage": {}}}'
+            yield b'], "Stats": {"ExecutionTime": ' + reported + b', "resource_usage": {}}}'
 
         return StreamingResponse(chunks(), media_type="application/json")
 
@@ -483,6 +493,37 @@ def test_a_large_hunting_answer_charges_its_execution_time(
         hunting = settled(url, TENANT, "m365d.advanced-hunting")
     runtime = [lim["used"] for lim in hunting["limits"] if lim["kind"] == "runtime"]
     assert runtime == [4.25, 4.25]
+
+
+def test_a_hunting_call_is_charged_at_its_latest_arrival_the_answer_allows(
+    valkey_server: EmbeddedServer, tmp_path: Path, echo: tuple[Echo, str]
+) -> None:
+    """The answer's `Stats.ExecutionTime` is the upstream's own: the call arrived at least
+    that long before the answer, so the release charges its call there, not at the
+    release (design rule 3 needs only a charge no earlier than the arrival)."""
+    _wipe(valkey_server.url)
+    settings = _settings(valkey_server, tmp_path, echo[1], echo[1])
+    upstream, _ = echo
+    with serve_in_thread(create_app(settings)) as url:
+        answer = httpx.post(
+            f"{url}/gateway/{DEFENDER}/api/advancedhunting/run?ran=2",
+            json={"Query": "DeviceInfo"},
+            headers={"X-Quotagate-Tenant": TENANT},
+            timeout=10,
+        )
+        assert answer.status_code == 200
+        assert answer.json()["Stats"]["ExecutionTime"] == 2
+        settled(url, TENANT, "m365d.advanced-hunting")
+    arrived_ms = upstream.hunted_at[-1] * 1000
+    policy = load_policies().apis["m365d.advanced-hunting"]
+    calls = next(lim for lim in policy.limits if lim.kind.value == "calls")
+    with redis.Redis.from_url(valkey_server.url) as store:
+        counter = store.hgetall(f"qg:{{{TENANT}|m365d.advanced-hunting}}:c60000/1000")
+    charged = [int(name) for name, units in counter.items() if name.isdigit() and int(units)]
+    assert calls.granularity_ms == 1000 and len(charged) == 1
+    # Released 2 s after the arrival (and a little more): charged at release - 2 s, so in
+    # the arrival's bucket or the next one; never before the arrival, nor at the release.
+    assert arrived_ms // 1000 <= charged[0] <= arrived_ms // 1000 + 1
 
 
 def test_no_cookie_is_kept_between_calls(coordinator: str) -> None:
