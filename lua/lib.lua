@@ -473,12 +473,12 @@ end
 
 -- The confirmed level a probe proves: its units and those of the `ok` releases granted in
 -- (arrived - window, grant) (whole buckets only), where `arrived` is the latest the probe
--- can have arrived: its release at `now`, less the run time the upstream reported (it ran
--- the query after the arrival and answered after it finished).
-local function probe_proves(lim, lease, now, ran)
+-- can have arrived: its release, less the run time the upstream itself reported (it ran
+-- the query after the arrival and answered after it finished; release.lua). A run time
+-- the client measured bounds nothing: the request's way out is inside it.
+local function probe_proves(lim, lease, arrived)
   local flat = redis.call('HGETALL', lim.key)
   local proved = lease.cost
-  local arrived = math.max(now - (ran or 0), lease.grant)
   for i = 1, #flat, 2 do
     if string.byte(flat[i], 1) == 103 then  -- 'g'
       local index, units = string.match(flat[i + 1], '^(%d+):(%d+)$')

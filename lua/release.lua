@@ -5,8 +5,9 @@
 -- When the upstream reported its own processing time (ran_ms), the call reached it at
 -- least that long before the answer, so before now - ran_ms: its calls are charged in
 -- the bucket of max(grant, now - ran_ms + 1) instead (the 1 ms for a time rounded up),
--- or nowhere once that lies before every window (design rule 3 holds: the charge still
--- sits no earlier than the arrival). Its run time stays charged at the release.
+-- or the oldest bucket still counted if that lies before every window (design rule 3
+-- holds: the charge still sits no earlier than the arrival). Its run time stays charged
+-- at the release.
 -- throttled: the same, and the fleet-wide cooldown moves to now + retry_ms (never
 -- earlier than it already is). not_called: nothing is charged (a refund).
 -- Unknown, expired or released leases change nothing (an expired record is dropped).
@@ -118,10 +119,12 @@ for _, lim in ipairs(limits) do
       wake = true  -- a refund, or run time below the estimate
     end
     if units > 0 or charged > 0 then
-      local field, here = expiry_field(lim, lease.expiry), math.floor(at / lim.gran)
-      if (here + 1) * lim.gran <= now - lim.window - lim.margin then
-        charged = 0  -- it arrived before every window that still counts
-      end
+      -- Never in a bucket before every window that still counts: at the oldest that does
+      -- (later than the arrival, so still safe), which keeps the counter's books whole
+      -- (and the counter itself, with a probing limit's ring).
+      local field = expiry_field(lim, lease.expiry)
+      local here = math.max(math.floor(at / lim.gran),
+        math.floor((now - lim.window - lim.margin) / lim.gran))
       if lim.probes and lim.confirmed < lim.in_force then
         -- Probing: a probe goes only alone in flight, and its end may raise the level.
         wake = true
@@ -208,7 +211,7 @@ for _, lim in ipairs(probing) do
       confirm(lim, amount)  -- the upstream's own word: nothing below it needs a probe
     end
   elseif lim.probe and outcome == 'ok' and lim.confirmed < lim.in_force then
-    local level = math.min(probe_proves(lim, lease, now, runtime), lim.in_force)
+    local level = math.min(probe_proves(lim, lease, arrived), lim.in_force)
     if level > lim.confirmed then
       confirm(lim, level)
     end

@@ -19,8 +19,8 @@ its confirmed level (at first `assured`, never above the amount in force); a gra
 takes the count above it is a probe, granted only while nothing else of that counter is in
 flight. A probe released `ok` confirms its units plus those of every `ok` release granted
 in a whole bucket after (arrival - window + margin) and before the probe's grant bucket,
-where arrival is the latest the probe can have arrived (its release less its reported run
-time);
+where arrival is the latest the probe can have arrived (its release, less the run time
+the upstream itself reported: a measured one bounds nothing);
 a named limit confirms the amount then in force.
 
 Priority classes, as the model states them: a lease of a class with a share is granted
@@ -304,7 +304,10 @@ class Model:
         if lease.expiry <= now:
             self._settle(lease)
             return "expired"
-        self._probing(lease, token, outcome, named, now - (runtime or 0))
+        arrived = now  # the latest the call can have arrived
+        if upstream and runtime is not None and runtime > 1:
+            arrived = max(lease.grant, now - runtime + 1)
+        self._probing(lease, token, outcome, named, arrived)
         for lim in self.policy.limits:
             if lim.kind is Kind.CONCURRENT or outcome == "not_called":
                 continue
@@ -312,8 +315,10 @@ class Model:
             if lim.kind is Kind.RUNTIME and runtime is not None:
                 charged = runtime
             at = now
-            if lim.kind is Kind.CALLS and upstream and runtime is not None and runtime > 1:
-                at = max(lease.grant, now - runtime + 1)
+            if lim.kind is Kind.CALLS:
+                # Never before every window that still counts: at the oldest bucket that does.
+                oldest = (now - lim.window_ms - lim.margin_ms) // lim.granularity_ms
+                at = max(arrived, oldest * lim.granularity_ms)
             self._charge(lim, lease.key, at, charged)
         if outcome == "throttled" and retry:
             self.cooldown_until = max(self.cooldown_until, now + retry)
@@ -323,7 +328,8 @@ class Model:
         self, lease: ModelLease, token: str, outcome: str, named: tuple[int, int] | None, now: int
     ) -> None:
         """What a release does to learned limits, confirmed levels and probes; `now` is the
-        latest the call can have arrived (its release less the run time reported)."""
+        latest the call can have arrived (its release, less the run time the upstream
+        itself reported)."""
         levels = {i: (self.level(i), self.in_force(i)) for i in range(len(self.policy.limits))}
         for i, lim in enumerate(self.policy.limits):
             level, in_force = levels[i]

@@ -181,6 +181,38 @@ async def test_above_the_assured_share_a_probe_goes_alone(prober: Engine) -> Non
     assert isinstance(await prober.acquire("t", "hunting", now=T0 + 81), Denial)
 
 
+@pytest.mark.parametrize("upstream", [False, True], ids=["measured", "upstream's own"])
+async def test_a_probe_proves_the_calls_before_its_latest_arrival_only(
+    prober: Engine, upstream: bool
+) -> None:
+    """A probe released 2.2 s after its grant, its run time 2.15 s: had the upstream said
+    so, the probe arrived by 1.85 s and its window held the five granted at 0, which it
+    proves too; a time the client measured says nothing of when the probe left, so its
+    window may have started after those five arrived: it proves only itself."""
+    tenant = f"t-{upstream}"
+
+    async def take(now: int) -> Grant | Denial:
+        return await prober.acquire(tenant, "hunting", now=now)
+
+    for _ in range(5):
+        lease = await take(T0)
+        assert isinstance(lease, Grant)
+        await prober.release(lease.lease_id, "ok", now=T0 + 30)
+    probe = await take(T0 + 1_800)  # 5 in the window: the probe
+    assert isinstance(probe, Grant)
+    await prober.release(
+        probe.lease_id, "ok", runtime_ms=2_150, runtime_upstream=upstream, now=T0 + 4_000
+    )
+    later = T0 + 10_000  # a fresh window; five held in flight, then a sixth
+    held = [await take(later) for _ in range(5)]
+    assert all(isinstance(lease, Grant) for lease in held)
+    sixth = await take(later)
+    if upstream:
+        assert isinstance(sixth, Grant)  # 6 confirmed: not a probe
+    else:
+        assert isinstance(sixth, Denial) and sixth.soonest_ms == 0  # a probe: waits alone
+
+
 async def test_a_throttled_probe_ends_probing_at_the_named_limit(prober: Engine) -> None:
     for _ in range(5):
         await prober.release((await grant(prober, T0)).lease_id, "ok", now=T0 + 10)

@@ -147,8 +147,12 @@ async def _run(url: str, world: World, schedule: list[tuple[str, int]]) -> int:
                 outcome = call.answer or "not_called"
                 named = (world.real, window) if outcome == "throttled" else None
                 retry = 1 if outcome == "throttled" else None
-                # The run time an upstream may report: at most the time since the arrival.
+                # The run time an upstream may report of its own: at most the time since
+                # the arrival; or, as a client measures, any time (it bounds nothing).
                 ran = now - call.arrived if outcome == "ok" and pick % 2 else None
+                upstream = ran is not None and pick % 4 == 1
+                if ran is not None and not upstream:
+                    ran += pick % 7 * 100
                 try:
                     await engine.release(
                         call.lease_id,
@@ -156,12 +160,15 @@ async def _run(url: str, world: World, schedule: list[tuple[str, int]]) -> int:
                         retry_after_ms=retry,
                         runtime_ms=ran,
                         named=named,
+                        runtime_upstream=upstream,
                         now=now,
                     )
                     released = "released"
                 except UnknownLease:  # it expired
                     released = "gone"
-                expected_release = model.release(call.lease_id, outcome, retry, ran, now, named)
+                expected_release = model.release(
+                    call.lease_id, outcome, retry, ran, now, named, upstream=upstream
+                )
                 assert released == ("released" if expected_release == "released" else "gone")
     finally:
         await client.aclose()
