@@ -114,18 +114,24 @@ class Lease:
         throttled = status_code == 429 or _MAYBE_THROTTLED.search(content)
         throttle = parse_throttle(status_code, headers, content if throttled else b"")
         reported = execution_time(content) if content else None
-        runtime = reported if reported is not None else runtime
+        upstream = reported is not None  # the answer's own run time, not a measured one
+        runtime = reported if upstream else runtime
         if throttle is None:
             outcome = outcome_for_status(status_code)
-            self.set_outcome(outcome, status_code, runtime=runtime)
-            self._record.runtime_upstream = reported is not None
+            self.set_outcome(outcome, status_code, runtime=runtime, runtime_upstream=upstream)
             return outcome
         limit = None
         # What the coordinator accepts: at least one call in a window that has a length.
         if throttle.calls and throttle.window and throttle.calls >= 1 and throttle.window > 0:
             limit = (throttle.calls, throttle.window)
-        self.set_outcome("throttled", status_code, throttle.retry_after, runtime, limit=limit)
-        self._record.runtime_upstream = reported is not None
+        self.set_outcome(
+            "throttled",
+            status_code,
+            throttle.retry_after,
+            runtime,
+            limit=limit,
+            runtime_upstream=upstream,
+        )
         return "throttled"
 
     def release_body(self, raised: bool = False) -> dict[str, Any]:
@@ -139,7 +145,7 @@ class Lease:
             value = getattr(record, name)
             if value is not None:
                 body[name] = value
-        if record.runtime_upstream and record.runtime is not None:
+        if record.runtime_upstream:  # set only with a run time (set_outcome)
             # The upstream's own processing time: the call reached it at least that long
             # before the answer, which lets the coordinator charge its calls that early.
             body["runtime_upstream"] = True

@@ -633,7 +633,7 @@ class _Call:
             named=None
             if named is None
             else (int(named["amount"]), math.ceil(named["window"] * 1000)),
-            runtime_upstream=runtime is not None and body.get("runtime_upstream", False),
+            runtime_upstream=body.get("runtime_upstream", False),
         )
 
     async def release_now(self, outcome: Said | None = None) -> None:

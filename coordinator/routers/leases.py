@@ -108,7 +108,7 @@ async def release(lease_id: str, body: ReleaseBody, request: Request) -> JSONRep
         retry_after_ms=None if body.retry_after is None else _ms(body.retry_after),
         runtime_ms=None if body.runtime is None else _ms(body.runtime),
         named=None if body.limit is None else (body.limit.amount, _ms(body.limit.window)),
-        runtime_upstream=body.runtime_upstream and body.runtime is not None,
+        runtime_upstream=body.runtime_upstream,  # the engine uses it only with a runtime
     )
     if released.woke:
         context.waiting.released(ref.tenant, ref.api)
