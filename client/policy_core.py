@@ -279,6 +279,12 @@ class Policy:
         """Whether leases must also be registered per key (a key-scoped concurrent limit)."""
         return any(lim.kind is Kind.CONCURRENT and lim.scope is Scope.KEY for lim in self.limits)
 
+    @functools.cached_property
+    def releases_in_parts(self) -> bool:
+        """Whether a lease of several call units may end in parts (`Engine.release`'s
+        `calls` and `keep`): every limit a calls limit, none probing."""
+        return all(lim.kind is Kind.CALLS and lim.assured is None for lim in self.limits)
+
     def impossible_cost(self, cost: int) -> Limit | None:
         """The calls limit that could never grant `cost` units, if any."""
         for lim in self.limits:

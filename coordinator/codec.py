@@ -127,6 +127,8 @@ class ReleaseArgs(ScriptArgs):
     named_window_ms: int | None  # ... per this window
     learn_ttl_ms: int  # how long a learned limit holds
     ran_ms: int | None  # the upstream's own report of its processing; None: not known
+    calls: int | None  # the lease's call units that were called; None: all of them
+    keep: int | None  # its call units that stay in flight (the lease lives on); None: none
 
 
 @dataclass(frozen=True)

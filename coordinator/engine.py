@@ -134,6 +134,10 @@ class Release:
     runtime_ms: int | None = None
     named: tuple[int, int] | None = None
     runtime_upstream: bool = False  # runtime_ms is the upstream's own processing time
+    # A lease of several call units ended in parts (`Engine.release`): those called,
+    # and those that stay in flight; None and 0: the whole lease was called and ends.
+    calls: int | None = None
+    keep: int = 0
 
 
 @dataclass(frozen=True)
@@ -470,6 +474,8 @@ class Engine:
         runtime_ms: int | None = None,
         named: tuple[int, int] | None = None,
         runtime_upstream: bool = False,
+        calls: int | None = None,
+        keep: int = 0,
         now: int | None = None,
     ) -> Released:
         """End a lease; raises UnknownLease when it is unknown, expired or released.
@@ -480,26 +486,36 @@ class Engine:
         processed the call (Stats.ExecutionTime), not a time the client measured; the call
         then reached the upstream at least that long before the release, and its calls
         are charged that much earlier (never before the grant). A measured time gives no
-        such bound (the request's way out is inside it), so it is charged at release."""
-        release = Release(lease_id, outcome, retry_after_ms, runtime_ms, named, runtime_upstream)
+        such bound (the request's way out is inside it), so it is charged at release.
+
+        A lease of several call units (a block of calls, as the gateway takes them) may
+        end in parts, on an api whose limits are all calls limits without probing:
+        `calls` of its units were called (charged as a whole lease's are), `keep` stay in
+        flight under the same lease, to be released later, and the rest were never
+        called (refunded). InvalidRequest when calls + keep exceed the lease's cost;
+        nothing changes then."""
+        release = Release(
+            lease_id, outcome, retry_after_ms, runtime_ms, named, runtime_upstream, calls, keep
+        )
         ref, target, argv = self._release_argv(release, now)
         reply = await self._call(self.lua_release(keys=target.keys, args=argv))
         return self._released(ref, target.policy, named, reply)
 
     async def release_many(
         self, releases: Sequence[Release], *, now: int | None = None
-    ) -> list[Released | UnknownLease]:
+    ) -> list[Released | UnknownLease | InvalidRequest]:
         """End several leases in one round trip: a pipeline, not a transaction, so each
         release is its own script, as atomic as `release` alone. Per release, in order,
-        what it got: Released, or UnknownLease for one unknown, expired or released. A
+        what it got: Released, UnknownLease for one unknown, expired or released, or
+        InvalidRequest for one `release` would refuse (nothing changed for it). A
         store failure (BackendUnavailable) fails them all; a release sent twice changes
         nothing the second time, so the whole batch may be sent again."""
-        results: list[Released | UnknownLease | None] = [None] * len(releases)
+        results: list[Released | UnknownLease | InvalidRequest | None] = [None] * len(releases)
         sent: list[tuple[int, LeaseRef, Target, list[str | int | bytes]]] = []
         for at, release in enumerate(releases):
             try:
                 ref, target, argv = self._release_argv(release, now)
-            except UnknownLease as exc:
+            except (UnknownLease, InvalidRequest) as exc:
                 results[at] = exc
             else:
                 sent.append((at, ref, target, argv))
@@ -518,7 +534,7 @@ class Engine:
                 raise reply  # as `_call` raised it
             try:
                 results[at] = self._released(ref, target.policy, releases[at].named, reply)
-            except UnknownLease as exc:
+            except (UnknownLease, InvalidRequest) as exc:
                 results[at] = exc
         return [result for result in results if result is not None]
 
@@ -549,6 +565,19 @@ class Engine:
             # span after which Defender's own counters have certainly moved on.
             retry_after_ms = target.policy.shortest_calls_window_ms
         named = release.named
+        calls, keep = release.calls, release.keep
+        if calls is not None or keep != 0:
+            for name, value in (("calls", calls), ("keep", keep)):
+                if value is not None and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < 0
+                ):
+                    raise InvalidRequest(name, "must be a whole number >= 0")
+            if not target.policy.releases_in_parts:
+                raise InvalidRequest(
+                    "calls",
+                    f"{ref.api} has a limit that is not a calls limit, or one that probes:"
+                    " its leases end whole",
+                )
         args = ReleaseArgs(
             now_ms=now,
             token=ref.member,
@@ -559,6 +588,8 @@ class Engine:
             named_window_ms=None if named is None else named[1],
             learn_ttl_ms=self.learned_ttl_ms,
             ran_ms=release.runtime_ms if release.runtime_upstream else None,
+            calls=calls,
+            keep=keep or None,
         )
         return ref, target, args.argv(target.args)
 
@@ -567,6 +598,8 @@ class Engine:
     ) -> Released:
         """What one release script answered; UnknownLease when nothing changed."""
         reply = codec.decode_release(raw)
+        if reply.reason == "exceeds":
+            raise InvalidRequest("calls", "calls and keep add up to more than the lease's cost")
         if not reply.found:
             raise UnknownLease(reply.reason)
         if reply.learned is not None and named is not None:

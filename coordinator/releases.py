@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .engine import Engine, Release
-from .errors import BackendUnavailable, UnknownLease
+from .errors import BackendUnavailable, InvalidRequest, UnknownLease
 from .waiting import Waiting
 
 log = logging.getLogger("quotagate")
@@ -120,7 +120,7 @@ class ReleaseSender:
                 log.exception("gateway: releasing %d leases failed", len(batch))
                 break
             for pending, result in zip(batch, results, strict=True):
-                if isinstance(result, UnknownLease):
+                if isinstance(result, (UnknownLease, InvalidRequest)):
                     log.warning("gateway: releasing a lease of %s failed: %s", pending.api, result)
                 elif result.woke:  # it freed something while its key's line held waiters
                     self.waiting.released(pending.tenant, pending.api)

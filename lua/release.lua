@@ -28,8 +28,13 @@
 -- and the amount is below the policy's, the (tenant, api) learns it until now +
 -- learn_ttl_ms (never above the policy's amount, never below 1); a later, lower one
 -- replaces it.
+-- A lease of several call units may end in parts (an api of calls limits only, without
+-- probing: the engine checks): `calls` of its units were called and are charged as
+-- above, `keep` stay in flight under the same lease (its cost becomes `keep`, to be
+-- released later), and the rest were never called: refunded. calls + keep above the
+-- lease's cost changes nothing ({DENIED, now_ms, "exceeds"}).
 -- ARGV: now_ms, token, outcome, retry_ms, runtime_ms, named_amount, named_window_ms,
---       learn_ttl_ms, ran_ms; then the policy block.
+--       learn_ttl_ms, ran_ms, calls, keep; then the policy block.
 --   now_ms           "" = Redis TIME
 --   token            the lease's random part and key
 --   outcome          ok | failed | throttled | not_called
@@ -40,6 +45,8 @@
 --   learn_ttl_ms     how long a learned limit holds
 --   ran_ms           how long the upstream itself says it processed the call (its own
 --                    server-side time, as Stats.ExecutionTime), "" = not known
+--   calls            the lease's call units that were called, "" = all of them
+--   keep             its call units that stay in flight, "" = none
 -- Probing (lib.lua, "Probing"): while a probing limit's confirmed level is below its
 -- amount in force, an `ok` release adds its units to the `g` bucket of its grant; the
 -- probe's release (its token in
@@ -50,7 +57,7 @@
 --        (NONE: nothing named or not throttled; LOWERED: limit `index` now grants
 --        `amount`, it granted `before`; KEPT: it already grants no more; HIGHER: the named amount
 --        is not below the policy's `amount`; NO_LIMIT: the api has no calls limit of
---        that window); or {DENIED, now_ms, "unknown" | "expired"}.
+--        that window); or {DENIED, now_ms, "unknown" | "expired" | "exceeds"}.
 
 local now = clock(ARGV[ARG.now_ms])
 local token = ARGV[ARG.token]
@@ -61,6 +68,8 @@ local named = tonumber(ARGV[ARG.named_amount])
 local named_window = tonumber(ARGV[ARG.named_window_ms])
 local learn_ttl = tonumber(ARGV[ARG.learn_ttl_ms])
 local ran = tonumber(ARGV[ARG.ran_ms])
+local calls = tonumber(ARGV[ARG.calls])
+local keep = tonumber(ARGV[ARG.keep]) or 0
 local ttl, track_api, track_key, _, limits = read_policy()
 
 local state = redis.call('HMGET', KEYS[1], token, 'cd')
@@ -69,9 +78,20 @@ if not state[1] then
 end
 local lease = parse_lease(state[1])
 local wake = false  -- whether the waiters' next try may end otherwise than their last
-forget_lease(token, track_api, track_key)
+calls = calls or lease.cost
+if lease.expiry > now and calls + keep > lease.cost then
+  return {REPLY.DENIED, now, 'exceeds'}
+end
+if keep == 0 or lease.expiry <= now then
+  forget_lease(token, track_api, track_key)
+end
 if lease.expiry <= now then
   return {REPLY.DENIED, now, 'expired'}
+end
+if keep > 0 then
+  -- The rest of the lease stays in flight, as a lease of `keep` units.
+  redis.call('HSET', KEYS[1], token,
+    string.format('%d:%d:%d:%d', lease.grant, keep, lease.estimate, lease.expiry))
 end
 
 -- Probing limits (lib.lua, "Probing"): their amounts in force, confirmed levels and
@@ -108,7 +128,7 @@ for _, lim in ipairs(limits) do
   if lim.kind == 'concurrent' then
     wake = true  -- its slot
   else
-    local units, charged, at = lease.cost, lease.cost, arrived
+    local units, charged, at = lease.cost - keep, calls, arrived
     if lim.kind == 'runtime' then
       units, charged, at = lease.estimate, runtime or lease.estimate, now
     end

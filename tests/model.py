@@ -294,16 +294,29 @@ class Model:
         now: int,
         named: tuple[int, int] | None = None,
         upstream: bool = False,
+        calls: int | None = None,
+        keep: int = 0,
     ) -> str:
         """`upstream`: `runtime` is the upstream's own processing time, so the call arrived
         by now - runtime (1 ms allowed for rounding up), where its calls are charged (not
-        before its grant); its run time is charged now."""
-        lease = self.leases.pop(token, None)
+        before its grant); its run time is charged now. `calls` of a calls-only lease's
+        units were called (None: all), `keep` stay in flight as the same lease of that
+        cost, and the rest are refunded; more than its cost changes nothing."""
+        lease = self.leases.get(token)
         if lease is None:
             return "unknown"
+        if lease.expiry > now and (lease.cost if calls is None else calls) + keep > lease.cost:
+            return "exceeds"
+        del self.leases[token]
         if lease.expiry <= now:
             self._settle(lease)
             return "expired"
+        if calls is not None or keep:
+            if keep:
+                self.leases[token] = ModelLease(
+                    lease.key, lease.grant, keep, lease.estimate, lease.expiry
+                )
+            lease = ModelLease(lease.key, lease.grant, calls or 0, lease.estimate, lease.expiry)
         arrived = now  # the latest the call can have arrived
         if upstream and runtime is not None and runtime > 1:
             arrived = max(lease.grant, now - runtime + 1)

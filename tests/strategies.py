@@ -34,19 +34,23 @@ def windowed_limits(draw: st.DrawFn, kind: Kind) -> Limit:
 
 
 @st.composite
-def policies(draw: st.DrawFn) -> Policy:
+def policies(draw: st.DrawFn, calls_only: bool = False) -> Policy:
+    """A policy of one to four limits; `calls_only`: calls limits alone (whose leases may
+    end in parts)."""
+    kinds = [windowed_limits(Kind.CALLS)]
+    if not calls_only:
+        kinds += [
+            windowed_limits(Kind.RUNTIME),
+            st.builds(
+                Limit,
+                st.just(Kind.CONCURRENT),
+                st.integers(1, 3),
+                scope=st.sampled_from([Scope.API, Scope.KEY]),
+            ),
+        ]
     limits = draw(
         st.lists(
-            st.one_of(
-                windowed_limits(Kind.CALLS),
-                windowed_limits(Kind.RUNTIME),
-                st.builds(
-                    Limit,
-                    st.just(Kind.CONCURRENT),
-                    st.integers(1, 3),
-                    scope=st.sampled_from([Scope.API, Scope.KEY]),
-                ),
-            ),
+            st.one_of(*kinds),
             min_size=1,
             max_size=4,
             # A policy file refuses two windowed limits that would share one counter.
@@ -93,6 +97,7 @@ class Release:
     retry_ms: int | None
     runtime_ms: int | None
     upstream: bool = False  # runtime_ms is the upstream's own processing time
+    parts: tuple[int, int] | None = None  # (calls, keep): a lease ended in parts
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,18 @@ Op = Acquire | Release | Renew | Advance | Look
 
 PRIORITIES = st.sampled_from([None, "hi", "lo"])
 
+# A lease ended in parts: some of its units called, some kept in flight, the rest refunded
+# (more than its cost is refused).
+PARTS = st.builds(
+    Release,
+    st.integers(0, 50),
+    st.sampled_from(["ok", "ok", "failed", "throttled", "not_called"]),
+    st.none(),
+    st.one_of(st.none(), st.integers(0, 3_000)),
+    st.booleans(),
+    st.tuples(st.integers(0, 4), st.integers(0, 3)),
+)
+
 operations = st.lists(
     st.one_of(
         st.builds(
@@ -134,6 +151,7 @@ operations = st.lists(
             st.one_of(st.none(), st.integers(0, 30_000)),
             st.booleans(),
         ),
+        PARTS,
         st.builds(Renew, st.integers(0, 50), st.sampled_from([10_000, 30_000])),
         st.builds(Advance, st.integers(0, 15_000)),
         st.builds(Advance, st.integers(0, 1_500)),
@@ -157,6 +175,7 @@ late_operations = st.lists(
             st.one_of(st.none(), st.integers(0, 30_000)),
             st.booleans(),
         ),
+        PARTS,
         st.builds(Renew, st.integers(0, 50), st.sampled_from([10_000, 30_000])),
         st.builds(Advance, st.integers(5_000, 15_000)),
         st.builds(Advance, st.integers(0, 1_500)),

@@ -170,6 +170,43 @@ async def test_the_upstreams_own_run_time_dates_the_calls_charge_back(engine: En
     assert view.limits[0].resets_in_ms == 8_000  # charged at T0 (its grant), not T0 - 6 s
 
 
+async def test_a_lease_of_several_calls_ends_in_parts(engine: Engine) -> None:
+    """A block of 3 call units: 1 called and 1 kept in flight (the third refunded), then
+    the kept one called: 2 charged, none left in flight, room for one more."""
+    block = await grant(engine, "calls", cost=3)
+    await engine.release(block.lease_id, "ok", calls=1, keep=1, now=T0 + 100)
+    view = await engine.usage("contoso", "calls", now=T0 + 100)
+    assert (view.limits[0].used, view.in_flight) == (2, 1)  # 1 charged + 1 in flight
+    await engine.release(block.lease_id, "ok", calls=1, now=T0 + 200)
+    view = await engine.usage("contoso", "calls", now=T0 + 200)
+    assert (view.limits[0].used, view.in_flight) == (2, 0)
+    await grant(engine, "calls", now=T0 + 300)
+    await deny(engine, "calls", now=T0 + 300)
+    with pytest.raises(UnknownLease):
+        await engine.release(block.lease_id, "ok", calls=0, now=T0 + 300)
+
+
+async def test_parts_that_do_not_fit_the_lease_are_refused_naming_the_field(
+    engine: Engine,
+) -> None:
+    block = await grant(engine, "calls", cost=2)
+    before = await engine.usage("contoso", "calls", now=T0)
+    with pytest.raises(InvalidRequest) as exceeds:
+        await engine.release(block.lease_id, "ok", calls=2, keep=1, now=T0)
+    assert exceeds.value.field == "calls"
+    with pytest.raises(InvalidRequest) as negative:
+        await engine.release(block.lease_id, "ok", keep=-1, now=T0)
+    assert negative.value.field == "keep"
+    assert await engine.usage("contoso", "calls", now=T0) == before
+    # Only an api of calls limits alone, none probing: a slot or run time ends whole.
+    for api in ("sessions", "hunting"):
+        lease = await grant(engine, api)
+        with pytest.raises(InvalidRequest, match="end whole"):
+            await engine.release(lease.lease_id, "ok", calls=1, now=T0)
+        await engine.release(lease.lease_id, "ok", now=T0)  # still live: it ends whole
+    await engine.release(block.lease_id, "ok", calls=2, now=T0)
+
+
 async def test_renew_extends_a_live_lease_only(engine: Engine) -> None:
     lease = await grant(engine, "sessions", "m1")
     assert await engine.renew(lease.lease_id, 30_000, now=T0 + 5_000) == 30_000

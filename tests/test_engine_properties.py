@@ -52,6 +52,7 @@ class Run:
     on an expired lease)."""
 
     grants: list[tuple[int, int, str, str]] = field(default_factory=list)
+    at: dict[str, int] = field(default_factory=dict)  # lease id -> its place in grants
     refunded: set[str] = field(default_factory=set)
     last_send: dict[str, int] = field(default_factory=dict)
     granted: dict[str, int] = field(default_factory=dict)
@@ -113,6 +114,7 @@ async def _run(
                 if isinstance(result, Grant):
                     assert result.granted_at_ms == now
                     leases.append(result.lease_id)
+                    run.at[result.lease_id] = len(run.grants)
                     run.grants.append((now, op.cost, op.key, result.lease_id))
                     run.last_send[result.lease_id] = result.expires_at_ms
                     run.granted[result.lease_id] = now
@@ -151,29 +153,57 @@ async def _run(
                 retry = op.retry_ms
                 if op.outcome == "throttled" and retry is None:
                     retry = policy.shortest_calls_window_ms
+                calls, keep = op.parts if op.parts is not None else (None, 0)
+                ending = engine.release(
+                    lease_id,
+                    op.outcome,
+                    retry_after_ms=op.retry_ms,
+                    runtime_ms=op.runtime_ms,
+                    runtime_upstream=op.upstream,
+                    calls=calls,
+                    keep=keep,
+                    now=now,
+                )
+                if op.parts is not None and not policy.releases_in_parts:
+                    with pytest.raises(InvalidRequest):
+                        await ending
+                    continue
+                before = None if check_model else await _snapshot(engine, tenant, now)
                 try:
-                    await engine.release(
-                        lease_id,
-                        op.outcome,
-                        retry_after_ms=op.retry_ms,
-                        runtime_ms=op.runtime_ms,
-                        runtime_upstream=op.upstream,
-                        now=now,
-                    )
-                    released = True
+                    await ending
+                    outcome = "released"
                 except UnknownLease:
-                    released = False
-                if released and op.outcome == "not_called":
-                    run.refunded.add(lease_id)
-                if released:
+                    outcome = "gone"
+                except InvalidRequest:
+                    outcome = "exceeds"
+                    event("parts above the lease's cost, refused")
+                    if before is not None:
+                        assert await _snapshot(engine, tenant, now) == before
+                if outcome == "released":
                     # The upstream's own processing time: the call arrived by then.
                     ran = op.runtime_ms if op.upstream and op.runtime_ms is not None else 0
-                    run.last_send[lease_id] = max(run.granted[lease_id], now - ran)
+                    sent = max(run.granted[lease_id], now - ran)
+                    if op.parts is None:
+                        if op.outcome == "not_called":
+                            run.refunded.add(lease_id)
+                        run.last_send[lease_id] = sent
+                    else:
+                        event("a lease ended in parts" + (", some kept" if keep else ""))
+                        _in_parts(run, lease_id, op.outcome, calls or 0, keep, sent)
                 if check_model:
                     expected = model.release(
-                        lease_id, op.outcome, retry, op.runtime_ms, now, upstream=op.upstream
+                        lease_id,
+                        op.outcome,
+                        retry,
+                        op.runtime_ms,
+                        now,
+                        upstream=op.upstream,
+                        calls=calls,
+                        keep=keep,
                     )
-                    assert released == (expected == "released"), (op, expected)
+                    assert outcome == {"unknown": "gone", "expired": "gone"}.get(
+                        expected, expected
+                    ), (op, expected)
             elif isinstance(op, Renew) and leases:
                 lease_id = leases[op.lease % len(leases)]
                 renewed: int | str = "gone"
@@ -196,6 +226,22 @@ async def _run(
     return run
 
 
+def _in_parts(run: Run, lease_id: str, outcome: str, calls: int, keep: int, sent: int) -> None:
+    """A lease ended in parts: its `calls` units become a call of their own that reached
+    the upstream by `sent` (none for not_called), `keep` units stay in flight under the
+    lease, and the rest were never called."""
+    at = run.at[lease_id]
+    granted, _, key, _ = run.grants[at]
+    if outcome != "not_called" and calls > 0:
+        part = f"{lease_id}.{len(run.grants)}"
+        run.grants.append((granted, calls, key, part))
+        run.last_send[part] = sent
+    if keep > 0:
+        run.grants[at] = (granted, keep, key, lease_id)
+    else:
+        run.refunded.add(lease_id)  # nothing of it is left to call
+
+
 # After a loss of the store at a moment near the start, only a share of each limit.
 recoveries = st.one_of(
     st.none(),
@@ -209,6 +255,25 @@ def test_engine_agrees_with_reference_model(
     store: Topology, policy: Policy, ops: list[Op], recovery: tuple[int, int] | None
 ) -> None:
     asyncio.run(_run(store.url, policy, ops, check_model=True, recovery=recovery))
+
+
+@given(policy=policies(calls_only=True), ops=st.one_of(operations, late_operations))
+@PROPERTY
+def test_leases_ended_in_parts_agree_with_the_model_and_every_window(
+    store: Topology, policy: Policy, ops: list[Op]
+) -> None:
+    """Calls limits alone, whose leases may end in parts (the gateway's blocks of calls):
+    the engine agrees with the model, and no upstream window holds more than its limit
+    wherever each part's calls arrive between the grant and the release of that part."""
+    asyncio.run(_run(store.url, policy, ops, check_model=True))
+    run = asyncio.run(_run(store.url, policy, ops, check_model=False))
+    calls = [
+        (granted, run.last_send[lease_id], cost, key)
+        for granted, cost, key, lease_id in run.grants
+        if lease_id not in run.refunded
+    ]
+    worst = max(_worst_window(lim, calls) for lim in policy.limits)
+    target(worst, label="fullest upstream window, leases in parts")
 
 
 @given(policy=policies(), ops=operations)
