@@ -115,6 +115,7 @@ def create_app(
     )
     # Gateway bodies stream upstream, so the API's body limit does not apply to them.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, exempt=(GATEWAY_PREFIX,))
+    app.add_middleware(gateway.GatewayFirst)
     app.add_middleware(RequestId)
     # The gateway first: its calls are the most frequent, and a mount fails fast elsewhere.
     routers = (gateway, leases, usage, learned, policy_routes, health, metrics, ui)

@@ -67,10 +67,11 @@ from quotagate.client.routes import DEFENDER_HOSTS, GRAPH_HOSTS, RouteMatch, Rou
 from quotagate.client.routes import endpoint_key as endpoint_template
 
 from .auth import OPEN, Authorizer, Principal
+from .blocks import Block, Blocks, keep_alive
 from .engine import Denial, Engine, Grant, Outcome, Release
 from .errors import BackendUnavailable, InvalidRequest, QuotagateError, Unauthorized, UnknownLease
 from .policy import Kind
-from .releases import ReleaseSender
+from .releases import DRAIN_TIMEOUT, ReleaseSender
 from .replies import error_reply
 from .settings import Settings
 from .waiting import Ask, Waiting
@@ -384,9 +385,14 @@ class Gateway:
         }
         self._warned: set[tuple[str, str]] = set()
         self.releases = ReleaseSender(engine, waiting)
+        self.blocks = Blocks(engine, waiting, self.releases)
+        self.background: set[asyncio.Task[None]] = set()  # throttled parts of blocks
 
     async def aclose(self) -> None:
-        """Send the releases queued, then close the upstream client."""
+        """Close the blocks, send the releases queued, then close the upstream client."""
+        self.blocks.aclose()
+        if self.background:
+            await asyncio.wait(self.background, timeout=DRAIN_TIMEOUT)
         await self.releases.aclose()
         await self.upstream.aclose()
 
@@ -477,12 +483,17 @@ class Gateway:
             holder="gateway",
         )
         asked = time.monotonic()
-        result = await self.waiting.acquire(ask, inbox.gone)
-        if result is None:
-            return error_reply(499, "client_closed", "the client disconnected while waiting")
-        if isinstance(result, Denial):
-            return exhausted_reply(result, target.host, found)
-        call = _Call(self, result)
+        block = self.blocks.take(ask)
+        if block is not None:
+            call = _Call(self, block.grant, block)
+        else:
+            granted, block = await self.blocks.acquire(ask, inbox.gone)
+            result = granted or await self.waiting.acquire(ask, inbox.gone)
+            if result is None:
+                return error_reply(499, "client_closed", "the client disconnected while waiting")
+            if isinstance(result, Denial):
+                return exhausted_reply(result, target.host, found)
+            call = _Call(self, result, block)
         waited = f"{time.monotonic() - asked:.3f}".encode()
         marks = {b"x-quotagate": b"coordinated", b"x-quotagate-waited": waited}
         return await self._send(request, target, inbox, call, marks)
@@ -541,11 +552,13 @@ class Gateway:
 
 
 class _Call:
-    """One leased call, from its grant to its release."""
+    """One leased call, from its grant to its release: a lease of its own, or a unit of
+    a block (`blocks.py`), whose release goes to the block."""
 
-    def __init__(self, gateway: Gateway, grant: Grant) -> None:
+    def __init__(self, gateway: Gateway, grant: Grant, block: Block | None = None) -> None:
         self.gateway = gateway
         self.grant = grant
+        self.block = block
         self.started = time.monotonic()
         self.lease = Lease(
             grant.lease_id,
@@ -558,33 +571,30 @@ class _Call:
         )
         policy = gateway.engine.policy(grant.tenant, grant.api)
         self.timed = any(limit.kind is Kind.RUNTIME for limit in policy.limits)
-        # A timer, not a task, until a call lives long enough to need its lease renewed.
-        ttl = grant.expires_in_ms / 1000
-        loop = asyncio.get_running_loop()
-        self._renewal: asyncio.TimerHandle | asyncio.Task[None] = loop.call_later(
-            ttl / 2, self._start_renewal, ttl
-        )
+        # A timer, not a task, until a call lives long enough to need its lease renewed
+        # (a block renews its own).
+        self._renewal: asyncio.TimerHandle | asyncio.Task[None] | None = None
+        if block is None:
+            ttl = grant.expires_in_ms / 1000
+            loop = asyncio.get_running_loop()
+            self._renewal = loop.call_later(ttl / 2, self._start_renewal, ttl)
 
     @property
     def runtime(self) -> float:
         return time.monotonic() - self.started
 
     def _start_renewal(self, ttl: float) -> None:
-        self._renewal = asyncio.create_task(self._renew(ttl))
-
-    async def _renew(self, ttl: float) -> None:
-        """Keep the lease alive while a long call (an export, a hunting query) runs."""
-        while True:
-            try:
-                ttl = await self.gateway.engine.renew(self.grant.lease_id) / 1000
-            except UnknownLease:
-                return
-            except BackendUnavailable as exc:
-                log.warning("gateway: renewing a lease of %s failed: %s", self.grant.api, exc)
-            await asyncio.sleep(ttl / 2)
+        """Half the time to live has gone: renew now, then every half of it."""
+        self._renewal = asyncio.create_task(
+            keep_alive(self.gateway.engine, self.grant.lease_id, self.grant.api, ttl, now=True)
+        )
 
     def report(
-        self, status: int, headers: httpx.Headers, body: bytes | None, runtime: float | None
+        self,
+        status: int,
+        upstream: aiohttp.ClientResponse,
+        body: bytes | None,
+        runtime: float | None,
     ) -> None:
         """The outcome of the answer (`body`: all of it, or None when not held), as the
         client reads one (`Lease.report`; without a body, what its status line and
@@ -592,6 +602,12 @@ class _Call:
         `runtime`: what the answer's own `Stats.ExecutionTime` said, if it was read."""
         reported = runtime is not None
         runtime = runtime if runtime is not None else self.runtime
+        if body is None and status != 429:  # only a 429 says a throttle without a body
+            self.lease.set_outcome(
+                outcome_for_status(status), status, runtime=runtime, runtime_upstream=reported
+            )
+            return
+        headers = _headers(upstream)
         if body is None:
             throttle = parse_throttle(status, headers, b"")
             if throttle is None:
@@ -612,7 +628,8 @@ class _Call:
         reported)."""
         if outcome is not None:
             self.lease.set_outcome(outcome, runtime=self.runtime)
-        self._renewal.cancel()
+        if self._renewal is not None:
+            self._renewal.cancel()
         body = self.lease.release_body()
         retry_after = body.get("retry_after")
         runtime = body.get("runtime")
@@ -640,6 +657,12 @@ class _Call:
         """Release before going on: after a 429 (the fleet pauses before the tool hears
         of it) and for a call that never reached the upstream."""
         release = self.finish(outcome)
+        if self.block is not None:
+            if release.outcome == Outcome.THROTTLED:
+                await self.block.end_throttled(release)
+            else:
+                self.block.end(release.outcome)
+            return
         try:
             released = await self.gateway.engine.release(
                 release.lease_id,
@@ -657,8 +680,19 @@ class _Call:
 
     def release_later(self) -> None:
         """Release off the critical path, with the releases of other calls that end
-        meanwhile (`ReleaseSender`); `Gateway.aclose` drains them."""
-        self.gateway.releases.send(self.finish(), self.grant.tenant, self.grant.api)
+        meanwhile (`ReleaseSender`); `Gateway.aclose` drains them. A block's unit goes
+        back to its block (a throttle, told only by the headers of an answer too long to
+        hold, is released at once all the same)."""
+        if self.block is not None and self.lease.outcome != "throttled":
+            self.block.end(self.lease.outcome or "ok")  # the outcome is all a block needs
+            return
+        release = self.finish()
+        if self.block is None:
+            self.gateway.releases.send(release, self.grant.tenant, self.grant.api)
+        else:
+            task = asyncio.create_task(self.block.end_throttled(release))
+            self.gateway.background.add(task)
+            task.add_done_callback(self.gateway.background.discard)
 
 
 class _Relay(Response):
@@ -703,14 +737,14 @@ class _Relay(Response):
                     return cls(call, upstream, headers, head, chunks)
         except (aiohttp.ClientError, OSError):
             upstream.close()
-            call.report(status, _headers(upstream), None, None)
+            call.report(status, upstream, None, None)
             if call.lease.outcome != "throttled":
                 call.lease.set_outcome("failed", status, runtime=call.runtime)
             await call.release_now()
             return error_reply(502, "upstream_failed", "the upstream's answer broke off")
         upstream.release()
         body = b"".join(head)
-        call.report(status, _headers(upstream), body, None)
+        call.report(status, upstream, body, None)
         if call.lease.outcome == "throttled":
             await call.release_now()  # the fleet pauses before the tool hears of it
         else:
@@ -754,7 +788,7 @@ class _Relay(Response):
         """The whole answer was read: its outcome goes to the release sender."""
         if self.call is not None:
             runtime = tail.execution_time() if tail is not None else None
-            self.call.report(self.upstream.status, _headers(self.upstream), None, runtime)
+            self.call.report(self.upstream.status, self.upstream, None, runtime)
             self.call.release_later()
 
 
