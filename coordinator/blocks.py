@@ -171,7 +171,7 @@ class Blocks:
         self.engine = engine
         self.waiting = waiting
         self.releases = releases
-        self.hold = hold
+        self.hold = hold  # 0: no blocks
         self._open: dict[Scope, Block] = {}
         # Per scope: [this second, its calls, the calls of the second before].
         self._rates: dict[Scope, list[int]] = {}

@@ -21,6 +21,8 @@ What it does with one request, in order:
    route matches passes without a lease, marked `X-Quotagate: uncoordinated` (or is
    refused, with `gateway_unrouted: refuse`). A coordinated answer says so in
    `X-Quotagate: coordinated`, with `X-Quotagate-Api` and `X-Quotagate-Waited` (seconds).
+   A busy scope's calls share blocks of call units instead (`blocks.py`): one lease of
+   several, handed out a call at a time with no store call in between.
 4. The call. Bodies stream both ways; only what the outcome needs is held: a small error
    body (up to `PEEK` bytes, where throttles are told), and for an api with run-time limits
    the last `PEEK` bytes of the answer, where `Stats.ExecutionTime` is. Upstream calls go
@@ -67,7 +69,7 @@ from quotagate.client.routes import DEFENDER_HOSTS, GRAPH_HOSTS, RouteMatch, Rou
 from quotagate.client.routes import endpoint_key as endpoint_template
 
 from .auth import OPEN, Authorizer, Principal
-from .blocks import Block, Blocks, keep_alive
+from .blocks import HOLD, Block, Blocks, keep_alive
 from .engine import Denial, Engine, Grant, Outcome, Release
 from .errors import BackendUnavailable, InvalidRequest, QuotagateError, Unauthorized, UnknownLease
 from .policy import Kind
@@ -385,7 +387,9 @@ class Gateway:
         }
         self._warned: set[tuple[str, str]] = set()
         self.releases = ReleaseSender(engine, waiting)
-        self.blocks = Blocks(engine, waiting, self.releases)
+        self.blocks = Blocks(
+            engine, waiting, self.releases, hold=HOLD if settings.gateway_blocks else 0.0
+        )
         self.background: set[asyncio.Task[None]] = set()  # throttled parts of blocks
 
     async def aclose(self) -> None:

@@ -126,6 +126,12 @@ class Settings(BaseSettings):
     gateway_connections: int = Field(
         200, ge=1, description="upstream connections the gateway keeps open at most"
     )
+    gateway_blocks: bool = Field(
+        True,
+        description="a busy scope's gateway calls share blocks of call units (one lease of"
+        " several, handed out for 0.1 s at most) instead of a lease each; false: one lease"
+        " per call",
+    )
 
     @field_validator("gateway_hosts")
     @classmethod
