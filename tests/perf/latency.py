@@ -11,7 +11,9 @@ whatever drifts on the machine hits every mode alike:
 - `AsyncQuotaTransport`: an `httpx.AsyncClient` over `AsyncQuotaTransport`;
 - `gateway`: a plain `httpx.Client` (no quotagate code) through the coordinator's gateway,
   `/gateway/api.security.microsoft.com/api/incidents`, sent on to the emulator by
-  `QUOTAGATE_GATEWAY_UPSTREAMS`;
+  `QUOTAGATE_GATEWAY_UPSTREAMS`. At this rate (and under `wrk`) its scope is busy, so its
+  calls go in blocks (`coordinator/blocks.py`); `QUOTAGATE_GATEWAY_BLOCKS=false` in the
+  environment measures a lease per call;
 - `bare proxy`: the same through `bare_proxy_app`, a minimal pass-through proxy on the same
   stack (uvicorn's auto stack, the gateway's upstream client stack: one shared aiohttp
   session, bodies streamed), without a lease: what any proxy hop costs. Under `wrk` only,
