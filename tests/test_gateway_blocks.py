@@ -238,17 +238,19 @@ def _scripts_run(url: str) -> int:
     return sum(int(value["calls"]) for name, value in stats.items() if name in scripts)
 
 
-def _drive(url: str, workers: int, calls: int) -> list[int]:
-    """`workers` threads, each `calls` calls through the gateway; their statuses."""
+def _drive(url: str | list[str], workers: int, calls: int) -> list[int]:
+    """`workers` threads, each `calls` calls through the gateway (of the coordinators in
+    `url` in turn, one per worker); their statuses."""
     statuses: list[int] = []
+    urls = [url] if isinstance(url, str) else url
 
-    def worker() -> None:
+    def worker(base: str) -> None:
         with httpx.Client(headers={"X-Quotagate-Tenant": "contoso/app1"}) as client:
             for _ in range(calls):
-                target = f"{url}/gateway/api.security.microsoft.com/api/incidents"
+                target = f"{base}/gateway/api.security.microsoft.com/api/incidents"
                 statuses.append(client.get(target, timeout=30).status_code)
 
-    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    threads = [threading.Thread(target=worker, args=(urls[n % len(urls)],)) for n in range(workers)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -286,19 +288,22 @@ def test_workers_through_the_gateway_share_blocks_and_every_call_is_charged(
 def test_no_upstream_window_holds_more_than_the_limit_through_blocks(
     valkey_server: EmbeddedServer, tmp_path: Path, counting: tuple[Counting, str]
 ) -> None:
-    """A limit the workers overrun: blocks while there is room, leases of their own in
-    the line once there is not; in no WINDOW of arrivals at the upstream more than
-    AMOUNT calls, and every call the tools were answered for is charged."""
+    """A limit the workers of two coordinators overrun: blocks while there is room,
+    leases of their own in the line once there is not; in no WINDOW of arrivals at the
+    upstream more than AMOUNT calls, and nothing left in flight once the calls are done."""
     _wipe(valkey_server.url)
     text = (
         "margin: 0\napis:\n  m365d.incidents:\n    lease_ttl: 10s\n"
         f"    limits: [{{calls: {AMOUNT}, per: {WINDOW:g}s, granularity: 100ms}}]\n"
     )
     settings = _coordinator(valkey_server, tmp_path, counting[1], text)
-    with serve_in_thread(create_app(settings)) as url:
-        statuses = _drive(url, 12, 150)
+    with (
+        serve_in_thread(create_app(settings)) as one,
+        serve_in_thread(create_app(settings)) as two,
+    ):
+        statuses = _drive([one, two], 12, 150)
         assert statuses.count(200) == len(counting[0].arrivals)
-        settled = _settled(url)
+        settled = _settled(one)
     arrivals = sorted(counting[0].arrivals)
     fullest = max(
         sum(1 for other in arrivals[at:] if other < start + WINDOW)
