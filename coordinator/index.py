@@ -34,7 +34,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from redis.exceptions import RedisError
@@ -87,6 +87,20 @@ class Pause:
     ends_at_ms: int
 
 
+@dataclass
+class _Notes:
+    """What this process noted since the last flush: one write's worth."""
+
+    seen: dict[Line, None] = field(default_factory=dict)
+    # (tenant, api) -> lease member -> (holder, key, expires_at ms)
+    granted: dict[tuple[str, str], dict[str, tuple[str | None, str, int]]] = field(
+        default_factory=dict
+    )
+    ended: dict[tuple[str, str], set[str]] = field(default_factory=dict)
+    pauses: dict[tuple[str, str], int] = field(default_factory=dict)  # -> the pause's end
+    throttles: list[str] = field(default_factory=list)  # JSON, oldest first
+
+
 class FleetIndex:
     def __init__(
         self,
@@ -103,33 +117,26 @@ class FleetIndex:
         self.lease_ttl_ms = lease_ttl_ms  # the longest lease: how long a holders hash lives
         self.waiting = waiting  # this process's lines and their lengths
         self.instance = f"{os.getpid()}-{secrets.token_hex(4)}"
-        self._seen: dict[Line, None] = {}
-        # (tenant, api) -> lease member -> (holder, key, expires_at ms)
-        self._granted: dict[tuple[str, str], dict[str, tuple[str | None, str, int]]] = {}
-        self._ended: dict[tuple[str, str], set[str]] = {}
-        self._pauses: dict[tuple[str, str], int] = {}
-        self._throttles: list[str] = []
+        self._notes = _Notes()
+        # The notes of the flush on its way: reads still see them until the store has them.
+        self._writing = _Notes()
         self._task: asyncio.Task[None] | None = None
         self._was_waiting = False
         self._holders: dict[str, str | None] = {}  # lease member -> holder, granted here
-        # The notes of the flush on its way: reads still see them until the store has them.
-        self._writing_seen: dict[Line, None] = {}
-        self._writing_granted: dict[tuple[str, str], dict[str, tuple[str | None, str, int]]] = {}
-        self._writing_ended: dict[tuple[str, str], set[str]] = {}
 
     # Notes, from the HTTP layer: memory only.
 
     def seen(self, tenant: str, api: str, key: str) -> None:
-        self._seen[(tenant, api, key)] = None
+        self._notes.seen[(tenant, api, key)] = None
 
     def granted(
         self, tenant: str, api: str, key: str, lease_id: str, holder: str | None, expires_in_ms: int
     ) -> None:
         member = _member(lease_id)
         entry = (holder, key, now_ms() + expires_in_ms)
-        pending = self._granted.get((tenant, api))
+        pending = self._notes.granted.get((tenant, api))
         if pending is None:
-            pending = self._granted[(tenant, api)] = {}
+            pending = self._notes.granted[(tenant, api)] = {}
         pending[member] = entry
         if holder is not None:
             if len(self._holders) > NOTES_MAX:
@@ -157,11 +164,11 @@ class FleetIndex:
     def ended(self, ref: LeaseRef) -> None:
         pair = (ref.tenant, ref.api)
         member = _member(ref.lease_id)
-        pending = self._granted.get(pair)
+        pending = self._notes.granted.get(pair)
         if pending is not None and pending.pop(member, None) is not None:
             self._holders.pop(member, None)
             return  # granted and ended within one flush: the store never hears of it
-        self._ended.setdefault(pair, set()).add(member)
+        self._notes.ended.setdefault(pair, set()).add(member)
         self._holders.pop(member, None)
 
     def throttled(
@@ -176,7 +183,8 @@ class FleetIndex:
         at = now_ms()
         ends = at + int(retry_after * 1000)
         pair = (ref.tenant, ref.api)
-        self._pauses[pair] = max(self._pauses.get(pair, 0), ends)
+        pauses = self._notes.pauses
+        pauses[pair] = max(pauses.get(pair, 0), ends)
         note = {
             "at": at,
             "tenant": ref.tenant,
@@ -186,8 +194,8 @@ class FleetIndex:
             "status": status,
             "retry_after": retry_after,
         }
-        self._throttles.append(json.dumps(note))
-        del self._throttles[:-THROTTLES_KEPT]
+        self._notes.throttles.append(json.dumps(note))
+        del self._notes.throttles[:-THROTTLES_KEPT]
 
     # The background writer.
 
@@ -215,11 +223,9 @@ class FleetIndex:
 
     async def flush(self) -> None:
         """Write the notes taken since the last flush, in one pipeline."""
-        seen, self._seen = self._seen, {}
-        granted, self._granted = self._granted, {}
-        ended, self._ended = self._ended, {}
-        pauses, self._pauses = self._pauses, {}
-        throttles, self._throttles = self._throttles, []
+        notes, self._notes = self._notes, _Notes()
+        seen, granted, ended = notes.seen, notes.granted, notes.ended
+        pauses, throttles = notes.pauses, notes.throttles
         lines = {line: n for line, n in self.waiting().items() if n > 0}
         at = now_ms()
         pipe = self.redis.pipeline(transaction=False)
@@ -258,11 +264,11 @@ class FleetIndex:
             pipe.pexpire(INSTANCES, INSTANCE_TTL_MS)
         self._was_waiting = bool(lines)
         if len(pipe):
-            self._writing_seen, self._writing_granted, self._writing_ended = seen, granted, ended
+            self._writing = notes
             try:
                 await pipe.execute()
             finally:
-                self._writing_seen, self._writing_granted, self._writing_ended = {}, {}, {}
+                self._writing = _Notes()
 
     # Reads, for usage lists and the dashboard.
 
@@ -276,7 +282,8 @@ class FleetIndex:
             if len(parts) == 3:
                 found.append((parts[0], parts[1], parts[2]))
         # This process's own notes, not written yet, count too.
-        found.extend(line for line in (*self._writing_seen, *self._seen) if line not in found)
+        noted = (*self._writing.seen, *self._notes.seen)
+        found.extend(line for line in noted if line not in found)
         return sorted(set(found))
 
     async def holdings(
@@ -296,10 +303,11 @@ class FleetIndex:
             merged = {_text(k): _text(v) for k, v in entries.items()}
             # This process's notes, those of a flush on its way included: a read between
             # the swap of the notes and the end of their write would miss them otherwise.
-            for granted in (self._writing_granted, self._granted):
-                merged.update({m: _entry(*e) for m, e in granted.get(pair, {}).items()})
-            for ended in (self._writing_ended, self._ended):
-                for member in ended.get(pair, ()):
+            noted = (self._writing, self._notes)
+            for notes in noted:
+                merged.update({m: _entry(*e) for m, e in notes.granted.get(pair, {}).items()})
+            for notes in noted:
+                for member in notes.ended.get(pair, ()):
                     merged.pop(member, None)
             items = []
             for member, raw in merged.items():
@@ -320,7 +328,8 @@ class FleetIndex:
         for member, score in raw:
             tenant, _, api = _text(member).rpartition("|")
             found[(tenant, api)] = int(score)
-        for pair, ends in self._pauses.items():
+        # This process's notes too, those of a flush on its way included.
+        for pair, ends in (*self._writing.pauses.items(), *self._notes.pauses.items()):
             if ends > at:
                 found[pair] = max(found.get(pair, 0), ends)
         return sorted((Pause(t, a, e) for (t, a), e in found.items()), key=lambda p: p.ends_at_ms)
@@ -328,7 +337,8 @@ class FleetIndex:
     async def throttles(self) -> list[dict[str, Any]]:
         """The latest upstream 429s, newest first."""
         raw = await self.redis.lrange(THROTTLES, 0, THROTTLES_KEPT - 1)
-        notes = [json.loads(item) for item in reversed(self._throttles)]
+        noted = (*self._writing.throttles, *self._notes.throttles)  # oldest first
+        notes = [json.loads(item) for item in reversed(noted)]
         notes += [json.loads(_text(item)) for item in raw]
         return notes[:THROTTLES_KEPT]
 

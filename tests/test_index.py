@@ -30,6 +30,7 @@ async def test_a_read_during_a_flush_sees_the_notes_on_their_way(
     try:
         index.seen(*pair, "")
         index.granted(*pair, "", ref.lease_id, "worker-1", 60_000)
+        index.throttled(ref, holder="worker-1", status=429, retry_after=30.0)
         before = await index.holdings([pair])
         assert [h.holder for h in before[pair]] == ["worker-1"]
         with redis.Redis.from_url(valkey_server.url) as admin:
@@ -38,10 +39,12 @@ async def test_a_read_during_a_flush_sees_the_notes_on_their_way(
             try:
                 flushing = asyncio.create_task(index.flush())
                 async with asyncio.timeout(HANG):
-                    while index._granted:  # the notes taken for the write
+                    while index._notes.granted:  # the notes taken for the write
                         await asyncio.sleep(0.001)
                 during = await index.holdings([pair])
                 active = await index.active()
+                pauses = [(p.tenant, p.api) for p in await index.pauses()]
+                throttles = [(t["tenant"], t["status"]) for t in await index.throttles()]
                 assert not flushing.done()
             finally:
                 admin.execute_command("CLIENT", "UNPAUSE")
@@ -50,6 +53,8 @@ async def test_a_read_during_a_flush_sees_the_notes_on_their_way(
         after = await index.holdings([pair])
         assert during == before == after
         assert (*pair, "") in active
+        assert pauses == [pair]
+        assert throttles == [(pair[0], 429)]
         index.ended(ref)
         assert (await index.holdings([pair]))[pair] == []
     finally:
