@@ -259,7 +259,7 @@ class Blocks:
             if scope[0] == tenant and scope[1] == api:
                 block.close()
 
-    def aclose(self) -> None:
+    def close(self) -> None:
         """Close every block: those whose calls have ended are released."""
         for block in list(self._open.values()):
             block.close()

@@ -192,6 +192,12 @@ def _ids(info: Any) -> list[str]:
     ]
 
 
+def check_whole(field: str, value: object, least: int) -> None:
+    """InvalidRequest naming `field` unless `value` is a whole number >= `least`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise InvalidRequest(field, f"must be a whole number >= {least}")
+
+
 def validate_scope(tenant: str, key: str) -> None:
     if not TENANT_PATTERN.match(tenant):
         raise InvalidRequest("tenant", f"must match {TENANT_PATTERN.pattern}")
@@ -346,8 +352,7 @@ class Engine:
         target = self.target(tenant, api, key)
         policy = target.policy
         klass = self.priority_class(policy, priority)
-        if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
-            raise InvalidRequest("cost", "must be a whole number >= 1")
+        check_whole("cost", cost, 1)
         too_big = policy.impossible_cost(cost)
         if too_big is not None:
             raise InvalidRequest(
@@ -567,11 +572,9 @@ class Engine:
         named = release.named
         calls, keep = release.calls, release.keep
         if calls is not None or keep != 0:
-            for name, value in (("calls", calls), ("keep", keep)):
-                if value is not None and (
-                    isinstance(value, bool) or not isinstance(value, int) or value < 0
-                ):
-                    raise InvalidRequest(name, "must be a whole number >= 0")
+            if calls is not None:
+                check_whole("calls", calls, 0)
+            check_whole("keep", keep, 0)
             if not target.policy.releases_in_parts:
                 raise InvalidRequest(
                     "calls",

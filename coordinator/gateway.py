@@ -394,7 +394,7 @@ class Gateway:
 
     async def aclose(self) -> None:
         """Close the blocks, send the releases queued, then close the upstream client."""
-        self.blocks.aclose()
+        self.blocks.close()
         if self.background:
             await asyncio.wait(self.background, timeout=DRAIN_TIMEOUT)
         await self.releases.aclose()
